@@ -1,0 +1,71 @@
+"""kernattr: task attribution with kernel surrogate models in JAX.
+
+See README.md for a tour and DESIGN.md (shared/) for the method.
+"""
+
+# --- subsets (_subsets.py)
+from ._subsets import leave_one_out_masks as leave_one_out_masks
+from ._subsets import sample_subsets as sample_subsets
+
+# --- surrogates (_surrogates.py)
+from ._surrogates import KernelSurrogate as KernelSurrogate
+from ._surrogates import LinearSurrogate as LinearSurrogate
+from ._surrogates import fit_kernel as fit_kernel
+from ._surrogates import fit_linear as fit_linear
+from ._surrogates import predict as predict
+
+# --- attribution (_attribution.py)
+from ._attribution import banzhaf_values as banzhaf_values
+from ._attribution import interaction_scores as interaction_scores
+from ._attribution import loo_scores as loo_scores
+from ._attribution import shapley_values as shapley_values
+
+# --- metrics (_metrics.py)
+from ._metrics import lds as lds
+from ._metrics import normalized_error as normalized_error
+from ._metrics import spearman as spearman
+
+# --- loaders (_loaders.py)
+from ._loaders import group_masks as group_masks
+from ._loaders import load_subsets as load_subsets
+
+# --- projection (_projection.py)
+from ._projection import Projector as Projector
+from ._projection import make_projector as make_projector
+
+# --- gradients (_gradients.py)
+from ._features import GradientFeatures as GradientFeatures
+from ._gradients import gradient_features as gradient_features
+from ._gradients import linearize as linearize
+from ._gradients import projected_gradients as projected_gradients
+
+# --- estimation (_estimation.py)
+from ._estimation import estimate_subset_labels as estimate_subset_labels
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradientFeatures",
+    "KernelSurrogate",
+    "LinearSurrogate",
+    "Projector",
+    "banzhaf_values",
+    "estimate_subset_labels",
+    "fit_kernel",
+    "fit_linear",
+    "gradient_features",
+    "group_masks",
+    "interaction_scores",
+    "lds",
+    "leave_one_out_masks",
+    "linearize",
+    "load_subsets",
+    "loo_scores",
+    "make_projector",
+    "normalized_error",
+    "predict",
+    "projected_gradients",
+    "sample_subsets",
+    "shapley_values",
+    "spearman",
+]

@@ -1,0 +1,159 @@
+"""Input validation shared by every public function.
+
+Two kinds of checks (see DESIGN.md, "Bad input"):
+
+* Static facts (rank, shapes, dtype kind, configuration ranges) raise ``ValueError`` /
+  ``TypeError`` at trace time, naming the argument and the fix.
+* Facts about values (masks not 0/1, NaN labels, non-finite gradients, a singular system) are
+  checked eagerly when the array is concrete (a plain call outside ``jit``). Under ``jit`` the
+  value is unknown at trace time; :func:`error_if` then inserts a host callback that raises when
+  the compiled function runs, so bad input never yields a silent wrong number. ``throw=False``
+  at a public boundary turns these into a returned status instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "is_concrete",
+    "as_float_array",
+    "check_rank",
+    "check_masks",
+    "check_labels",
+    "check_same_rows",
+    "check_grid",
+    "check_positive",
+    "error_if",
+]
+
+
+def is_concrete(x: Any) -> bool:
+    """True when ``x`` has known values (not a tracer inside ``jit``/``vmap``/``grad``)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def as_float_array(x: Any, name: str) -> jax.Array:
+    """``x`` as a floating JAX array (bool/int promoted to the default float dtype)."""
+    if isinstance(x, (str, bytes)) or x is None:
+        raise TypeError(f"`{name}` must be an array, got {type(x).__name__}.")
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        raise TypeError(f"`{name}` must be real, got dtype {x.dtype}.")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(jnp.result_type(float))
+    return x
+
+
+def check_rank(x: jax.Array, ranks: int | tuple[int, ...], name: str, shape_doc: str) -> None:
+    """Raise ``ValueError`` unless ``x.ndim`` is one of ``ranks``."""
+    ranks = (ranks,) if isinstance(ranks, int) else tuple(ranks)
+    if x.ndim not in ranks:
+        raise ValueError(
+            f"`{name}` must have shape {shape_doc} (rank {' or '.join(map(str, ranks))}), "
+            f"got shape {tuple(x.shape)}."
+        )
+
+
+def error_if(x: jax.Array, pred: jax.Array, msg: str, exc: type[Exception] = ValueError) -> None:
+    """Raise ``exc(msg)`` if ``pred`` (a boolean scalar array) is true.
+
+    Eagerly when ``pred`` is concrete; under ``jit`` through a host callback that raises when the
+    compiled program runs (the error then surfaces wrapped in a ``JaxRuntimeError`` whose text
+    contains ``msg``). ``msg`` may contain ``{count}``, filled with the number of true entries of
+    ``pred`` before it is reduced (pass a non-scalar ``pred`` to report a count).
+    """
+    del x
+    pred = jnp.asarray(pred)
+    count = jnp.sum(pred)
+    if is_concrete(count):
+        c = int(count)
+        if c > 0:
+            raise exc(msg.format(count=c))
+        return
+
+    def _raise(c):
+        c = int(np.asarray(c))
+        if c > 0:
+            raise exc(msg.format(count=c))
+
+    jax.debug.callback(_raise, count)
+
+
+def check_masks(masks: Any, name: str = "masks", num_tasks: int | None = None) -> jax.Array:
+    """Validate subset masks: rank 2 ``[m, K]``, values 0/1. Returns a float array.
+
+    Bool and integer masks are accepted and converted to the default float dtype.
+    """
+    masks = as_float_array(masks, name)
+    check_rank(masks, 2, name, "[m, K] (one row per subset, one column per task)")
+    if masks.shape[0] == 0:
+        raise ValueError(f"`{name}` has no rows: at least one subset mask is needed.")
+    if masks.shape[1] == 0:
+        raise ValueError(f"`{name}` has no columns: at least one task is needed.")
+    if num_tasks is not None and masks.shape[1] != num_tasks:
+        raise ValueError(
+            f"`{name}` has {masks.shape[1]} task columns but the surrogate/data has {num_tasks} tasks."
+        )
+    bad = (masks != 0) & (masks != 1)
+    error_if(
+        masks,
+        bad,
+        f"`{name}` must contain only 0 and 1 ({{count}} entries are neither); "
+        "pass a 0/1 (or bool) array, one row per subset.",
+    )
+    return masks
+
+
+def check_labels(y: Any, num_rows: int, name: str = "y") -> tuple[jax.Array, bool]:
+    """Validate labels ``[m]`` or ``[m, T]``; returns (``[m, T]`` float array, was_1d)."""
+    y = as_float_array(y, name)
+    check_rank(y, (1, 2), name, "[m] or [m, T]")
+    was_1d = y.ndim == 1
+    if was_1d:
+        y = y[:, None]
+    check_same_rows(num_rows, y.shape[0], "masks", name)
+    error_if(
+        y,
+        ~jnp.isfinite(y),
+        f"`{name}` contains {{count}} non-finite values (NaN/inf); drop or impute those subsets.",
+    )
+    return y, was_1d
+
+
+def check_same_rows(n_a: int, n_b: int, name_a: str, name_b: str) -> None:
+    if n_a != n_b:
+        raise ValueError(
+            f"`{name_a}` has {n_a} rows but `{name_b}` has {n_b}; they must describe the same subsets."
+        )
+
+
+def check_grid(value: Any, name: str) -> jax.Array:
+    """A scalar or 1-D grid of positive floats, returned as a 1-D float array."""
+    if isinstance(value, (str, bytes)) or value is None:
+        raise TypeError(f"`{name}` must be a float or a 1-D array of floats, got {value!r}.")
+    arr = as_float_array(value, name)
+    if arr.ndim == 0:
+        arr = arr[None]
+    if arr.ndim != 1:
+        raise ValueError(f"`{name}` must be a scalar or a 1-D grid, got shape {tuple(arr.shape)}.")
+    if arr.shape[0] == 0:
+        raise ValueError(f"`{name}` grid is empty.")
+    if is_concrete(arr) and not bool(jnp.all(jnp.isfinite(arr))):
+        raise ValueError(f"`{name}` must be finite, got {np.asarray(arr)}.")
+    return arr
+
+
+def check_positive(value: Any, name: str, allow_zero: bool = False) -> None:
+    """Raise ``ValueError`` if a concrete scalar/array is not > 0 (>= 0 with ``allow_zero``)."""
+    if not is_concrete(value):
+        return
+    arr = np.asarray(value)
+    ok = np.all(arr >= 0) if allow_zero else np.all(arr > 0)
+    if not ok:
+        rel = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"`{name}` must be {rel}, got {arr}.")
