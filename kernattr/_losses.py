@@ -1,0 +1,85 @@
+"""Per-example losses and target metrics shared by the estimator and real fine-tuning.
+
+Everything here is written for ONE example and vmapped by callers (STYLE.md). ``out`` is the
+model output of that example: a scalar for ``"squared"``/``"logistic"`` (a logit), ``[C]``
+logits for ``"softmax"``. ``label`` is a float target (squared), 0/1 (logistic) or an integer
+class id stored in any dtype (softmax).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+LossName = Literal["squared", "logistic", "softmax"]
+MetricName = Literal["loss", "margin", "output"]
+LOSSES = ("squared", "logistic", "softmax")
+METRICS = ("loss", "margin", "output")
+
+
+def check_loss_metric(loss: str, metric: str | None = None) -> None:
+    if loss not in LOSSES:
+        raise ValueError(f"`loss` must be one of {LOSSES}, got {loss!r}.")
+    if metric is not None and metric not in METRICS:
+        raise ValueError(f"`metric` must be one of {METRICS}, got {metric!r}.")
+
+
+def example_loss(out: jax.Array, label: jax.Array, loss: str) -> jax.Array:
+    """Loss of one example: 0.5*(out-y)² | log(1+e^{-z·out}) with z=2y-1 | -log softmax(out)[y]."""
+    if loss == "squared":
+        return 0.5 * jnp.sum((out - label) ** 2)
+    if loss == "logistic":
+        z = 2.0 * label - 1.0
+        return jnp.sum(jax.nn.softplus(-z * out))
+    if loss == "softmax":
+        y = label.astype(jnp.int32)
+        return -jax.nn.log_softmax(out)[y]
+    raise ValueError(f"`loss` must be one of {LOSSES}, got {loss!r}.")
+
+
+def example_margin(out: jax.Array, label: jax.Array, loss: str) -> jax.Array:
+    """Margin of one example: -|out-y| | z·out | logit[y] - max_{c≠y} logit[c]."""
+    if loss == "squared":
+        return -jnp.sum(jnp.abs(out - label))
+    if loss == "logistic":
+        z = 2.0 * label - 1.0
+        return jnp.sum(z * out)
+    if loss == "softmax":
+        y = label.astype(jnp.int32)
+        correct = out[y]
+        others = jnp.where(jnp.arange(out.shape[-1]) == y, -jnp.inf, out)
+        return correct - jnp.max(others)
+    raise ValueError(f"`loss` must be one of {LOSSES}, got {loss!r}.")
+
+
+def example_output(out: jax.Array, label: jax.Array, loss: str) -> jax.Array:
+    """Raw output: the scalar output, or the logit of the labelled class for softmax."""
+    if loss == "softmax":
+        return out[label.astype(jnp.int32)]
+    return jnp.sum(out)
+
+
+def example_metric(out: jax.Array, label: jax.Array, loss: str, metric: str) -> jax.Array:
+    """Target metric of one example (``metric`` in ``"loss"``, ``"margin"``, ``"output"``)."""
+    if metric == "loss":
+        return example_loss(out, label, loss)
+    if metric == "margin":
+        return example_margin(out, label, loss)
+    if metric == "output":
+        return example_output(out, label, loss)
+    raise ValueError(f"`metric` must be one of {METRICS}, got {metric!r}.")
+
+
+def task_weights(masks: jax.Array, task_ids: jax.Array, num_tasks: int) -> jax.Array:
+    """Per-example weights ``[m, n]`` so each selected task's MEAN loss counts equally.
+
+    ``w[j, i] = s_j[t_i] / (n_{t_i} · Σ_k s_j[k])``; an all-zero mask gives all-zero weights
+    (no training: the model stays at ``W0``). Rows sum to 1 otherwise.
+    """
+    counts = jnp.zeros((num_tasks,), masks.dtype).at[task_ids].add(1.0)
+    per_task = masks / jnp.maximum(counts, 1.0)[None, :]  # [m, K]
+    total = jnp.sum(masks, axis=1, keepdims=True)  # [m, 1]
+    per_task = per_task / jnp.maximum(total, 1.0)
+    return per_task[:, task_ids]
