@@ -4,7 +4,9 @@ See README.md for a tour and DESIGN.md (shared/) for the method.
 """
 
 # --- subsets (_subsets.py)
+from ._subsets import PairMasks as PairMasks
 from ._subsets import leave_one_out_masks as leave_one_out_masks
+from ._subsets import pair_masks as pair_masks
 from ._subsets import sample_subsets as sample_subsets
 
 # --- surrogates (_surrogates.py)
@@ -21,8 +23,12 @@ from ._attribution import loo_scores as loo_scores
 from ._attribution import shapley_values as shapley_values
 
 # --- metrics (_metrics.py)
+from ._metrics import LDSResult as LDSResult
 from ._metrics import lds as lds
 from ._metrics import normalized_error as normalized_error
+from ._metrics import pearson as pearson
+from ._metrics import rank_data as rank_data
+from ._metrics import relative_error as relative_error
 from ._metrics import spearman as spearman
 
 # --- loaders (_loaders.py)
@@ -47,7 +53,9 @@ __version__ = "0.1.0"
 __all__ = [
     "GradientFeatures",
     "KernelSurrogate",
+    "LDSResult",
     "LinearSurrogate",
+    "PairMasks",
     "Projector",
     "banzhaf_values",
     "estimate_subset_labels",
@@ -63,8 +71,12 @@ __all__ = [
     "loo_scores",
     "make_projector",
     "normalized_error",
+    "pair_masks",
+    "pearson",
     "predict",
     "projected_gradients",
+    "rank_data",
+    "relative_error",
     "sample_subsets",
     "shapley_values",
     "spearman",
