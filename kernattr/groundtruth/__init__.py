@@ -1,0 +1,18 @@
+"""Ground truth by real training: fine-tune (or retrain) one model per task subset, vmapped.
+
+Imports optax, so it is a subpackage (``import kernattr.groundtruth``), not re-exported by
+``kernattr``. Typical use::
+
+    import kernattr.groundtruth as gt
+    W = gt.finetune_on_masks(apply_fn, params0, x, y, task_ids, masks, loss="softmax",
+                             optimizer=optax.adam(1e-3), num_steps=200)
+    F = gt.evaluate_targets(apply_fn, W, x_target, y_target, loss="softmax", metric="loss")
+    err = gt.estimator_error(F_hat, F, F0=F_at_W0)
+"""
+
+from ._compare import EstimatorError as EstimatorError
+from ._compare import estimator_error as estimator_error
+from ._finetune import evaluate_targets as evaluate_targets
+from ._finetune import finetune_on_masks as finetune_on_masks
+
+__all__ = ["EstimatorError", "estimator_error", "evaluate_targets", "finetune_on_masks"]
