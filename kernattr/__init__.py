@@ -32,8 +32,13 @@ from ._metrics import relative_error as relative_error
 from ._metrics import spearman as spearman
 
 # --- loaders (_loaders.py)
+from ._loaders import SubsetData as SubsetData
 from ._loaders import group_masks as group_masks
 from ._loaders import load_subsets as load_subsets
+
+# --- synthetic task games (_games.py)
+from ._games import SyntheticGame as SyntheticGame
+from ._games import synthetic_game as synthetic_game
 
 # --- projection (_projection.py)
 from ._projection import Projector as Projector
@@ -57,6 +62,8 @@ __all__ = [
     "LinearSurrogate",
     "PairMasks",
     "Projector",
+    "SubsetData",
+    "SyntheticGame",
     "banzhaf_values",
     "estimate_subset_labels",
     "fit_kernel",
@@ -80,4 +87,5 @@ __all__ = [
     "sample_subsets",
     "shapley_values",
     "spearman",
+    "synthetic_game",
 ]
