@@ -1,6 +1,701 @@
-"""PLACEHOLDER module: replaced by its owner."""
+"""Vectorised subset-label estimation: one small GLM fit per task subset, batched over masks.
 
-def estimate_subset_labels(*args, **kwargs):
-    raise NotImplementedError('placeholder')
+For every mask ``s`` (a 0/1 row over the ``K`` tasks) the linearized model
+``f(x_i; W0 + P θ) ≈ f0_i + G_i θ`` is trained on the selected tasks,
+
+    θ_s = argmin_θ  Σ_i w_i(s) ℓ(f0_i + G_i θ, y_i) + (ridge / 2) ||θ||²,
+
+with the paper's weighting ``w_i(s) = s[t_i] / (n_{t_i} Σ_k s_k)`` (each selected task's MEAN
+loss counts equally, the weights sum to 1; :func:`kernattr._losses.task_weights`). The label of
+the mask is then the target metric of every target example at ``f0_t + G_t θ_s``.
+
+Two solvers (``solver=``):
+
+* ``"fast"`` (default): per-task sufficient statistics ``A_k = Σ_{i∈k} G_iᵀ H_i G_i / n_k`` and
+  ``b_k = Σ_{i∈k} G_iᵀ ∇ℓ_i / n_k`` at ``θ = 0`` are computed once (``n C d²``); each mask then
+  costs ``K d² + d³``: ``θ_s = -(Σ_k c_k A_k + ridge I)⁻¹ Σ_k c_k b_k`` with
+  ``c_k = s_k / Σ s``, one Newton step from ``θ = 0`` (exact for the squared loss).
+* ``"exact"``: the weighted GLM solved to convergence by a line-searched inexact Newton method
+  whose Newton systems are solved by conjugate gradients on Hessian-vector products, all masks of
+  a chunk at once as matrix-matrix products (``n C d`` flops per mask and product), and
+  preconditioned by the ``"fast"`` Hessian of the mask (one Cholesky factor per mask). Masks stop
+  independently, so the result of a mask does not depend on which other masks share its chunk.
+
+An all-zero mask trains on nothing: its weights are all zero, ``θ = 0`` and the labels are the
+target metric at the base model ``W0`` (for any ``ridge``, including 0).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from . import _checks
+from ._features import GradientFeatures
+from ._losses import check_loss_metric, example_metric
+
+__all__ = ["SubsetEstimates", "estimate_subset_labels", "estimate_subsets"]
+
+SOLVERS = ("fast", "exact")
+# Elements of the largest per-chunk intermediate that the automatic chunk size aims for.
+_CHUNK_BUDGET = 1 << 24
+# Rows of examples whose d x d outer products are formed at once for the statistics.
+_STATS_BUDGET = 1 << 22
 
 
+class SubsetEstimates(NamedTuple):
+    """Estimated subset labels and solver diagnostics (a pytree).
+
+    Attributes:
+      labels: ``[m, T]`` target metric of every target example for every mask.
+      theta: ``[m, d]`` fitted parameter offset ``θ_s`` of every mask (projected space).
+      converged: ``[m]`` bool. ``"fast"``: the Newton system was positive definite and the step
+        finite. ``"exact"``: additionally the gradient norm fell below ``tol`` times its value at
+        ``θ = 0``.
+      num_iterations: ``[m]`` int32 Newton iterations used (1 for ``"fast"``, 0 for an all-zero
+        mask under ``"exact"``).
+      grad_norm: ``[m]`` Euclidean norm of the gradient of the full weighted objective at
+        ``theta`` (for ``"fast"`` it measures how far the one-step solution is from the optimum).
+    """
+
+    labels: jax.Array
+    theta: jax.Array
+    converged: jax.Array
+    num_iterations: jax.Array
+    grad_norm: jax.Array
+
+
+# ----------------------------------------------------------------------------- loss derivatives
+# All helpers work on outputs Z [n, C, ...] (examples first, outputs second, trailing mask axes)
+# and labels y [n]; they are written with explicit broadcasting (rank promotion raises).
+
+
+def _expand(x: jax.Array, ndim: int) -> jax.Array:
+    return x.reshape(x.shape + (1,) * (ndim - x.ndim))
+
+
+def _loss_values(z: jax.Array, y: jax.Array, loss: str) -> jax.Array:
+    """Per-example loss ``[n, ...]`` of outputs ``z [n, C, ...]``."""
+    if loss == "squared":
+        return 0.5 * jnp.sum((z - _expand(y, z.ndim)) ** 2, axis=1)
+    if loss == "logistic":
+        sign = _expand(2.0 * y - 1.0, z.ndim)
+        return jnp.sum(jax.nn.softplus(-sign * z), axis=1)
+    onehot = _expand(jax.nn.one_hot(y.astype(jnp.int32), z.shape[1], dtype=z.dtype), z.ndim)
+    return jax.nn.logsumexp(z, axis=1) - jnp.sum(onehot * z, axis=1)
+
+
+def _loss_grad_curv(z: jax.Array, y: jax.Array, loss: str) -> tuple[jax.Array, jax.Array]:
+    """Output-space gradient ``[n, C, ...]`` and curvature state (see :func:`_curv_apply`)."""
+    if loss == "squared":
+        return z - _expand(y, z.ndim), jnp.ones_like(z)
+    if loss == "logistic":
+        p = jax.nn.sigmoid(z)
+        return p - _expand(y, z.ndim), p * (1.0 - p)
+    p = jax.nn.softmax(z, axis=1)
+    onehot = _expand(jax.nn.one_hot(y.astype(jnp.int32), z.shape[1], dtype=z.dtype), z.ndim)
+    return p - onehot, p
+
+
+def _curv_apply(state: jax.Array, u: jax.Array, loss: str) -> jax.Array:
+    """Per-example output Hessian times ``u``; ``u [n, C, ...]`` may have more trailing axes."""
+    state = _expand(state, u.ndim)
+    if loss == "softmax":  # H = diag(p) - p pᵀ
+        return state * u - state * jnp.sum(state * u, axis=1, keepdims=True)
+    return state * u
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_features(
+    feats: Any, name: str, loss: str, *, train: bool
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """Validated ``(grads [n, C, d], outputs [n, C], labels [n], task_ids [n] | None)``."""
+    if not isinstance(feats, GradientFeatures):
+        raise TypeError(
+            f"`{name}` must be a kernattr.GradientFeatures(grads, outputs, labels, task_ids), "
+            f"got {type(feats).__name__}."
+        )
+    grads, outputs, labels = feats.grads, feats.outputs, feats.labels
+    for field, arr in (("grads", grads), ("outputs", outputs)):
+        if arr is None or isinstance(arr, (str, bytes)):
+            raise TypeError(f"`{name}.{field}` must be an array, got {arr!r}.")
+    grads, outputs, labels = jnp.asarray(grads), jnp.asarray(outputs), jnp.asarray(labels)
+    for field, arr in (("grads", grads), ("outputs", outputs)):
+        if not jnp.issubdtype(arr.dtype, jnp.floating):
+            raise TypeError(
+                f"`{name}.{field}` must be a floating array, got dtype {arr.dtype}; cast it with "
+                ".astype(jnp.float32)."
+            )
+    if grads.dtype != outputs.dtype:
+        raise TypeError(
+            f"`{name}.grads` ({grads.dtype}) and `{name}.outputs` ({outputs.dtype}) must share a "
+            "dtype; cast one of them."
+        )
+    if jnp.issubdtype(labels.dtype, jnp.complexfloating):
+        raise TypeError(f"`{name}.labels` must be real, got dtype {labels.dtype}.")
+    scalar = loss in ("squared", "logistic")
+    if scalar:
+        _checks.check_rank(grads, 2, f"{name}.grads", f"[n, d] for loss={loss!r} (scalar outputs)")
+        _checks.check_rank(outputs, 1, f"{name}.outputs", f"[n] for loss={loss!r}")
+        grads, outputs = grads[:, None, :], outputs[:, None]
+    else:
+        _checks.check_rank(grads, 3, f"{name}.grads", "[n, C, d] for loss='softmax' (C logits)")
+        _checks.check_rank(outputs, 2, f"{name}.outputs", "[n, C] for loss='softmax'")
+    n, c, _ = grads.shape
+    if n == 0:
+        raise ValueError(f"`{name}` has no examples (`{name}.grads` has 0 rows).")
+    if outputs.shape != (n, c):
+        raise ValueError(
+            f"`{name}.outputs` has shape {tuple(feats.outputs.shape)} but `{name}.grads` has shape "
+            f"{tuple(feats.grads.shape)}; outputs must be [n]{'' if scalar else ', C'} matching grads."
+        )
+    _checks.check_rank(labels, 1, f"{name}.labels", "[n] (one label per example)")
+    if labels.shape[0] != n:
+        raise ValueError(
+            f"`{name}.labels` has {labels.shape[0]} entries but `{name}.grads` has {n} examples."
+        )
+    bad = ~(jnp.all(jnp.isfinite(grads), axis=(1, 2)) & jnp.all(jnp.isfinite(outputs), axis=1))
+    _checks.error_if(
+        grads,
+        bad,
+        f"`{name}` has {{count}} examples with non-finite grads or outputs (NaN/inf); "
+        "drop them or fix the model before estimating.",
+    )
+    if loss == "logistic":
+        _checks.error_if(
+            labels,
+            (labels != 0) & (labels != 1),
+            f"`{name}.labels` must be 0/1 for loss='logistic' ({{count}} entries are not).",
+        )
+    elif loss == "softmax":
+        if jnp.issubdtype(labels.dtype, jnp.floating):
+            notint = (labels != jnp.round(labels)) | ~jnp.isfinite(labels)
+        else:
+            notint = jnp.zeros(labels.shape, bool)
+        _checks.error_if(
+            labels,
+            notint | (labels < 0) | (labels >= c),
+            f"`{name}.labels` must be class ids in 0..{c - 1} for loss='softmax' "
+            f"({{count}} entries are not).",
+        )
+    else:
+        labels = _checks.as_float_array(labels, f"{name}.labels")
+        _checks.error_if(
+            labels,
+            ~jnp.isfinite(labels),
+            f"`{name}.labels` contains {{count}} non-finite values (NaN/inf).",
+        )
+    task_ids = feats.task_ids
+    if train:
+        if task_ids is None:
+            raise ValueError(
+                f"`{name}.task_ids` is None: the training features need the task of every example."
+            )
+        task_ids = jnp.asarray(task_ids)
+        if not jnp.issubdtype(task_ids.dtype, jnp.integer):
+            raise TypeError(
+                f"`{name}.task_ids` must be an integer array, got dtype {task_ids.dtype}."
+            )
+        _checks.check_rank(task_ids, 1, f"{name}.task_ids", "[n] (task of each example)")
+        if task_ids.shape[0] != n:
+            raise ValueError(
+                f"`{name}.task_ids` has {task_ids.shape[0]} entries but `{name}.grads` has {n} "
+                "examples."
+            )
+    return grads, outputs, labels, task_ids
+
+
+def _check_task_ids(task_ids: jax.Array, num_tasks: int, name: str) -> jax.Array:
+    """Counts per task ``[K]``; task ids must lie in ``0..K-1`` and every task be non-empty."""
+    _checks.error_if(
+        task_ids,
+        (task_ids < 0) | (task_ids >= num_tasks),
+        f"`{name}.task_ids` must lie in 0..{num_tasks - 1} (K={num_tasks} mask columns); "
+        "{count} examples are out of range.",
+    )
+    counts = jnp.zeros((num_tasks,), jnp.int32).at[task_ids].add(1, mode="drop")
+    _checks.error_if(
+        counts,
+        counts == 0,
+        f"{{count}} of the K={num_tasks} tasks have no examples in `{name}.task_ids`; every mask "
+        "column needs at least one training example (drop the empty tasks from the masks).",
+    )
+    return counts
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def _task_statistics(
+    grads: jax.Array,
+    outputs: jax.Array,
+    labels: jax.Array,
+    task_ids: jax.Array,
+    counts: jax.Array,
+    *,
+    loss: str,
+    num_tasks: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Per-task mean Hessian ``A [K, d, d]`` and gradient ``b [K, d]`` at ``θ = 0``."""
+    n, c, d = grads.shape
+    r, state = _loss_grad_curv(outputs, labels, loss)  # [n, C]
+    inv = (1.0 / jnp.maximum(counts, 1)).astype(grads.dtype)[task_ids]  # [n]
+    b = jax.ops.segment_sum(
+        jnp.einsum("nc,ncd->nd", r * inv[:, None], grads), task_ids, num_segments=num_tasks
+    )
+    rows = max(1, min(n, _STATS_BUDGET // max(1, c * d * d)))
+    num_chunks = -(-n // rows)
+    pad = num_chunks * rows - n
+    # Padded rows get zero weight and task 0: they add nothing.
+    g_p = jnp.pad(grads, ((0, pad), (0, 0), (0, 0)))
+    s_p = jnp.pad(state, ((0, pad), (0, 0)))
+    w_p = jnp.pad(inv, (0, pad))
+    t_p = jnp.pad(task_ids, (0, pad))
+
+    def body(acc, xs):
+        g, s, w, t = xs
+        hg = _curv_apply(s, g, loss) * w[:, None, None]  # [rows, C, d]
+        outer = jnp.einsum("rca,rcb->rab", g, hg)  # [rows, d, d]
+        return acc + jax.ops.segment_sum(outer, t, num_segments=num_tasks), None
+
+    xs = (
+        g_p.reshape(num_chunks, rows, c, d),
+        s_p.reshape(num_chunks, rows, c),
+        w_p.reshape(num_chunks, rows),
+        t_p.reshape(num_chunks, rows),
+    )
+    a, _ = jax.lax.scan(body, jnp.zeros((num_tasks, d, d), grads.dtype), xs)
+    return a, b
+
+
+# ----------------------------------------------------------------------------- per chunk
+
+
+def _fast_system(a, b, coef, ridge, empty):
+    """Cholesky factors ``[mc, d, d]``, gradients ``[mc, d]`` and a singular flag ``[mc]``."""
+    mc = coef.shape[0]
+    k, d, _ = a.shape
+    eye = jnp.eye(d, dtype=a.dtype)
+    h = (coef @ a.reshape(k, d * d)).reshape(mc, d, d) + ridge * eye[None]
+    h = jnp.where(empty[:, None, None], eye[None], h)
+    g = coef @ b
+    chol = jnp.linalg.cholesky(h)
+    diag = jnp.diagonal(chol, axis1=1, axis2=2)
+    scale = jnp.max(jnp.diagonal(h, axis1=1, axis2=2), axis=1)
+    eps = jnp.finfo(a.dtype).eps
+    singular = ~jnp.all(jnp.isfinite(chol), axis=(1, 2)) | (
+        jnp.min(diag, axis=1) ** 2 <= 10.0 * d * eps * scale
+    )
+    return chol, g, singular
+
+
+def _chol_solve(chol: jax.Array, rhs: jax.Array) -> jax.Array:
+    """Solve ``L Lᵀ x = rhs`` per mask; ``chol [mc, d, d]``, ``rhs [d, mc]`` -> ``[d, mc]``."""
+    x = jax.scipy.linalg.cho_solve((chol, True), rhs.T[:, :, None])
+    return x[:, :, 0].T
+
+
+def _weighted_grad(grads, weights, r):
+    """``Σ_i w_i G_iᵀ r_i`` for every mask: ``r [n, C, mc]``, weights ``[n, mc]`` -> ``[d, mc]``."""
+    n, c, d = grads.shape
+    wr = (r * weights[:, None, :]).reshape(n * c, -1)
+    return grads.reshape(n * c, d).T @ wr
+
+
+def _outputs_at(grads, outputs, theta):
+    """``f0 + G θ`` for every mask: ``theta [d, mc]`` -> ``[n, C, mc]``."""
+    n, c, d = grads.shape
+    return outputs[:, :, None] + (grads.reshape(n * c, d) @ theta).reshape(n, c, -1)
+
+
+def _objective(z, labels, weights, theta, ridge, loss):
+    """Weighted objective ``[mc]`` at outputs ``z [n, C, mc]`` and ``theta [d, mc]``."""
+    return jnp.sum(weights * _loss_values(z, labels, loss), axis=0) + 0.5 * ridge * jnp.sum(
+        theta * theta, axis=0
+    )
+
+
+def _solve_chunk(data, masks, ridge, *, loss, solver, max_iter, tol, diagnostics):
+    """Solve every mask of a chunk ``[mc, K]``; returns ``theta [d, mc]`` and diagnostics."""
+    grads, outputs, labels, task_ids, counts, a, b = data
+    dtype = grads.dtype
+    n, c, d = grads.shape
+    total = jnp.sum(masks, axis=1)
+    empty = total == 0
+    coef = masks / jnp.maximum(total, 1.0)[:, None]  # [mc, K]
+    chol, g0, singular = _fast_system(a, b, coef, ridge, empty)
+    mc = masks.shape[0]
+    if solver == "fast":
+        theta = -_chol_solve(chol, g0.T)
+        ok = ~singular & jnp.all(jnp.isfinite(theta), axis=0)
+        iters = jnp.ones((mc,), jnp.int32)
+        if not diagnostics:
+            return theta, ok, iters, jnp.zeros((mc,), dtype)
+        weights = (coef / counts.astype(dtype)[None, :])[:, task_ids].T  # [n, mc]
+        z = _outputs_at(grads, outputs, theta)
+        r, _ = _loss_grad_curv(z, labels, loss)
+        gnorm = jnp.linalg.norm(_weighted_grad(grads, weights, r) + ridge * theta, axis=0)
+        return theta, ok, iters, gnorm
+    return _newton_cg(
+        grads, outputs, labels, task_ids, counts, coef, chol, g0, singular, ridge,
+        loss=loss, max_iter=max_iter, tol=tol,
+    )  # fmt: skip
+
+
+def _newton_cg(
+    grads, outputs, labels, task_ids, counts, coef, chol, g0, singular, ridge, *, loss, max_iter, tol
+):
+    """Line-searched inexact Newton, Newton systems by preconditioned CG, batched over masks."""
+    dtype = grads.dtype
+    n, c, d = grads.shape
+    mc = coef.shape[0]
+    weights = (coef / counts.astype(dtype)[None, :])[:, task_ids].T  # [n, mc]
+    max_cg = max(10, min(d, 100))
+    g0norm = jnp.linalg.norm(g0, axis=1)  # gradient of the objective at θ = 0
+    tiny = jnp.finfo(dtype).tiny
+
+    def hvp(state, v):
+        u = (grads.reshape(n * c, d) @ v).reshape(n, c, mc)
+        return _weighted_grad(grads, weights, _curv_apply(state, u, loss)) + ridge * v
+
+    def pcg(state, rhs, active, forcing):
+        """Solve H p = rhs per mask to ``||res|| <= forcing ||rhs||`` (frozen when inactive)."""
+        target = forcing * jnp.linalg.norm(rhs, axis=0)
+        x0 = jnp.zeros_like(rhs)
+        zr = _chol_solve(chol, rhs)
+        init = (x0, rhs, zr, zr, jnp.sum(rhs * zr, axis=0), active, jnp.int32(0))
+
+        def cond(cs):
+            return jnp.any(cs[5]) & (cs[6] < max_cg)
+
+        def body(cs):
+            x, res, z, p, rz, act, it = cs
+            hp = hvp(state, p)
+            php = jnp.sum(p * hp, axis=0)
+            alpha = jnp.where(act, rz / jnp.where(php > 0, php, 1.0), 0.0)
+            x = x + alpha[None, :] * p
+            res = res - alpha[None, :] * hp
+            z_new = _chol_solve(chol, res)
+            rz_new = jnp.sum(res * z_new, axis=0)
+            beta = jnp.where(act, rz_new / jnp.where(rz > 0, rz, 1.0), 0.0)
+            p = jnp.where(act[None, :], z_new + beta[None, :] * p, p)
+            act = act & (php > 0) & (jnp.linalg.norm(res, axis=0) > target)
+            return x, res, jnp.where(act[None, :], z_new, z), p, jnp.where(act, rz_new, rz), act, it + 1
+
+        return jax.lax.while_loop(cond, body, init)[0]
+
+    theta0 = jnp.zeros((d, mc), dtype)
+    z0 = _outputs_at(grads, outputs, theta0)
+    f0 = _objective(z0, labels, weights, theta0, ridge, loss)
+    grad0 = g0.T
+    done0 = (g0norm == 0) | singular
+    state0 = (theta0, z0, f0, grad0, done0, jnp.zeros((mc,), jnp.int32), jnp.int32(0))
+
+    def cond(st):
+        return jnp.any(~st[4]) & (st[6] < max_iter)
+
+    def body(st):
+        theta, z, f, grad, done, iters, it = st
+        active = ~done
+        gnorm = jnp.linalg.norm(grad, axis=0)
+        _, curv = _loss_grad_curv(z, labels, loss)
+        forcing = jnp.minimum(0.5, jnp.sqrt(gnorm / jnp.maximum(g0norm, tiny)))
+        step = pcg(curv, -grad, active, forcing)
+        zstep = (grads.reshape(n * c, d) @ step).reshape(n, c, mc)
+        slope = jnp.sum(grad * step, axis=0)
+
+        def ls_cond(ls):
+            return jnp.any(ls[1]) & (ls[2] < 40)
+
+        def ls_body(ls):
+            alpha, searching, k = ls
+            trial = _objective(
+                z + alpha[None, None, :] * zstep, labels, weights, theta + alpha[None, :] * step, ridge, loss
+            )
+            accept = trial <= f + 1e-4 * alpha * slope
+            searching = searching & ~accept
+            return jnp.where(searching, 0.5 * alpha, alpha), searching, k + 1
+
+        alpha, failed, _ = jax.lax.while_loop(
+            ls_cond, ls_body, (jnp.ones((mc,), dtype), active, jnp.int32(0))
+        )
+        alpha = jnp.where(active & ~failed, alpha, 0.0)
+        theta_new = theta + alpha[None, :] * step
+        z_new = z + alpha[None, None, :] * zstep
+        f_new = _objective(z_new, labels, weights, theta_new, ridge, loss)
+        r_new, _ = _loss_grad_curv(z_new, labels, loss)
+        grad_new = _weighted_grad(grads, weights, r_new) + ridge * theta_new
+        gnorm_new = jnp.linalg.norm(grad_new, axis=0)
+        upd = active & ~failed
+        # A failed line search means no decrease is representable any more: stop that mask.
+        done_new = done | failed | (gnorm_new <= tol * g0norm)
+        return (
+            jnp.where(upd[None, :], theta_new, theta),
+            jnp.where(upd[None, None, :], z_new, z),
+            jnp.where(upd, f_new, f),
+            jnp.where(upd[None, :], grad_new, grad),
+            done_new,
+            iters + active.astype(jnp.int32),
+            it + 1,
+        )
+
+    theta, _, _, grad, _, iters, _ = jax.lax.while_loop(cond, body, state0)
+    gnorm = jnp.linalg.norm(grad, axis=0)
+    ok = ~singular & (gnorm <= tol * g0norm) & jnp.all(jnp.isfinite(theta), axis=0)
+    return theta, ok, iters, gnorm
+
+
+def _labels_chunk(target, theta, loss, metric):
+    """Target metric ``[mc, T]`` at ``theta [d, mc]``."""
+    grads, outputs, labels = target
+    z = _outputs_at(grads, outputs, theta)  # [T, C, mc]
+    per = jax.vmap(
+        jax.vmap(partial(example_metric, loss=loss, metric=metric), in_axes=(0, 0)),
+        in_axes=(2, None),
+    )
+    return per(z, labels)
+
+
+def _run_masks(data, target, masks, ridge, *, loss, metric, solver, chunk, max_iter, tol, diag):
+    """All masks ``[m, K]`` on one device, ``chunk`` masks at a time."""
+    m, k = masks.shape
+
+    def one(mk):
+        theta, ok, iters, gnorm = _solve_chunk(
+            data, mk, ridge, loss=loss, solver=solver, max_iter=max_iter, tol=tol,
+            diagnostics=diag,
+        )  # fmt: skip
+        lab = _labels_chunk(target, theta, loss, metric)
+        return lab, theta.T, ok, iters, gnorm
+
+    if chunk >= m:
+        return one(masks)
+    num = -(-m // chunk)
+    padded = jnp.pad(masks, ((0, num * chunk - m), (0, 0)))
+    outs = jax.lax.map(one, padded.reshape(num, chunk, k))
+    return tuple(o.reshape((num * chunk,) + o.shape[2:])[:m] for o in outs)
+
+
+def _mask_axis(masks: jax.Array):
+    """``(mesh, spec_entry)`` when the masks are sharded along their first axis, else ``None``."""
+    sharding = getattr(masks, "sharding", None) if _checks.is_concrete(masks) else None
+    if sharding is None:
+        try:
+            sharding = jax.typeof(masks).sharding
+        except Exception:  # pragma: no cover - abstract values without a sharding
+            return None
+    if not isinstance(sharding, NamedSharding):
+        return None
+    spec = tuple(sharding.spec) + (None,) * 2
+    if spec[0] is None or sharding.mesh.empty:
+        return None
+    names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    size = int(np.prod([sharding.mesh.shape[a] for a in names]))
+    if size <= 1 or masks.shape[0] % size:
+        return None
+    return sharding.mesh, spec[0], size
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def estimate_subsets(
+    train: GradientFeatures,
+    target: GradientFeatures,
+    masks: jax.Array,
+    *,
+    loss: str,
+    metric: str = "loss",
+    ridge: float | jax.Array,
+    solver: str = "fast",
+    mask_chunk_size: int | None = None,
+    max_iter: int = 50,
+    tol: float | None = None,
+    throw: bool = True,
+) -> SubsetEstimates:
+    """Estimated subset labels with solver diagnostics (see :func:`estimate_subset_labels`).
+
+    Args:
+      train: training features; ``grads [n, d]`` (squared/logistic) or ``[n, C, d]`` (softmax),
+        ``outputs [n]`` / ``[n, C]``, ``labels [n]``, ``task_ids [n]`` in ``0..K-1``.
+      target: target features (``T`` examples, same ``d`` and ``C``); ``task_ids`` is ignored.
+      masks: ``[m, K]`` 0/1 subsets of tasks (float, int or bool). Masks sharded along their first
+        axis with a ``NamedSharding`` are solved shard by shard (``shard_map``); the result keeps
+        that sharding on its first axis.
+      loss: ``"squared"``, ``"logistic"`` or ``"softmax"`` (:mod:`kernattr._losses`).
+      metric: target metric: ``"loss"``, ``"margin"`` or ``"output"``.
+      ridge: ``>= 0`` weight of ``(ridge / 2) ||θ||²`` (a scalar; may be traced, e.g. vmapped).
+      solver: ``"fast"`` (one Newton step from per-task statistics, exact for squared loss) or
+        ``"exact"`` (Newton-CG to convergence).
+      mask_chunk_size: masks solved at once (per device); ``None`` picks one that bounds memory.
+        Results do not depend on it (up to floating-point rounding of the matmuls).
+      max_iter: Newton iterations for ``"exact"``.
+      tol: ``"exact"`` stops a mask when the gradient norm is ``<= tol`` times its value at
+        ``θ = 0``; default ``1e-5`` in float32 and ``1e-10`` in float64.
+      throw: raise ``ValueError`` (under ``jit`` through a host callback) when a mask's system is
+        singular (e.g. ``ridge=0`` with rank-deficient statistics), a result is not finite, or
+        ``"exact"`` did not converge; with ``False`` inspect ``converged`` instead.
+
+    Returns:
+      :class:`SubsetEstimates` with ``labels [m, T]``, ``theta [m, d]``, ``converged [m]``,
+      ``num_iterations [m]``, ``grad_norm [m]``.
+
+    >>> import jax.numpy as jnp, kernattr as ka
+    >>> tr = ka.GradientFeatures(jnp.eye(4), jnp.zeros(4), jnp.ones(4), jnp.array([0, 0, 1, 1]))
+    >>> tg = ka.GradientFeatures(jnp.eye(4)[:2], jnp.zeros(2), jnp.ones(2))
+    >>> est = estimate_subsets(tr, tg, jnp.array([[1.0, 0.0]]), loss="squared", ridge=1.0)
+    >>> est.labels.shape, bool(est.converged[0])
+    ((1, 2), True)
+    """
+    return _estimate(
+        train, target, masks, loss=loss, metric=metric, ridge=ridge, solver=solver,
+        mask_chunk_size=mask_chunk_size, max_iter=max_iter, tol=tol, throw=throw, diag=True,
+    )  # fmt: skip
+
+
+def estimate_subset_labels(
+    train: GradientFeatures,
+    target: GradientFeatures,
+    masks: jax.Array,
+    *,
+    loss: str,
+    metric: str = "loss",
+    ridge: float | jax.Array,
+    solver: str = "fast",
+    mask_chunk_size: int | None = None,
+    max_iter: int = 50,
+    tol: float | None = None,
+    throw: bool = True,
+) -> jax.Array:
+    """Target metric of the linearized model trained on each subset of tasks, ``[m, T]``.
+
+    For each mask ``s`` fits ``θ_s = argmin Σ_i w_i(s) ℓ(f0_i + G_i θ, y_i) + (ridge/2)||θ||²``
+    with ``w_i(s) = s[t_i] / (n_{t_i} Σ_k s_k)`` (each selected task's mean loss counts
+    equally; weights sum to 1) and returns the target metric at ``f0_t + G_t θ_s``. An all-zero
+    mask trains on nothing: ``θ = 0`` and its labels are the metric of the base model.
+
+    Args:
+      train: training :class:`~kernattr.GradientFeatures`: ``grads [n, d]`` (squared/logistic)
+        or ``[n, C, d]`` (softmax), ``outputs [n]`` / ``[n, C]``, ``labels [n]`` and
+        ``task_ids [n]`` with values in ``0..K-1``, every task non-empty.
+      target: target features (``T`` examples, same ``d`` and ``C``); ``task_ids`` is ignored.
+      masks: ``[m, K]`` 0/1 subsets. Masks sharded on their first axis (``NamedSharding``) are
+        solved per shard; the output keeps that sharding on its first axis.
+      loss: ``"squared"``, ``"logistic"`` or ``"softmax"``.
+      metric: ``"loss"``, ``"margin"`` or ``"output"`` (:func:`kernattr._losses.example_metric`).
+      ridge: ``>= 0`` ridge on ``θ`` (scalar, may be traced).
+      solver: ``"fast"``: per-task statistics ``A_k``, ``b_k`` at ``θ = 0`` computed once, then
+        one Newton step per mask (``K d² + d³`` per mask; exact for squared loss, a first-order
+        approximation otherwise). ``"exact"``: line-searched Newton-CG to convergence, batched
+        over masks as matrix products (``n C d`` per mask and Hessian-vector product).
+      mask_chunk_size: masks solved at once per device (bounds memory); ``None``: automatic.
+      max_iter: Newton iterations for ``"exact"``.
+      tol: relative gradient-norm tolerance for ``"exact"`` (default 1e-5 f32, 1e-10 f64).
+      throw: raise on singular systems, non-finite results or non-convergence (see
+        :func:`estimate_subsets` for the diagnostics when ``False``).
+
+    Returns:
+      ``[m, T]`` estimated labels (dtype of ``train.grads``).
+
+    >>> import jax, jax.numpy as jnp, kernattr as ka
+    >>> G = jax.random.normal(jax.random.key(0), (6, 3))
+    >>> tr = ka.GradientFeatures(G, jnp.zeros(6), jnp.arange(6.0), jnp.array([0, 0, 1, 1, 2, 2]))
+    >>> tg = ka.GradientFeatures(G[:2], jnp.zeros(2), jnp.zeros(2))
+    >>> masks = jnp.array([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    >>> estimate_subset_labels(tr, tg, masks, loss="squared", ridge=0.1).shape
+    (2, 2)
+    """
+    return _estimate(
+        train, target, masks, loss=loss, metric=metric, ridge=ridge, solver=solver,
+        mask_chunk_size=mask_chunk_size, max_iter=max_iter, tol=tol, throw=throw, diag=False,
+    ).labels  # fmt: skip
+
+
+def _estimate(
+    train, target, masks, *, loss, metric, ridge, solver, mask_chunk_size, max_iter, tol, throw, diag
+) -> SubsetEstimates:
+    check_loss_metric(loss, metric)
+    if solver not in SOLVERS:
+        raise ValueError(f"`solver` must be one of {SOLVERS}, got {solver!r}.")
+    if mask_chunk_size is not None and (
+        not isinstance(mask_chunk_size, (int, np.integer)) or mask_chunk_size < 1
+    ):
+        raise ValueError(f"`mask_chunk_size` must be a positive int or None, got {mask_chunk_size!r}.")
+    if not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+        raise ValueError(f"`max_iter` must be a positive int, got {max_iter!r}.")
+    g, f0, y, t = _check_features(train, "train", loss, train=True)
+    gt, ft, yt, _ = _check_features(target, "target", loss, train=False)
+    if gt.shape[1:] != g.shape[1:]:
+        raise ValueError(
+            f"`target.grads` has shape {tuple(target.grads.shape)} but `train.grads` has shape "
+            f"{tuple(train.grads.shape)}; they must share the projected dimension d"
+            f"{'' if loss != 'softmax' else ' and the number of outputs C'}."
+        )
+    if gt.dtype != g.dtype:
+        raise TypeError(
+            f"`target.grads` ({gt.dtype}) and `train.grads` ({g.dtype}) must share a dtype."
+        )
+    dtype = g.dtype
+    masks = _checks.check_masks(masks, "masks")
+    num_tasks = masks.shape[1]
+    masks = masks.astype(dtype)
+    if isinstance(ridge, (str, bytes)) or ridge is None:
+        raise TypeError(f"`ridge` must be a non-negative float, got {ridge!r}.")
+    ridge = jnp.asarray(ridge)
+    if ridge.ndim != 0:
+        raise ValueError(
+            f"`ridge` must be a scalar, got shape {tuple(ridge.shape)}; vmap over a grid instead."
+        )
+    ridge = ridge.astype(dtype)
+    _checks.check_positive(ridge, "ridge", allow_zero=True)
+    if tol is None:
+        tol = 1e-10 if dtype == jnp.float64 else 1e-5
+    if not float(tol) > 0:
+        raise ValueError(f"`tol` must be > 0, got {tol!r}.")
+    counts = _check_task_ids(t, num_tasks, "train")
+
+    a, b = _task_statistics(g, f0, y, t, counts, loss=loss, num_tasks=num_tasks)
+    data = (g, f0, y, t, counts, a, b)
+    tgt = (gt, ft, yt)
+
+    n, c, d = g.shape
+    per_mask = max(n * c * 6, 3 * d * d) if solver == "exact" else max(2 * d * d, n * c if diag else 1)
+    m = masks.shape[0]
+    sharded = _mask_axis(masks)
+    local_m = m // sharded[2] if sharded else m
+    chunk = mask_chunk_size or max(1, _CHUNK_BUDGET // per_mask)
+    chunk = min(chunk, local_m)
+    run = partial(
+        _run_masks, loss=loss, metric=metric, solver=solver, chunk=chunk, max_iter=max_iter,
+        tol=tol, diag=diag,
+    )  # fmt: skip
+    if sharded:
+        mesh, axis, _ = sharded
+        rep, row = PartitionSpec(), PartitionSpec(axis)
+        fn = jax.shard_map(
+            lambda dt, tg, mk, r: run(dt, tg, mk, r),
+            mesh=mesh,
+            in_specs=(rep, rep, row, rep),
+            out_specs=row,
+            check_vma=False,
+        )
+        labels, theta, ok, iters, gnorm = fn(data, tgt, masks, ridge)
+    else:
+        labels, theta, ok, iters, gnorm = run(data, tgt, masks, ridge)
+    if throw:
+        what = "converge (raise max_iter / tol, or add ridge)" if solver == "exact" else "solve"
+        _checks.error_if(
+            ok,
+            ~ok,
+            f"estimate_subset_labels: {{count}} masks did not {what}: the Newton system is "
+            "singular or the result not finite. Use `ridge` > 0 (rank-deficient statistics at "
+            "ridge=0), or pass throw=False and inspect estimate_subsets(...).converged.",
+        )
+    return SubsetEstimates(labels, theta, ok, iters, gnorm)
