@@ -51,7 +51,9 @@ from ._gradients import linearize as linearize
 from ._gradients import projected_gradients as projected_gradients
 
 # --- estimation (_estimation.py)
+from ._estimation import SubsetEstimates as SubsetEstimates
 from ._estimation import estimate_subset_labels as estimate_subset_labels
+from ._estimation import estimate_subsets as estimate_subsets
 
 __version__ = "0.1.0"
 
@@ -62,10 +64,12 @@ __all__ = [
     "LinearSurrogate",
     "PairMasks",
     "Projector",
+    "SubsetEstimates",
     "SubsetData",
     "SyntheticGame",
     "banzhaf_values",
     "estimate_subset_labels",
+    "estimate_subsets",
     "fit_kernel",
     "fit_linear",
     "gradient_features",
