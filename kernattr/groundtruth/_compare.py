@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import _checks
+from .._metrics import spearman as _spearman
 
 __all__ = ["EstimatorError", "estimator_error"]
 
@@ -48,28 +49,6 @@ class EstimatorError(NamedTuple):
     spearman: jax.Array
     spearman_per_target: jax.Array
     change_captured: Optional[jax.Array]
-
-
-def _ranks(a: jax.Array) -> jax.Array:
-    """Average (tie-aware) ranks of each column of ``a`` ``[m, T]``, 1-based."""
-
-    def col(v):
-        s = jnp.sort(v)
-        lo = jnp.searchsorted(s, v, side="left")
-        hi = jnp.searchsorted(s, v, side="right")
-        return (lo + hi + 1).astype(v.dtype) / 2
-
-    return jax.vmap(col, in_axes=1, out_axes=1)(a)
-
-
-def _spearman_columns(a: jax.Array, b: jax.Array) -> jax.Array:
-    ra, rb = _ranks(a), _ranks(b)
-    ra = ra - jnp.mean(ra, axis=0, keepdims=True)
-    rb = rb - jnp.mean(rb, axis=0, keepdims=True)
-    num = jnp.sum(ra * rb, axis=0)
-    den = jnp.sqrt(jnp.sum(ra**2, axis=0) * jnp.sum(rb**2, axis=0))
-    ok = den > 0
-    return jnp.where(ok, num / jnp.where(ok, den, 1.0), jnp.nan)
 
 
 def _elementwise(F_hat: jax.Array, F: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -128,7 +107,11 @@ def estimator_error(F_hat: Any, F: Any, F0: Any = None) -> EstimatorError:
     mean_hat, mean_true = jnp.mean(F_hat, axis=1), jnp.mean(F, axis=1)
     per_mask = jnp.abs(mean_hat - mean_true) / jnp.abs(mean_true)
     ratio, _ = _elementwise(F_hat, F)
-    rho = _spearman_columns(F_hat, F)
+    if F.shape[0] >= 2:
+        # [T], NaN where a column is constant (column by column, 1-D calls).
+        rho = jax.vmap(_spearman, in_axes=1)(F_hat, F)
+    else:
+        rho = jnp.full((F.shape[1],), jnp.nan, dtype)
 
     no_change = no_change_elem = captured = None
     if F0 is not None:
