@@ -43,6 +43,12 @@ from ._games import synthetic_game as synthetic_game
 # --- projection (_projection.py)
 from ._projection import Projector as Projector
 from ._projection import make_projector as make_projector
+from ._projection import project as project
+from ._projection import projector_matrix as projector_matrix
+
+# --- sharding (_sharding.py)
+from ._sharding import data_mesh as data_mesh
+from ._sharding import shard_examples as shard_examples
 
 # --- gradients (_gradients.py)
 from ._features import GradientFeatures as GradientFeatures
@@ -68,6 +74,7 @@ __all__ = [
     "SubsetData",
     "SyntheticGame",
     "banzhaf_values",
+    "data_mesh",
     "estimate_subset_labels",
     "estimate_subsets",
     "fit_kernel",
@@ -85,10 +92,13 @@ __all__ = [
     "pair_masks",
     "pearson",
     "predict",
+    "project",
     "projected_gradients",
+    "projector_matrix",
     "rank_data",
     "relative_error",
     "sample_subsets",
+    "shard_examples",
     "shapley_values",
     "spearman",
     "synthetic_game",

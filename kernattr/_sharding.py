@@ -1,0 +1,175 @@
+"""Examples sharded over a ``data`` mesh axis: helpers used by the per-example entry points.
+
+The convention (DESIGN.md, "Scale"): per-example arrays (inputs, labels, task ids, per-example
+results) are split over the leading axis on a mesh axis called ``"data"``; parameters and the
+projector are replicated. :func:`shard_examples` places arrays that way. The per-example entry
+points (:func:`kernattr.projected_gradients`, :func:`kernattr.gradient_features`) then run one
+program per shard through ``jax.shard_map`` — chunking *within* each shard with ``lax.map`` —
+and return results sharded the same way, equal to the single-device results.
+
+Which mesh is used: the ``mesh=`` keyword when given; otherwise the mesh of the inputs when it
+is visible — concrete arrays with a ``NamedSharding`` whose first dimension is sharded, or, under
+``jit``, arrays typed with an Explicit mesh axis (the default of ``jax.make_mesh`` since JAX 0.9).
+Under ``jit`` with an *Auto* mesh the sharding is invisible at trace time: pass ``mesh=``.
+
+Two traps handled here (STYLE.md): ``lax.map(batch_size=...)`` over a sharded axis errors
+(Explicit) or silently gathers (Auto), so chunking happens inside ``shard_map``; and gradients
+with respect to parameters that enter ``shard_map`` replicated come out summed over devices, so
+parameters are ``pcast`` to *varying* before differentiation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ._checks import is_concrete
+
+__all__ = ["data_mesh", "shard_examples", "example_mesh", "map_over_examples"]
+
+
+def data_mesh(devices: Any = None, *, axis: str = "data") -> jax.sharding.Mesh:
+    """A 1-D mesh over ``devices`` (default: all devices, every process) named ``axis``.
+
+    Args:
+      devices: sequence of devices (default ``jax.devices()``).
+      axis: mesh axis name.
+
+    Returns:
+      ``jax.sharding.Mesh`` with Explicit axis type.
+
+    >>> import kernattr as ka
+    >>> ka.data_mesh().axis_names
+    ('data',)
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    return jax.make_mesh(
+        (len(devices),), (axis,), axis_types=(jax.sharding.AxisType.Explicit,), devices=devices
+    )
+
+
+def _leading_dim(tree: Any, name: str) -> int:
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves:
+        raise ValueError(f"`{name}` has no array leaves.")
+    dims = set()
+    for x in leaves:
+        shape = np.shape(x)
+        if len(shape) == 0:
+            raise ValueError(f"`{name}` leaves must have a leading example axis [n, ...], got a scalar.")
+        dims.add(shape[0])
+    if len(dims) != 1:
+        raise ValueError(
+            f"`{name}` leaves must share the leading example axis n, got sizes {sorted(dims)}."
+        )
+    return dims.pop()
+
+
+def shard_examples(tree: Any, mesh: jax.sharding.Mesh, *, axis: str = "data") -> Any:
+    """Place every leaf of ``tree`` with its leading (example) axis split over ``mesh[axis]``.
+
+    Works across processes: when the mesh spans devices of several processes, every process
+    passes the same global array and keeps the rows of its own devices.
+
+    Args:
+      tree: pytree of ``[n, ...]`` arrays; ``n`` must be divisible by the axis size.
+      mesh: a ``jax.sharding.Mesh`` with an axis called ``axis``.
+      axis: name of the example axis of the mesh.
+
+    Returns:
+      The same pytree, each leaf a ``jax.Array`` with ``NamedSharding(mesh, P(axis))``.
+
+    >>> import jax.numpy as jnp, kernattr as ka
+    >>> mesh = ka.data_mesh()
+    >>> x = ka.shard_examples(jnp.zeros((8, 3)), mesh)
+    >>> x.sharding.spec
+    PartitionSpec('data',)
+    """
+    if axis not in mesh.axis_names:
+        raise ValueError(f"`mesh` has no axis {axis!r} (axes {mesh.axis_names}); pass `axis=`.")
+    n = _leading_dim(tree, "tree")
+    size = mesh.shape[axis]
+    if n % size:
+        raise ValueError(
+            f"the number of examples n={n} must be divisible by the '{axis}' axis size {size}; "
+            "pad or drop examples."
+        )
+    sharding = NamedSharding(mesh, PartitionSpec(axis))
+
+    def put(x):
+        if sharding.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def example_mesh(tree: Any, mesh: Any = None, axis: str | None = None):
+    """``(mesh, axis)`` over which the examples of ``tree`` are split, or ``None``.
+
+    ``mesh`` given: that mesh and ``axis`` (default ``"data"``). Otherwise read from the first
+    leaf: the ``NamedSharding`` of a concrete array, or the Explicit-mode type under ``jit``.
+    """
+    if mesh is not None:
+        axis = "data" if axis is None else axis
+        if axis not in mesh.axis_names:
+            raise ValueError(f"`mesh` has no axis {axis!r} (axes {mesh.axis_names}); pass `axis=`.")
+        return mesh, axis
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves:
+        return None
+    x = leaves[0]
+    if is_concrete(x):
+        sh = getattr(x, "sharding", None)
+    else:
+        sh = getattr(jax.typeof(x), "sharding", None)
+    if not isinstance(sh, NamedSharding) or len(sh.spec) == 0 or sh.spec[0] is None:
+        return None
+    first = sh.spec[0]
+    if axis is not None and first != axis:
+        return None
+    return sh.mesh, first
+
+
+def _axis_size(mesh, axis) -> int:
+    names = axis if isinstance(axis, tuple) else (axis,)
+    return int(np.prod([mesh.shape[a] for a in names]))
+
+
+def map_over_examples(
+    fn: Callable, mesh: Any, axis: Any, replicated: Any, examples: Any, name: str = "inputs"
+) -> Any:
+    """Run ``fn(replicated, examples)`` once per shard of the examples; results sharded on ``axis``.
+
+    ``replicated`` (parameters, projector) enters every shard whole and is pcast to *varying*
+    so that derivatives with respect to it stay per-shard (not psum'd). Every leaf of the result
+    must have a leading per-example axis.
+    """
+    n = _leading_dim(examples, name)
+    size = _axis_size(mesh, axis)
+    if n % size:
+        raise ValueError(
+            f"`{name}` has n={n} examples, not divisible by the {axis!r} mesh axis size {size}; "
+            "pad or drop examples."
+        )
+    names = axis if isinstance(axis, tuple) else (axis,)
+
+    def body(rep, ex):
+        rep = jax.tree_util.tree_map(
+            lambda p: jax.lax.pcast(p, names, to="varying")
+            if jax.numpy.issubdtype(p.dtype, jax.numpy.inexact)
+            else p,
+            rep,
+        )
+        return fn(rep, ex)
+
+    spec = PartitionSpec(axis)
+    rep_specs = jax.tree_util.tree_map(lambda _: PartitionSpec(), replicated)
+    ex_specs = jax.tree_util.tree_map(lambda _: spec, examples)
+    return jax.shard_map(body, mesh=mesh, in_specs=(rep_specs, ex_specs), out_specs=spec)(
+        replicated, examples
+    )
