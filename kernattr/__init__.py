@@ -61,6 +61,11 @@ from ._estimation import SubsetEstimates as SubsetEstimates
 from ._estimation import estimate_subset_labels as estimate_subset_labels
 from ._estimation import estimate_subsets as estimate_subsets
 
+# --- baselines (_baselines.py)
+from ._baselines import influence_scores as influence_scores
+from ._baselines import tracin_scores as tracin_scores
+from ._baselines import trak_scores as trak_scores
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -81,6 +86,7 @@ __all__ = [
     "fit_linear",
     "gradient_features",
     "group_masks",
+    "influence_scores",
     "interaction_scores",
     "lds",
     "leave_one_out_masks",
@@ -102,4 +108,6 @@ __all__ = [
     "shapley_values",
     "spearman",
     "synthetic_game",
+    "tracin_scores",
+    "trak_scores",
 ]
