@@ -101,8 +101,8 @@ def rank_data(x: Any) -> jax.Array:
 
 
 def _pearson_cols(a: jax.Array, b: jax.Array) -> jax.Array:
-    a = a - jnp.mean(a, axis=0)
-    b = b - jnp.mean(b, axis=0)
+    a = a - jnp.mean(a, axis=0, keepdims=True)
+    b = b - jnp.mean(b, axis=0, keepdims=True)
     saa = jnp.sum(a * a, axis=0)
     sbb = jnp.sum(b * b, axis=0)
     sab = jnp.sum(a * b, axis=0)
