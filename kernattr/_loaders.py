@@ -291,15 +291,19 @@ def _load_json(path: str) -> SubsetData:
     return SubsetData(*train, *test)
 
 
-def _ids_to_masks(subsets: Any, num_examples: int, path: Any, field: str) -> np.ndarray:
+def _check_ids(subsets: Any, path: Any, field: str) -> None:
     if not isinstance(subsets, list) or not subsets:
         raise _fail(path, f"`{field}` must be a non-empty list of id lists.")
-    masks = np.zeros((len(subsets), num_examples))
     for i, ids in enumerate(subsets):
         if not isinstance(ids, list) or not all(
             isinstance(j, int) and not isinstance(j, bool) for j in ids
         ):
             raise _fail(path, f"`{field}[{i}]` must be a list of integer example ids.")
+
+
+def _ids_to_masks(subsets: list, num_examples: int, path: Any, field: str) -> np.ndarray:
+    masks = np.zeros((len(subsets), num_examples))
+    for i, ids in enumerate(subsets):
         if ids and (min(ids) < 0 or max(ids) >= num_examples):
             raise _fail(
                 path, f"`{field}[{i}]` has ids outside 0..{num_examples - 1} "
@@ -309,11 +313,8 @@ def _ids_to_masks(subsets: Any, num_examples: int, path: Any, field: str) -> np.
     return masks
 
 
-def _max_id(subsets: Any) -> int:
-    try:
-        return max((max(ids) for ids in subsets if ids), default=-1)
-    except TypeError:
-        return -1
+def _max_id(subsets: list) -> int:
+    return max((max(ids) for ids in subsets if ids), default=-1)
 
 
 def _load_ids(path: str, scores: Optional[str]) -> SubsetData:
@@ -333,9 +334,14 @@ def _load_ids(path: str, scores: Optional[str]) -> SubsetData:
     has_test = "test_subsets" in data
     if has_test != ("test_scores" in data):
         raise _fail(path, "`test_subsets` and `test_scores` must be given together.")
+    _check_ids(data["subsets"], path, "subsets")
+    if has_test:
+        _check_ids(data["test_subsets"], path, "test_subsets")
     n = data.get("num_examples")
     if n is None:
         n = 1 + max(_max_id(data["subsets"]), _max_id(data.get("test_subsets", [])))
+        if n < 1:
+            raise _fail(path, "every subset is empty; give `num_examples`.")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise _fail(path, f"`num_examples` must be a positive int, got {n!r}.")
     train = _pair(_ids_to_masks(data["subsets"], n, path, "subsets"), sc, path, "subsets", "scores")
