@@ -100,7 +100,8 @@ def _poly_f(s: KernelSurrogate, n: jax.Array) -> jax.Array:
     spec = s.spec
     if spec.kernel == "linear":
         return jnp.broadcast_to(n[..., None], n.shape + s.gamma.shape)
-    return (s.gamma * n[..., None] + spec.coef0) ** spec.degree
+    gamma = s.gamma.reshape((1,) * n.ndim + s.gamma.shape)
+    return (gamma * n[..., None] + spec.coef0) ** spec.degree
 
 
 def shapley_values(surrogate: LinearSurrogate | KernelSurrogate) -> jax.Array:
