@@ -155,9 +155,9 @@ def fit_report(data, *, kernel: str = "rbf", gamma=None, ridge=None, linear_ridg
         raise ValueError("`data` has no test masks; split it first.")
     kw = dict(kernel=kernel, per_target=per_target)
     if gamma is not None:
-        kw["gamma"] = jnp.asarray(gamma, tr_m.dtype)
+        kw["gamma"] = np.asarray(gamma, tr_m.dtype)
     if ridge is not None:
-        kw["ridge"] = jnp.asarray(ridge, tr_m.dtype)
+        kw["ridge"] = np.asarray(ridge, tr_m.dtype)
 
     lin = jax.jit(lambda m, y: _surrogates.fit_linear(m, y, ridge=linear_ridge))(tr_m, tr_y)
     ker = jax.jit(lambda m, y: _surrogates.fit_kernel(m, y, **kw))(tr_m, tr_y)
@@ -246,8 +246,11 @@ def _run_fit(args: argparse.Namespace) -> int:
 
     source = _builtin_path() if args.data == BUILTIN else args.data
     label = "built-in example (synthetic interaction game)" if args.data == BUILTIN else source
-    data = load_subsets(source, format=args.format, scores=args.scores,
-                        group_ids=args.groups, rule=args.group_rule)
+    try:
+        data = load_subsets(source, format=args.format, scores=args.scores,
+                            group_ids=args.groups, rule=args.group_rule)
+    except (OSError, ValueError, TypeError) as e:
+        raise SystemExit(f"kernattr fit: cannot load --data {args.data!r}: {e}") from e
     data, split = _split(data, args.test_fraction, args.seed)
     rep = fit_report(data, kernel=args.kernel, gamma=args.gamma, ridge=args.ridge,
                      linear_ridge=args.linear_ridge, per_target=args.per_target, top=args.top,

@@ -1,0 +1,146 @@
+"""Tests for the ``kernattr`` command line (in-process ``main([...])``)."""
+
+import json
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernattr as ka
+from kernattr.cli import build_parser, main
+
+GRID = ["--gamma", "0.1,0.4", "--ridge", "0.01,1"]
+
+
+def _game_data(seed=0, k=6, t=3, m=60, m_test=20):
+    import jax
+
+    key = jax.random.key(seed)
+    kg, k1, k2, n1, n2 = jax.random.split(key, 5)
+    game = ka.synthetic_game(kg, num_tasks=k, num_targets=t, num_pairs=3)
+    tr = ka.sample_subsets(k1, num_tasks=k, num_subsets=m, p=0.5)
+    te = ka.sample_subsets(k2, num_tasks=k, num_subsets=m_test, p=0.5)
+    return (np.asarray(tr), np.asarray(game.evaluate(tr, n1)),
+            np.asarray(te), np.asarray(game.evaluate(te, n2)))
+
+
+def _write_json(path, tr, ytr, te=None, yte=None):
+    d = {"train_w": tr.astype(int).tolist(), "train_subset_scores": ytr.tolist()}
+    if te is not None:
+        d.update(test_w=te.astype(int).tolist(), test_subset_scores=yte.tolist())
+    path.write_text(json.dumps(d))
+    return path
+
+
+def test_fit_json_matches_library(tmp_path, capsys):
+    tr, ytr, te, yte = _game_data()
+    f = _write_json(tmp_path / "d.json", tr, ytr, te, yte)
+    out = tmp_path / "r.json"
+    assert main(["fit", "--data", str(f), "--json", str(out), "--top", "3", *GRID]) == 0
+    rep = json.loads(out.read_text())
+    text = capsys.readouterr().out
+    assert "held-out LDS" in text and "top tasks by Shapley" in text
+
+    # Same figures from the library directly (files store 6 decimals: reload them).
+    data = ka.load_subsets(f)
+    lin = ka.fit_linear(data.train_masks, data.train_labels)
+    ker = ka.fit_kernel(data.train_masks, data.train_labels,
+                        gamma=jnp.array([0.1, 0.4]), ridge=jnp.array([0.01, 1.0]))
+    for name, sur in (("linear", lin), ("kernel", ker)):
+        pred = ka.predict(sur, data.test_masks)
+        res = ka.lds(pred, data.test_labels)
+        np.testing.assert_allclose(rep[name]["lds"], float(res.mean), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(rep[name]["lds_per_target"], res.per_target, atol=1e-4)
+        ne = ka.normalized_error(pred, data.test_labels)
+        np.testing.assert_allclose(rep[name]["normalized_error"], float(jnp.mean(ne)), rtol=1e-3)
+        assert f"{rep[name]['lds']:.4f}" in text
+    assert rep["kernel"]["gamma"] == pytest.approx(np.asarray(ker.gamma).tolist(), rel=1e-6)
+    assert rep["kernel"]["ridge"] == pytest.approx(np.asarray(ker.ridge).tolist(), rel=1e-6)
+    loo = np.asarray(ka.loo_scores(ker)).mean(1)
+    shap = np.asarray(ka.shapley_values(ker)).mean(1)
+    np.testing.assert_allclose(rep["task_scores"]["loo"], loo, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(rep["task_scores"]["shapley"], shap, rtol=1e-3, atol=1e-5)
+    assert [r["task"] for r in rep["top_tasks"]["shapley"]] == list(np.argsort(-shap)[:3])
+    assert rep["data"] == {"num_tasks": 6, "num_targets": 3, "num_train": 60, "num_test": 20,
+                           "dtype": "float32"}
+    assert rep["split"] == "file"
+    assert rep["lds_ratio_kernel_over_linear"] == pytest.approx(
+        rep["kernel"]["lds"] / rep["linear"]["lds"])
+
+
+def test_fit_lower_is_better_and_split(tmp_path):
+    tr, ytr, _, _ = _game_data(seed=1, m=80)
+    np.save(tmp_path / "masks.npy", tr.astype(bool))
+    np.save(tmp_path / "scores.npy", ytr)
+    out = tmp_path / "r.json"
+    main(["fit", "--data", str(tmp_path), "--test-fraction", "0.25", "--seed", "3",
+          "--lower-is-better", "--top", "6", "--json", str(out), *GRID])
+    rep = json.loads(out.read_text())
+    assert rep["data"]["num_train"] == 60 and rep["data"]["num_test"] == 20
+    assert rep["split"].startswith("random 25% split (seed 3)")
+    loo = np.array(rep["task_scores"]["loo"])
+    assert [r["task"] for r in rep["top_tasks"]["loo"]] == list(np.argsort(loo, kind="stable"))
+    # Deterministic split: same seed, same figures.
+    out2 = tmp_path / "r2.json"
+    main(["fit", "--data", str(tmp_path), "--test-fraction", "0.25", "--seed", "3",
+          "--json", str(out2), *GRID])
+    assert json.loads(out2.read_text())["linear"] == rep["linear"]
+
+
+def test_fit_grouped_sample_masks(tmp_path):
+    tr, ytr, te, yte = _game_data(seed=2)
+    gid = np.repeat(np.arange(6), 3)  # 3 examples per task
+    np.savez(tmp_path / "d.npz", masks=tr[:, gid].astype(bool), scores=ytr,
+             test_masks=te[:, gid].astype(bool), test_scores=yte)
+    np.save(tmp_path / "gid.npy", gid)
+    out_g, out_t = tmp_path / "g.json", tmp_path / "t.json"
+    main(["fit", "--data", str(tmp_path / "d.npz"), "--groups", str(tmp_path / "gid.npy"),
+          "--json", str(out_g), *GRID])
+    _write_json(tmp_path / "t_in.json", tr, ytr, te, yte)
+    main(["fit", "--data", str(tmp_path / "t_in.json"), "--json", str(out_t), *GRID])
+    g, t = json.loads(out_g.read_text()), json.loads(out_t.read_text())
+    assert g["data"]["num_tasks"] == 6
+    np.testing.assert_allclose(g["kernel"]["lds"], t["kernel"]["lds"], atol=1e-3)
+
+
+def test_fit_builtin_default(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    # Small grids keep the test quick; the full default grid is what `kernattr fit` runs.
+    assert main(["fit", "--json", str(out), "--gamma", "0.005,0.05", "--ridge", "1e-3,1"]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["data"]["num_tasks"] == 20 and rep["data"]["num_targets"] == 8
+    assert rep["data"]["num_train"] == 500 and rep["data"]["num_test"] == 200
+    assert rep["kernel"]["lds"] > 1.25 * rep["linear"]["lds"]
+    assert "built-in example" in capsys.readouterr().out
+
+
+def test_cli_bad_arguments(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--test-fraction", "1.5"])
+    assert "--test-fraction" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["fit", "--top", "0"])
+    with pytest.raises(SystemExit):
+        main(["fit", "--gamma", "a,b"])
+    with pytest.raises(SystemExit):
+        main(["nonsense"])
+    with pytest.raises(SystemExit):
+        main([])
+    with pytest.raises(SystemExit, match="cannot load --data .*does not exist"):
+        main(["fit", "--data", str(tmp_path / "missing.json")])
+    (tmp_path / "bad.json").write_text(json.dumps({"train_w": [[1, 0]]}))
+    with pytest.raises(SystemExit, match="missing key `train_subset_scores`"):
+        main(["fit", "--data", str(tmp_path / "bad.json")])
+    tiny = _write_json(tmp_path / "tiny.json", np.eye(3), np.arange(3.0))
+    with pytest.raises(SystemExit, match="too few"):
+        main(["fit", "--data", str(tiny)])
+
+
+def test_parser_structure_and_light_import():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert "fit" in sub.choices
+    code = "import sys, kernattr.cli; sys.exit(int('flax' in sys.modules or 'optax' in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
