@@ -324,3 +324,37 @@ def test_finetune_bad_input():
     # Value checks also fire under jit (host callback at run time).
     with pytest.raises(Exception, match="masks"):
         jax.jit(lambda m: gt.finetune_on_masks(f, w0, x, y, t, m, **kw))(jnp.asarray(0.5 * MASKS)).block_until_ready()
+
+
+def test_estimator_matches_finetuning_for_model_linear_in_params(x64):
+    # f(x; W) = tanh(x A) W is linear in W: with the identity projection, the exact estimator at
+    # ridge λ solves the same problem as fine-tuning with prox=λ to convergence.
+    import kernattr as ka
+
+    rng = np.random.default_rng(0)
+    C, din, h, n, T = 3, 4, 5, 24, 6
+    A = jnp.asarray(rng.normal(size=(din, h)))
+    apply_fn = lambda W, xi: jnp.tanh(xi @ A) @ W  # noqa: E731
+    W0 = jnp.asarray(0.3 * rng.normal(size=(h, C)))
+    x, xt = jnp.asarray(rng.normal(size=(n, din))), jnp.asarray(rng.normal(size=(T, din)))
+    y, yt = jnp.asarray(rng.integers(0, C, n)), jnp.asarray(rng.integers(0, C, T))
+    t = jnp.asarray(np.arange(n) % K)
+    masks = jnp.asarray(MASKS[:4])
+    proj = ka.make_projector(jax.random.key(0), W0, kind="identity", dim=None)
+    train = ka.gradient_features(apply_fn, W0, x, y, proj, task_ids=t, num_tasks=K)
+    target = ka.gradient_features(apply_fn, W0, xt, yt, proj)
+    ridge = 0.05
+    F_hat = ka.estimate_subset_labels(train, target, masks, loss="softmax", metric="loss", ridge=ridge, solver="exact")
+    cmp = gt.compare_estimator_to_finetuning(
+        F_hat, apply_fn, W0, x, y, t, masks, xt, yt, loss="softmax", metric="loss",
+        optimizer=optax.lbfgs(), num_steps=40, prox=ridge,
+    )
+    np.testing.assert_allclose(F_hat, cmp.labels, rtol=1e-6, atol=1e-8)
+    assert float(cmp.error.relative_error) < 1e-6
+    assert float(cmp.error.spearman) == pytest.approx(1.0)
+    assert float(cmp.error.no_change_relative_error) > 1e-2
+    np.testing.assert_allclose(cmp.base, gt.evaluate_targets(apply_fn, W0[None], xt, yt, loss="softmax")[0])
+    res = gt.finetune_labels(apply_fn, W0, x, y, t, masks, xt, yt, loss="softmax", optimizer=optax.lbfgs(),
+                             num_steps=40, prox=ridge, return_params=True)
+    np.testing.assert_allclose(res.labels, cmp.labels, rtol=1e-10)
+    assert res.params.shape == (4, h, C)

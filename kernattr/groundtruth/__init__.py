@@ -10,9 +10,22 @@ Imports optax, so it is a subpackage (``import kernattr.groundtruth``), not re-e
     err = gt.estimator_error(F_hat, F, F0=F_at_W0)
 """
 
+from ._compare import Comparison as Comparison
 from ._compare import EstimatorError as EstimatorError
+from ._compare import compare_estimator_to_finetuning as compare_estimator_to_finetuning
 from ._compare import estimator_error as estimator_error
+from ._finetune import FinetuneLabels as FinetuneLabels
 from ._finetune import evaluate_targets as evaluate_targets
+from ._finetune import finetune_labels as finetune_labels
 from ._finetune import finetune_on_masks as finetune_on_masks
 
-__all__ = ["EstimatorError", "estimator_error", "evaluate_targets", "finetune_on_masks"]
+__all__ = [
+    "Comparison",
+    "EstimatorError",
+    "FinetuneLabels",
+    "compare_estimator_to_finetuning",
+    "estimator_error",
+    "evaluate_targets",
+    "finetune_labels",
+    "finetune_on_masks",
+]

@@ -7,7 +7,7 @@ task-weighted objective of that mask; all masks of a chunk train in one ``jax.vm
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,7 @@ import optax
 from .. import _checks
 from .._losses import check_loss_metric, example_loss, example_metric, task_weights
 
-__all__ = ["finetune_on_masks", "evaluate_targets"]
+__all__ = ["FinetuneLabels", "evaluate_targets", "finetune_labels", "finetune_on_masks"]
 
 PyTree = Any
 
@@ -134,6 +134,7 @@ def _make_trainer(
 ) -> Callable:
     """Returns ``train(params_start, weights [n], key) -> params`` for ONE mask."""
     extra_args = isinstance(optimizer, optax.GradientTransformationExtraArgs)
+    use_prox = not (_checks.is_concrete(prox) and float(prox) == 0.0)
     n = labels.shape[0]
 
     def per_example_losses(params, x, y):
@@ -150,7 +151,7 @@ def _make_trainer(
                 xb, yb = _take(inputs, batch_idx), jnp.take(labels, batch_idx, axis=0)
                 # Examples drawn with probability w_i / Σw: Σw · mean ℓ is unbiased for Σ w_i ℓ_i.
                 data_term = total * jnp.mean(per_example_losses(params, xb, yb))
-            if prox:
+            if use_prox:
                 data_term = data_term + 0.5 * prox * _tree_sqnorm(params, params_start)
             return data_term
 
@@ -325,7 +326,7 @@ def finetune_on_masks(
         optimizer=optimizer,
         num_steps=num_steps,
         batch_size=batch_size,
-        prox=float(prox) if _checks.is_concrete(prox) else prox,
+        prox=prox,
     )
 
     if init_fn is not None and shared_init:
@@ -418,3 +419,81 @@ def evaluate_targets(
     if mask_chunk_size is None:
         return jax.vmap(one)(stacked_params)
     return jax.lax.map(one, stacked_params, batch_size=mask_chunk_size)
+
+
+class FinetuneLabels(NamedTuple):
+    """Real subset labels from fine-tuning (a pytree).
+
+    Attributes:
+      labels: ``[m, T]`` target metric after fine-tuning on each mask (``F``).
+      base: ``[T]`` target metric at the starting parameters ``params0`` (``F0``).
+      params: the stacked fine-tuned parameters (leading ``[m]`` axis), or ``None`` when
+        ``return_params=False``.
+    """
+
+    labels: jax.Array
+    base: jax.Array
+    params: Optional[PyTree]
+
+
+def finetune_labels(
+    apply_fn: Callable,
+    params0: PyTree,
+    inputs: PyTree,
+    labels: Any,
+    task_ids: Any,
+    masks: Any,
+    target_inputs: PyTree,
+    target_labels: Any,
+    *,
+    loss: str,
+    metric: str = "loss",
+    return_params: bool = False,
+    **finetune_kwargs: Any,
+) -> FinetuneLabels:
+    """Fine-tunes on every mask and evaluates the targets: the real labels ``F`` and ``F0``.
+
+    :func:`finetune_on_masks` followed by :func:`evaluate_targets` on the fine-tuned models and on
+    ``params0`` (the "nothing changes" reference). With ``init_fn`` (retraining from scratch),
+    ``base`` is still evaluated at ``params0``.
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> scalar or [C]`` for one unbatched example.
+      params0: parameter pytree ``W0``.
+      inputs: training inputs with a leading ``[n]`` axis.
+      labels: ``[n]`` training labels.
+      task_ids: ``[n]`` integer task ids in ``0..K-1``.
+      masks: ``[m, K]`` 0/1 masks.
+      target_inputs: target inputs with a leading ``[T]`` axis.
+      target_labels: ``[T]`` target labels.
+      loss: ``"squared"``, ``"logistic"`` or ``"softmax"``.
+      metric: ``"loss"``, ``"margin"`` or ``"output"``.
+      return_params: also return the stacked fine-tuned parameters.
+      **finetune_kwargs: keyword arguments of :func:`finetune_on_masks` (``optimizer``,
+        ``num_steps``, ``batch_size``, ``key``, ``prox``, ``mask_chunk_size``, ``init_fn``, ...).
+
+    Returns:
+      A :class:`FinetuneLabels` ``(labels [m, T], base [T], params)``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from kernattr.groundtruth import finetune_labels
+      >>> x = jnp.eye(2); y = jnp.ones(2); t = jnp.array([0, 1])
+      >>> res = finetune_labels(lambda w, xi: xi @ w, jnp.zeros(2), x, y, t, jnp.eye(2), x, y,
+      ...                       loss="squared", optimizer=optax.sgd(1.0), num_steps=1)
+      >>> res.labels.tolist(), res.base.tolist()
+      ([[0.0, 0.5], [0.5, 0.0]], [0.5, 0.5])
+    """
+    stacked = finetune_on_masks(
+        apply_fn, params0, inputs, labels, task_ids, masks, loss=loss, **finetune_kwargs
+    )
+    chunk = finetune_kwargs.get("mask_chunk_size")
+    F = evaluate_targets(
+        apply_fn, stacked, target_inputs, target_labels, loss=loss, metric=metric, mask_chunk_size=chunk
+    )
+    if params0 is not None:
+        one = jax.tree_util.tree_map(lambda p: jnp.asarray(p)[None], params0)
+        F0 = evaluate_targets(apply_fn, one, target_inputs, target_labels, loss=loss, metric=metric)[0]
+    else:
+        F0 = jnp.full((F.shape[1],), jnp.nan, F.dtype)
+    return FinetuneLabels(labels=F, base=F0, params=stacked if return_params else None)
