@@ -27,7 +27,7 @@ import numpy as np
 
 from . import _checks, _sharding
 from ._features import GradientFeatures
-from ._projection import Projector, apply_flat, check_tree, leaf_columns, make_plan
+from ._projection import Projector, apply_flat, check_tree, columns, make_plan
 
 __all__ = ["linearize", "projected_gradients", "gradient_features"]
 
@@ -167,10 +167,10 @@ def _local(apply_fn, projector, chunk_size, method, params, inputs):
     t = max(c for c in range(1, min(d, _JVP_COLUMNS) + 1) if d % c == 0)
 
     def column_block(j):
-        tangents = []
-        for i, leaf in zip(idx, sel):
-            cols = leaf_columns(projector, i, j * t, t, dtype)  # [D_l, t]
-            tangents.append(cols.T.reshape((t,) + tuple(np.shape(leaf))).astype(jnp.result_type(leaf)))
+        tangents = [
+            cols.T.reshape((t,) + tuple(np.shape(leaf))).astype(jnp.result_type(leaf))
+            for cols, leaf in zip(columns(projector, j * t, t, dtype), sel)  # [D_l, t] each
+        ]
 
         def one(x):
             def jvp_col(tan):

@@ -43,7 +43,7 @@ __all__ = ["Projector", "make_projector", "project", "projector_matrix"]
 
 ProjectorKind = Literal["rademacher", "gaussian", "sjlt", "identity"]
 KINDS = ("rademacher", "gaussian", "sjlt", "identity")
-_DEFAULT_BLOCK = {"rademacher": 1024, "gaussian": 1024, "sjlt": 65536, "identity": 65536}
+_DEFAULT_BLOCK = {"rademacher": 1024, "gaussian": 1024, "sjlt": 4096, "identity": 4096}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +162,7 @@ def make_projector(
         ``lambda path, x: "head" in jax.tree_util.keystr(path)`` for the last layer only.
       block_size: rows of ``P`` generated at once (memory ``block_size * d`` for dense kinds);
         part of the random stream, so changing it changes ``P``. Default 1024 for dense kinds,
-        65536 for ``"sjlt"``.
+        4096 for ``"sjlt"``.
       nonzeros: ``s``, nonzeros per parameter for ``"sjlt"``; ``d`` must be divisible by ``s``.
 
     Returns:
@@ -235,77 +235,55 @@ def make_projector(
 
 # ---------------------------------------------------------------------------------------------
 # Block generation. Everything below is the single source of truth for P: project(),
-# projector_matrix() and the jvp route of projected_gradients() all call it.
+# projector_matrix() and both routes of projected_gradients() call it.
+#
+# Layout: the selected leaves, flattened and each zero-padded to a multiple of ``block_size``
+# rows, are laid end to end (``D_pad`` rows in ``NB`` blocks). Block ``j`` belongs to leaf
+# ``block_leaf[j]`` (its index among ALL leaves) as its ``block_idx[j]``-th block, and is
+# generated from ``fold_in(fold_in(key, block_leaf[j]), block_idx[j])``. The keys of all blocks
+# are derived in one vectorised call, so the compiled program holds one random-number generator
+# whatever the number of leaves. Padding rows are generated but always meet zeros.
 
 
-def _leaf_rows(proj: Projector, leaf: int) -> tuple[int, int, int]:
-    """(D_l, rows per block, number of blocks) for leaf ``leaf``."""
-    D_l = _size(proj.leaf_shapes[leaf])
-    rows = min(proj.block_size, D_l)
-    return D_l, rows, -(-D_l // rows)
+def _layout(proj: Projector):
+    """(block rows B, blocks per selected leaf, block_leaf [NB], block_idx [NB]) (static)."""
+    B = proj.block_size
+    nbs = [-(-_size(proj.leaf_shapes[i]) // B) for i in proj.selected_indices]
+    block_leaf = np.repeat(np.asarray(proj.selected_indices, np.int32), nbs)
+    block_idx = np.concatenate([np.arange(n, dtype=np.int32) for n in nbs])
+    return B, nbs, block_leaf, block_idx
 
 
-def _leaf_offset(proj: Projector, leaf: int) -> int:
-    return sum(_size(proj.leaf_shapes[i]) for i in proj.selected_indices if i < leaf)
-
-
-def _block_key(proj: Projector, leaf: int, block) -> jax.Array:
-    return jax.random.fold_in(jax.random.fold_in(proj.key, leaf), block)
+def _block_keys(proj: Projector) -> jax.Array:
+    """``[NB]`` keys, one per block."""
+    _, _, block_leaf, block_idx = _layout(proj)
+    return jax.vmap(lambda l, b: jax.random.fold_in(jax.random.fold_in(proj.key, l), b))(
+        jnp.asarray(block_leaf), jnp.asarray(block_idx)
+    )
 
 
 def _rademacher_block(key, rows: int, d: int, dtype) -> jax.Array:
     words = -(-d // 32)
     bits = jax.random.bits(key, (rows, words), jnp.uint32)
     shifts = jnp.arange(32, dtype=jnp.uint32)
-    b = (bits[:, :, None] >> shifts) & jnp.uint32(1)
+    b = (bits[:, :, None] >> shifts[None, None, :]) & jnp.uint32(1)
     b = b.reshape(rows, words * 32)[:, :d]
     scale = 1.0 / math.sqrt(d)
     return jnp.where(b == 1, jnp.asarray(scale, dtype), jnp.asarray(-scale, dtype))
 
 
-def _sjlt_hash(proj: Projector, leaf: int, block) -> tuple[jax.Array, jax.Array]:
-    """Bucket indices ``[s, rows]`` (int32, in ``0..d-1``) and signs ``[s, rows]`` of a block."""
-    _, rows, _ = _leaf_rows(proj, leaf)
+def _sjlt_hash(proj: Projector, key) -> tuple[jax.Array, jax.Array]:
+    """Bucket indices ``[s, B]`` (int32, in ``0..d-1``) and sign bits ``[s, B]`` of a block.
+
+    One 32-bit random word per (group, row): bit 0 is the sign, the other 31 bits modulo ``w``
+    the bucket (uniform up to a relative bias below ``w / 2**31``).
+    """
     s = proj.nonzeros
     w = proj.dim // s
-    k_idx, k_sign = jax.random.split(_block_key(proj, leaf, block))
-    idx = jax.random.randint(k_idx, (s, rows), 0, w, dtype=jnp.int32)
+    word = jax.random.bits(key, (s, proj.block_size), jnp.uint32)
+    idx = ((word >> jnp.uint32(1)) % jnp.uint32(w)).astype(jnp.int32)
     idx = idx + (jnp.arange(s, dtype=jnp.int32) * w)[:, None]
-    signs = jax.random.bits(k_sign, (s, rows), jnp.uint8) & jnp.uint8(1)
-    return idx, signs
-
-
-def _dense_block(proj: Projector, leaf: int, block, dtype, col0=0, cols: int | None = None):
-    """Block ``block`` of leaf ``leaf`` as a dense ``[rows, cols]`` matrix (columns
-    ``col0 .. col0+cols-1`` of P; all ``d`` by default). ``block``/``col0`` may be traced."""
-    _, rows, _ = _leaf_rows(proj, leaf)
-    d = proj.dim
-    cols = d if cols is None else cols
-    if proj.kind in ("rademacher", "gaussian"):
-        key = _block_key(proj, leaf, block)
-        if proj.kind == "rademacher":
-            full = _rademacher_block(key, rows, d, dtype)
-        else:
-            full = jax.random.normal(key, (rows, d), dtype) * jnp.asarray(1.0 / math.sqrt(d), dtype)
-        if cols == d:
-            return full
-        return jax.lax.dynamic_slice_in_dim(full, col0, cols, axis=1)
-    want = col0 + jnp.arange(cols, dtype=jnp.int32)
-    if proj.kind == "sjlt":
-        idx, signs = _sjlt_hash(proj, leaf, block)
-        val = _sign_values(signs, proj.nonzeros, dtype)  # [s, rows]
-        onehot = idx[:, :, None] == want  # [s, rows, cols]
-        return jnp.sum(jnp.where(onehot, val[:, :, None], jnp.zeros((), dtype)), axis=0)
-    # identity
-    r = jnp.arange(rows, dtype=jnp.int32) + _leaf_offset(proj, leaf) + block * rows
-    return (r[:, None] == want).astype(dtype)
-
-
-def leaf_columns(proj: Projector, leaf: int, col0, cols: int, dtype) -> jax.Array:
-    """Columns ``col0 .. col0+cols-1`` of the rows of P belonging to a leaf: ``[D_l, cols]``."""
-    D_l, _, nb = _leaf_rows(proj, leaf)
-    blocks = jax.lax.map(lambda b: _dense_block(proj, leaf, b, dtype, col0, cols), jnp.arange(nb))
-    return blocks.reshape(-1, cols)[:D_l]
+    return idx, word & jnp.uint32(1)
 
 
 def _sign_values(signs: jax.Array, s: int, dtype) -> jax.Array:
@@ -313,60 +291,99 @@ def _sign_values(signs: jax.Array, s: int, dtype) -> jax.Array:
     return jnp.where(signs == 1, jnp.asarray(scale, dtype), jnp.asarray(-scale, dtype))
 
 
+def _dense_block(proj: Projector, key, dtype, col0=0, cols: int | None = None) -> jax.Array:
+    """One block as a dense ``[B, cols]`` matrix: columns ``col0 .. col0+cols-1`` of P
+    (all ``d`` by default; ``col0`` may be traced). Not for ``"identity"``."""
+    B, d = proj.block_size, proj.dim
+    cols = d if cols is None else cols
+    if proj.kind == "sjlt":
+        idx, signs = _sjlt_hash(proj, key)
+        val = _sign_values(signs, proj.nonzeros, dtype)  # [s, B]
+        want = col0 + jnp.arange(cols, dtype=jnp.int32)
+        onehot = idx[:, :, None] == want[None, None, :]  # [s, B, cols]
+        return jnp.sum(jnp.where(onehot, val[:, :, None], jnp.zeros((), dtype)), axis=0)
+    if proj.kind == "rademacher":
+        full = _rademacher_block(key, B, d, dtype)
+    else:
+        full = jax.random.normal(key, (B, d), dtype) * jnp.asarray(1.0 / math.sqrt(d), dtype)
+    if cols == d:
+        return full
+    return jax.lax.dynamic_slice_in_dim(full, col0, cols, axis=1)
+
+
+def columns(proj: Projector, col0, cols: int, dtype) -> list:
+    """Columns ``col0 .. col0+cols-1`` of P split by selected leaf: ``[D_l, cols]`` each.
+
+    Memory ``D * cols`` (used by the jvp route with small ``cols`` and by
+    :func:`projector_matrix`).
+    """
+    sizes = [_size(proj.leaf_shapes[i]) for i in proj.selected_indices]
+    if proj.kind == "identity":
+        want = col0 + jnp.arange(cols, dtype=jnp.int32)
+        rows = jnp.arange(sum(sizes), dtype=jnp.int32)
+        full = (rows[:, None] == want[None, :]).astype(dtype)
+        return jnp.split(full, np.cumsum(sizes)[:-1].tolist(), axis=0)
+    B, nbs, _, _ = _layout(proj)
+    blocks = jax.lax.map(lambda k: _dense_block(proj, k, dtype, col0, cols), _block_keys(proj))
+    blocks = blocks.reshape(-1, cols)
+    out, start = [], 0
+    for size, nb in zip(sizes, nbs):
+        out.append(blocks[start : start + size])
+        start += nb * B
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Application to flat gradients.
 
 
-def make_plan(proj: Projector, dtype) -> tuple:
-    """Per selected leaf, what must be precomputed once per call (the sjlt hash), else None."""
+def make_plan(proj: Projector, dtype):
+    """What is precomputed once per call: the sjlt hash ``(idx [s, D_pad], vals [s, D_pad])``;
+    ``None`` for the other kinds (dense blocks are regenerated inside the block loop)."""
     if proj.kind != "sjlt":
-        return tuple(None for _ in proj.selected_indices)
-    plans = []
-    for leaf in proj.selected_indices:
-        D_l, rows, nb = _leaf_rows(proj, leaf)
-        idx, signs = jax.vmap(lambda b, leaf=leaf: _sjlt_hash(proj, leaf, b))(jnp.arange(nb))
-        s = proj.nonzeros
-        idx = jnp.moveaxis(idx, 1, 0).reshape(s, nb * rows)[:, :D_l]
-        vals = _sign_values(jnp.moveaxis(signs, 1, 0).reshape(s, nb * rows)[:, :D_l], s, dtype)
-        plans.append((idx, vals))
-    return tuple(plans)
+        return None
+    idx, signs = jax.vmap(lambda k: _sjlt_hash(proj, k))(_block_keys(proj))  # [NB, s, B]
+    s = proj.nonzeros
+    idx = jnp.moveaxis(idx, 1, 0).reshape(s, -1)
+    vals = _sign_values(jnp.moveaxis(signs, 1, 0).reshape(s, -1), s, dtype)
+    return idx, vals
 
 
-def _apply_leaf(proj: Projector, leaf: int, plan, g: jax.Array) -> jax.Array:
-    """Project a flat leaf gradient ``g`` ``[N, D_l]`` -> ``[N, d]``."""
-    N = g.shape[0]
-    d = proj.dim
-    dtype = g.dtype
+def _concat_padded(proj: Projector, flat_leaves, dtype) -> jax.Array:
+    """Selected leaves ``[N, D_l]`` -> ``[N, D_pad]`` (each zero-padded to whole blocks)."""
+    B, nbs, _, _ = _layout(proj)
+    parts = []
+    for g, nb in zip(flat_leaves, nbs):
+        g = g.astype(dtype)
+        pad = nb * B - g.shape[1]
+        parts.append(jnp.pad(g, ((0, 0), (0, pad))) if pad else g)
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+
+def apply_flat(proj: Projector, plan, flat_leaves, dtype) -> jax.Array:
+    """``Pᵀ`` applied to the selected leaves, each flattened to ``[N, D_l]``: ``[N, d]``."""
+    N, d = flat_leaves[0].shape[0], proj.dim
     if proj.kind == "identity":
-        off = _leaf_offset(proj, leaf)
-        return jnp.pad(g, ((0, 0), (off, d - off - g.shape[1])))
+        parts = [g.astype(dtype) for g in flat_leaves]
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+    g = _concat_padded(proj, flat_leaves, dtype)  # [N, D_pad]
     if proj.kind == "sjlt":
         idx, vals = plan
         out = jnp.zeros((N, d), dtype)
         for j in range(proj.nonzeros):
-            out = out.at[:, idx[j]].add(g * vals[j].astype(dtype), mode="promise_in_bounds")
+            out = out.at[:, idx[j]].add(g * vals[j].astype(dtype)[None, :], mode="promise_in_bounds")
         return out
-    D_l, rows, nb = _leaf_rows(proj, leaf)
-    if nb == 1:
-        return g @ _dense_block(proj, leaf, 0, dtype)[:D_l]
-    pad = nb * rows - D_l
-    if pad:
-        g = jnp.pad(g, ((0, 0), (0, pad)))
+    B = proj.block_size
+    keys = _block_keys(proj)
+    if keys.shape[0] == 1:
+        return g @ _dense_block(proj, keys[0], dtype)
 
-    def body(acc, b):
-        gb = jax.lax.dynamic_slice_in_dim(g, b * rows, rows, axis=1)
-        return acc + gb @ _dense_block(proj, leaf, b, dtype), None
+    def body(acc, jk):
+        j, k = jk
+        gb = jax.lax.dynamic_slice_in_dim(g, j * B, B, axis=1)
+        return acc + gb @ _dense_block(proj, k, dtype), None
 
-    out, _ = jax.lax.scan(body, jnp.zeros((N, d), dtype), jnp.arange(nb))
-    return out
-
-
-def apply_flat(proj: Projector, plan, flat_leaves, dtype) -> jax.Array:
-    """Sum of the projections of the selected leaves, each ``[N, D_l]`` -> ``[N, d]``."""
-    out = None
-    for leaf, pl, g in zip(proj.selected_indices, plan, flat_leaves):
-        y = _apply_leaf(proj, leaf, pl, g.astype(dtype))
-        out = y if out is None else out + y
+    out, _ = jax.lax.scan(body, jnp.zeros((N, d), dtype), (jnp.arange(keys.shape[0]), keys))
     return out
 
 
@@ -448,6 +465,6 @@ def projector_matrix(projector: Projector, *, dtype: Any = None) -> jax.Array:
     """
     dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
     return jnp.concatenate(
-        [leaf_columns(projector, i, 0, projector.dim, dtype) for i in projector.selected_indices], axis=0
+        columns(projector, 0, projector.dim, dtype), axis=0
     )
 
