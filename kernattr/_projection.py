@@ -3,11 +3,12 @@
 A :class:`Projector` describes a ``D x d`` random matrix ``P`` (``D`` = number of selected
 parameters, ``d`` = projected dimension) *without storing it*. ``P`` is cut into blocks: the
 parameters are visited leaf by leaf (in ``jax.tree_util`` flattening order), each selected leaf is
-flattened row-major and cut into consecutive row blocks of at most ``block_size`` rows, and block
-``b`` of leaf ``l`` is regenerated whenever needed from ``fold_in(fold_in(key, l), b)``. The
-matrix therefore never exists in memory (a dense kind holds one ``[block_size, d]`` block at a
-time), and the projection of a vector does not depend on how examples are chunked, ordered or
-spread over devices.
+flattened row-major and cut into consecutive blocks of ``block_size`` rows (the last one
+zero-padded), and block ``b`` of leaf ``l`` (``l`` counts all leaves) is regenerated whenever
+needed from ``fold_in(fold_in(key, l), b)``. The dense matrix therefore never exists in memory
+(a dense kind holds one ``[block_size, d]`` block at a time), and the projection of a vector does
+not depend on how examples are chunked, ordered or spread over devices. The keys of all blocks
+are derived in one vectorised call, so compile time does not grow with the number of leaves.
 
 Kinds (all scaled so that ``E[P Pᵀ] = I``, i.e. ``E[<Pᵀu, Pᵀv>] = <u, v>``):
 
@@ -20,7 +21,7 @@ Kinds (all scaled so that ``E[P Pᵀ] = I``, i.e. ``E[<Pᵀu, Pᵀv>] = <u, v>``
   nonzeros, one in each group**, at a uniformly random position of the group, with an
   independent random sign and magnitude ``1/√s``. Applying it costs ``s`` scatter-adds per
   parameter instead of ``2d`` flops, with the same inner-product variance as a dense Rademacher
-  matrix (``Var ‖Pᵀu‖² = (2/d)(‖u‖⁴ − Σ u_i⁴)`` for ``s = 1``). Its hash (``s`` bucket indices and
+  matrix (``Var ‖Pᵀu‖² = (2/d)(‖u‖⁴ − Σ u_i⁴)`` for every ``s``). Its hash (``s`` bucket indices and
   signs per parameter, ``O(s D)`` memory, the size of one gradient) is generated once per call
   and reused for every chunk of examples.
 * ``"identity"``: ``P = I`` (``d = D``), no projection; for small models and exactness tests.
