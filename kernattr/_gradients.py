@@ -156,7 +156,9 @@ def _local(apply_fn, projector, chunk_size, method, params, inputs):
                 (g,) = vjp_fn(jnp.ones_like(out))
                 flat = [gi.reshape(1, -1) for gi in g]
             else:
-                (g,) = jax.vmap(vjp_fn)(jnp.eye(out.shape[0], dtype=out.dtype))
+                # ones_like(out) gives the basis the type of `out` (e.g. varying inside shard_map)
+                basis = jnp.eye(out.shape[0], dtype=out.dtype) * jnp.ones_like(out)[None, :]
+                (g,) = jax.vmap(vjp_fn)(basis)
                 flat = [gi.reshape(out.shape[0], -1) for gi in g]
             G = apply_flat(projector, plan, flat, dtype)
             return out, G.reshape(out.shape + (d,))

@@ -376,15 +376,17 @@ def apply_flat(proj: Projector, plan, flat_leaves, dtype) -> jax.Array:
         return out
     B = proj.block_size
     keys = _block_keys(proj)
+    # the first block initialises the carry (so it has the type of g, e.g. varying in shard_map)
+    out = g[:, :B] @ _dense_block(proj, keys[0], dtype)
     if keys.shape[0] == 1:
-        return g @ _dense_block(proj, keys[0], dtype)
+        return out
 
     def body(acc, jk):
         j, k = jk
         gb = jax.lax.dynamic_slice_in_dim(g, j * B, B, axis=1)
         return acc + gb @ _dense_block(proj, k, dtype), None
 
-    out, _ = jax.lax.scan(body, jnp.zeros((N, d), dtype), (jnp.arange(keys.shape[0]), keys))
+    out, _ = jax.lax.scan(body, out, (jnp.arange(1, keys.shape[0]), keys[1:]))
     return out
 
 
