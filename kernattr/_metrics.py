@@ -14,6 +14,7 @@ function runs), never silently propagated.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -64,19 +65,71 @@ def _check_pair(a: Any, b: Any, name_a: str, name_b: str, min_rows: int = 2):
     return a, b
 
 
-def _rank_column(x: jax.Array) -> jax.Array:
-    """Average (fractional, 1-based) ranks of a 1-D array, ties get their mean rank."""
-    m = x.shape[0]
-    order = jnp.argsort(x)
-    xs = x[order]
-    idx = jnp.arange(m)
-    differs = xs[1:] != xs[:-1]
-    first = jnp.concatenate([jnp.ones((1,), bool), differs])  # starts a tie group
-    last = jnp.concatenate([differs, jnp.ones((1,), bool)])  # ends a tie group
-    start = lax.cummax(jnp.where(first, idx, 0), axis=0)
-    end = lax.cummin(jnp.where(last, idx, m - 1), axis=0, reverse=True)
+def _sort_keys(x: jax.Array) -> jax.Array:
+    """Order-preserving unsigned integer keys of floats (``-0.0`` and ``+0.0`` tie)."""
+    if x.dtype.itemsize < 4:
+        x = x.astype(jnp.float32)
+    it, ut = (jnp.int32, jnp.uint32) if x.dtype.itemsize == 4 else (jnp.int64, jnp.uint64)
+    x = jnp.where(x == 0, jnp.zeros((), x.dtype), x)
+    bits = lax.bitcast_convert_type(x, it)
+    bits = jnp.where(bits < 0, bits ^ jnp.array(jnp.iinfo(it).max, it), bits)  # negatives: flip
+    return lax.bitcast_convert_type(bits, ut) ^ jnp.array(1 << (8 * x.dtype.itemsize - 1), ut)
+
+
+def _argsort_rows(u: jax.Array) -> jax.Array:
+    """Stable argsort of unsigned keys along the last axis, ``[R, m] -> [R, m]`` int32.
+
+    LSD radix passes, each ONE single-operand integer sort of ``(digit << b) | position``
+    (``b = ceil(log2 m)`` bits of position, the rest a digit of the key): ties in a digit keep
+    the previous pass's order, so the result is a stable argsort. On XLA:CPU a single-operand
+    integer sort is several times faster than the two-operand (keys, iota) sort of
+    ``jnp.argsort``; two passes cover 32-bit keys up to m = 2^16.
+    """
+    ut = u.dtype
+    nbits = 8 * ut.itemsize
+    m = u.shape[-1]
+    b = max(1, math.ceil(math.log2(m)))
+    d = nbits - b
+    axis = u.ndim - 1
+    pos_bits = jnp.broadcast_to(jnp.arange(m, dtype=ut), u.shape)
+    low = jnp.array((1 << b) - 1, ut)
+    order = None
+    shift = 0
+    while shift < nbits:
+        cur = u if order is None else jnp.take_along_axis(u, order, axis=axis)
+        width = min(d, nbits - shift)
+        digit = (cur >> jnp.array(shift, ut)) & jnp.array((1 << width) - 1, ut)
+        packed = lax.sort((digit << jnp.array(b, ut)) | pos_bits, dimension=axis, is_stable=False)
+        pos = (packed & low).astype(jnp.int32)
+        order = pos if order is None else jnp.take_along_axis(order, pos, axis=axis)
+        shift += d
+    return order
+
+
+def _rank_rows(x: jax.Array) -> jax.Array:
+    """Average (1-based) ranks along the last axis of ``[R, m]``; ties share their mean rank."""
+    m = x.shape[-1]
+    axis = x.ndim - 1
+    u = _sort_keys(x)
+    order = _argsort_rows(u)
+    us = jnp.take_along_axis(u, order, axis=axis)
+    j = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), u.shape)
+    differs = us[..., 1:] != us[..., :-1]
+    ones = jnp.ones(u.shape[:-1] + (1,), bool)
+    first = jnp.concatenate([ones, differs], axis=axis)  # starts a tie group
+    last = jnp.concatenate([differs, ones], axis=axis)  # ends a tie group
+    start = lax.cummax(jnp.where(first, j, 0), axis=axis)
+    end = lax.cummin(jnp.where(last, j, m - 1), axis=axis, reverse=True)
     avg = (start + end).astype(x.dtype) / 2 + 1
-    return jnp.zeros_like(x).at[order].set(avg)
+    rows = jnp.arange(x.shape[0])[:, None]
+    return jnp.zeros_like(avg).at[rows, order].set(avg, unique_indices=True)
+
+
+def _ranks(x: jax.Array) -> jax.Array:
+    """Column ranks of ``[m]`` or ``[m, T]``."""
+    if x.ndim == 1:
+        return _rank_rows(x[None, :])[0]
+    return _rank_rows(x.T).T
 
 
 def rank_data(x: Any) -> jax.Array:
@@ -95,9 +148,7 @@ def rank_data(x: Any) -> jax.Array:
     """
     x = as_float_array(x, "x")
     check_rank(x, (1, 2), "x", "[m] or [m, T]")
-    if x.ndim == 1:
-        return _rank_column(x)
-    return jax.vmap(_rank_column, in_axes=1, out_axes=1)(x)
+    return _ranks(x)
 
 
 def _pearson_cols(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -135,7 +186,9 @@ def spearman(a: Any, b: Any) -> jax.Array:
     """Spearman rank correlation of ``a`` and ``b``, column by column, tie-aware.
 
     Ties get average ranks, as in ``scipy.stats.spearmanr``; the correlation is then the Pearson
-    correlation of the ranks. Computed on device for all columns at once (sorts, no Python loop).
+    correlation of the ranks. Computed on device for all columns at once (no Python loop):
+    floats are mapped to order-preserving integer keys and argsorted by two single-operand
+    integer sorts (radix passes), ties are averaged with cumulative max/min.
 
     Args:
       a: ``[m]`` or ``[m, T]`` values (``m >= 2``), e.g. surrogate predictions.
@@ -150,10 +203,7 @@ def spearman(a: Any, b: Any) -> jax.Array:
       1.0
     """
     a, b = _check_pair(a, b, "a", "b")
-    if a.ndim == 1:
-        return _pearson_cols(_rank_column(a), _rank_column(b))
-    ranks = jax.vmap(_rank_column, in_axes=1, out_axes=1)
-    return _pearson_cols(ranks(a), ranks(b))
+    return _pearson_cols(_ranks(a), _ranks(b))
 
 
 class LDSResult(NamedTuple):
