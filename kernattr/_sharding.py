@@ -75,7 +75,8 @@ def shard_examples(tree: Any, mesh: jax.sharding.Mesh, *, axis: str = "data") ->
     passes the same global array and keeps the rows of its own devices.
 
     Args:
-      tree: pytree of ``[n, ...]`` arrays; ``n`` must be divisible by the axis size.
+      tree: pytree of ``[n, ...]`` arrays (``n`` may differ between leaves, e.g. examples and
+        masks); each ``n`` must be divisible by the axis size.
       mesh: a ``jax.sharding.Mesh`` with an axis called ``axis``.
       axis: name of the example axis of the mesh.
 
@@ -90,13 +91,16 @@ def shard_examples(tree: Any, mesh: jax.sharding.Mesh, *, axis: str = "data") ->
     """
     if axis not in mesh.axis_names:
         raise ValueError(f"`mesh` has no axis {axis!r} (axes {mesh.axis_names}); pass `axis=`.")
-    n = _leading_dim(tree, "tree")
     size = mesh.shape[axis]
-    if n % size:
-        raise ValueError(
-            f"the number of examples n={n} must be divisible by the '{axis}' axis size {size}; "
-            "pad or drop examples."
-        )
+    for x in jax.tree_util.tree_leaves(tree):
+        shape = np.shape(x)
+        if len(shape) == 0:
+            raise ValueError("`tree` leaves must have a leading example axis [n, ...], got a scalar.")
+        if shape[0] % size:
+            raise ValueError(
+                f"the leading axis n={shape[0]} must be divisible by the '{axis}' axis size "
+                f"{size}; pad or drop examples."
+            )
     sharding = NamedSharding(mesh, PartitionSpec(axis))
 
     def put(x):

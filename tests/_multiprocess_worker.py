@@ -1,0 +1,114 @@
+"""One process of the multi-process test (tests/test_multiprocess.py); not collected by pytest.
+
+Usage: python _multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR
+
+Each process owns 2 CPU devices; ``jax.distributed.initialize`` joins them (coordinator on
+127.0.0.1:PORT, gloo collectives over loopback) into one 4-device ``data`` mesh. Examples are
+sharded on ``data`` across the processes, subset masks too. Every process gathers the global
+results and writes them to OUT_DIR/process_<id>.npz for the parent test to compare with the
+single-process computation of :func:`problem`.
+"""
+
+import os
+import sys
+
+N, K, M, DIM = 16, 4, 8, 8
+
+
+def problem():
+    """Deterministic model, data, projector and masks (the same in every process)."""
+    import jax
+    import jax.numpy as jnp
+
+    import kernattr as ka
+
+    k = jax.random.split(jax.random.key(0), 6)
+    params = {
+        "w1": jax.random.normal(k[0], (3, 6)),
+        "b1": 0.1 * jax.random.normal(k[1], (6,)),
+        "w2": jax.random.normal(k[2], (6,)) / 3,
+    }
+
+    def apply_fn(p, x):
+        return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
+
+    X = jax.random.normal(k[3], (N, 3))
+    y = jnp.sin(X[:, 0])
+    task_ids = jnp.arange(N) % K
+    Xt = jax.random.normal(k[4], (4, 3))
+    yt = jnp.cos(Xt[:, 0])
+    proj = ka.make_projector(jax.random.key(7), params, dim=DIM, kind="sjlt", nonzeros=2)
+    masks = ka.sample_subsets(k[5], num_tasks=K, num_subsets=M, p=0.5)
+    return apply_fn, params, X, y, task_ids, Xt, yt, proj, masks
+
+
+def compute(apply_fn, params, X, y, task_ids, Xt, yt, proj, masks, mesh=None):
+    """Projected gradients, train/target features and estimated subset labels (jitted).
+
+    With ``mesh``: features are computed with examples sharded on ``data``, then replicated
+    (the estimator shards the masks, not the examples).
+    """
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    import kernattr as ka
+
+    @jax.jit
+    def run(params, X, y, task_ids, Xt, yt, proj, masks):
+        train = ka.gradient_features(apply_fn, params, X, y, proj, task_ids=task_ids, chunk_size=2)
+        target = ka.gradient_features(apply_fn, params, Xt, yt, proj)
+        grads, outputs = train.grads, train.outputs  # sharded on `data` with a mesh
+        if mesh is not None:
+            rep = NamedSharding(mesh, PartitionSpec())
+            train = jax.tree_util.tree_map(lambda a: jax.sharding.reshard(a, rep), train)
+        labels = ka.estimate_subset_labels(train, target, masks, loss="squared", ridge=1e-2)
+        return grads, outputs, labels
+
+    return run(params, X, y, task_ids, Xt, yt, proj, masks)
+
+
+def main():
+    pid, nproc, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = ""  # the device count comes from jax_num_cpu_devices below
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 2)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_numpy_rank_promotion", "raise")
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}",
+        num_processes=nproc,
+        process_id=pid,
+        initialization_timeout=60,
+    )
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    import kernattr as ka
+
+    assert jax.process_count() == nproc and jax.local_device_count() == 2, (
+        jax.process_count(),
+        jax.local_device_count(),
+    )
+    apply_fn, params, X, y, task_ids, Xt, yt, proj, masks = problem()
+    mesh = ka.data_mesh()  # all devices of all processes
+    X, y, task_ids, masks = ka.shard_examples((X, y, task_ids, masks), mesh)
+    grads, outputs, labels = compute(apply_fn, params, X, y, task_ids, Xt, yt, proj, masks, mesh)
+    specs = [str(a.sharding.spec) for a in (grads, outputs, labels)]
+    local_rows = [s.data.shape[0] for s in grads.addressable_shards]
+    grads, outputs, labels = multihost_utils.process_allgather((grads, outputs, labels), tiled=True)
+    np.savez(
+        os.path.join(out_dir, f"process_{pid}.npz"),
+        grads=np.asarray(grads),
+        outputs=np.asarray(outputs),
+        labels=np.asarray(labels),
+        specs=np.asarray(specs),
+        local_rows=np.asarray(local_rows),
+        num_devices=np.asarray(jax.device_count()),
+    )
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
