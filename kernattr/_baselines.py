@@ -242,7 +242,7 @@ def trak_scores(
     loss) — and weights each training example by ``Q_i`` = ``1 − p_i`` (probability of the
     correct label; the residual ``y_i − f_i`` for squared loss), so that ``Q_i φ_i = −g_i``:
 
-    ``score[k, t] = ψ_tᵀ (ΦᵀΦ + damping I)⁺ Σ_{i∈k} ω_i Q_i φ_i``
+    ``score[k, t] = ψ_tᵀ (ΦᵀΦ + n · damping · I)⁺ Σ_{i∈k} ω_i Q_i φ_i``
 
     where ``ψ_t`` is the gradient of the requested target metric (so the score has the units and
     sign of :func:`kernattr.loo_scores`; TRAK itself uses the target's log-odds) and ``ω_i = 1``
@@ -255,7 +255,9 @@ def trak_scores(
       target: target features.
       loss: ``"squared"``, ``"logistic"`` or ``"softmax"``.
       metric: target metric ``"loss"``, ``"margin"`` or ``"output"``.
-      damping: ``>= 0`` added to the diagonal of ``ΦᵀΦ`` (an unweighted sum over ``n`` examples).
+      damping: ``>= 0`` added to the diagonal of the MEAN Gram matrix ``ΦᵀΦ / n`` (so ``n ·
+        damping`` is added to ``ΦᵀΦ``): on the same per-example scale as the ``damping`` of
+        :func:`influence_scores` and the estimator's ``ridge``, whose objectives average losses.
       weighting: ``"sum"`` or ``"task"`` (see above).
       num_tasks: ``K``; inferred outside ``jit``, required under it.
 
@@ -277,7 +279,7 @@ def trak_scores(
     omega = _example_weights(tid, counts, K, weighting, G.dtype)
     per_task = _task_sum((omega * q)[:, None] * phi, tid, K)  # [K, d]
     psi = _metric_grads(Gt, ft, yt, loss, metric)  # [T, d]
-    solved = _psd_solve(phi.T @ phi, per_task.T, damping)  # [d, K]
+    solved = _psd_solve(phi.T @ phi, per_task.T, G.shape[0] * damping)  # [d, K]
     return solved.T @ psi.T
 
 

@@ -174,7 +174,7 @@ def _np_trak(train, target, loss, metric, damping, weighting):
         phi, q = np.einsum("nc,ncd->nd", logodds_grad, G), 1 - py
     omega = np.ones(len(tid)) if weighting == "sum" else 1.0 / (K * counts[tid])
     psi = np.einsum("tc,tcd->td", _np_out_grad(ft, yt, loss, metric), Gt)
-    M = np.linalg.inv(phi.T @ phi + damping * np.eye(phi.shape[1]))
+    M = np.linalg.inv(phi.T @ phi + len(tid) * damping * np.eye(phi.shape[1]))
     return np.stack([psi @ M @ ((omega * q * (tid == k)) @ phi) for k in range(K)])
 
 
