@@ -366,3 +366,33 @@ def test_finetune_labels_returns_params_and_base():
     np.testing.assert_allclose(res.labels, gt.evaluate_targets(f, res.params, x[:5], y[:5], loss="squared"))
     np.testing.assert_allclose(res.base, 0.5 * (x[:5] @ np.ones(4) - y[:5]) ** 2, rtol=1e-5)
     np.testing.assert_allclose(res.labels[-1], res.base)  # all-zero mask: nothing changes
+
+
+def test_evaluate_targets_and_estimator_error_no_retrace_vmap_bad_input():
+    traces = []
+
+    def apply_fn(w, xi):
+        traces.append(1)
+        return xi @ w
+
+    x, y, _ = _linear_data(n=6, dtype=np.float32)
+    ev = jax.jit(lambda W: gt.evaluate_targets(apply_fn, W, x, y, loss="squared"))
+    ev(jnp.zeros((3, 4)))
+    count = len(traces)
+    out = ev(jnp.ones((3, 4)))
+    assert len(traces) == count
+    np.testing.assert_allclose(out[0], 0.5 * (x.sum(1) - y) ** 2, rtol=1e-5)
+    # estimator_error vmapped over a leading axis (e.g. seeds) equals per-seed calls.
+    rng = np.random.default_rng(0)
+    F = jnp.asarray(rng.uniform(1, 2, (2, 8, 3)))
+    Fh = F * jnp.asarray(rng.uniform(0.9, 1.1, F.shape))
+    vm = jax.vmap(lambda a, b: gt.estimator_error(a, b).relative_error)(Fh, F)
+    np.testing.assert_allclose(vm, [gt.estimator_error(Fh[i], F[i]).relative_error for i in range(2)], rtol=1e-6)
+    with pytest.raises(ValueError, match="labels"):
+        gt.evaluate_targets(apply_fn, jnp.zeros((3, 4)), x, y[:-1], loss="squared")
+    with pytest.raises(ValueError, match="metric"):
+        gt.evaluate_targets(apply_fn, jnp.zeros((3, 4)), x, y, loss="squared", metric="accuracy")
+    with pytest.raises(ValueError, match="stacked_params"):
+        gt.evaluate_targets(apply_fn, {"a": jnp.zeros((3, 4)), "b": jnp.zeros((2,))}, x, y, loss="squared")
+    with pytest.raises(ValueError, match="inputs"):
+        gt.evaluate_targets(apply_fn, jnp.zeros((3, 4)), x[:0], y[:0], loss="squared")
