@@ -270,7 +270,13 @@ def _run_fit(args: argparse.Namespace) -> int:
 # `kernattr.experiments`), write `_add_<name>(sub)` that calls `sub.add_parser(...)` and
 # `set_defaults(func=_run_<name>)`, import `kernattr.experiments` inside `_run_<name>` (not at
 # module top: flax/optax stay optional), and append it here.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_fit]
+def _add_experiments(sub: argparse._SubParsersAction) -> None:
+    from .experiments._cli import add_all  # light: flax is imported inside the commands
+
+    add_all(sub)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_fit, _add_experiments]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,38 @@
+"""Adapters from Flax NNX models to the ``(apply_fn, params)`` pairs kernattr works with.
+
+Flax is imported lazily: ``import kernattr.adapters`` works without flax installed; the first
+use of a name below imports it.
+
+Public names:
+  from_nnx: any ``flax.nnx.Module`` -> ``(apply_fn, params)``, without mutating the model.
+  Transformer: a small decoder-only NNX transformer for short token sequences.
+  answer_fn / answer_output / OUTPUTS: output functions for the answer token (logit of the
+    correct class, margin, log-odds, full logits).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "from_nnx": "._nnx",
+    "Transformer": "._transformer",
+    "answer_fn": "._transformer",
+    "answer_output": "._transformer",
+    "OUTPUTS": "._transformer",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name], __name__)
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,68 @@
+"""PNG plots of a pipeline run (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def write_plots(out, *, masks, F_ho, preds, loos, loo_real, interactions, task, grid) -> dict:
+    """Writes three PNGs into ``out`` and returns ``{name: path}``.
+
+    ``heldout.png``: predicted vs actual mean target loss on held-out masks for the surrogates;
+    ``task_scores.png``: per-task leave-one-out effects (mean over targets), real vs methods;
+    ``interactions.png``: the kernel surrogate's pairwise interaction matrix (mean over targets).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = {}
+    names = [n for n in ("kernel", "linear", "kernel_real", "datamodels") if n in preds]
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), squeeze=False)
+    actual = F_ho.mean(axis=1)
+    for ax, name in zip(axes[0], names):
+        pred = preds[name].mean(axis=1)
+        ax.scatter(actual, pred, s=10, alpha=0.7)
+        lo, hi = min(actual.min(), pred.min()), max(actual.max(), pred.max())
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set_title(name)
+        ax.set_xlabel("real mean target loss (held-out mask)")
+    axes[0][0].set_ylabel("surrogate prediction")
+    fig.suptitle(f"{task}: held-out masks")
+    fig.tight_layout()
+    paths["heldout"] = os.path.join(out, "heldout.png")
+    fig.savefig(paths["heldout"], dpi=110)
+    plt.close(fig)
+
+    K = loo_real.shape[0]
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * K), 3.6))
+    keys = ["real"] + [n for n in ("kernel", "linear", "kernel_real", "influence") if n in loos]
+    width = 0.8 / len(keys)
+    for i, name in enumerate(keys):
+        v = loo_real.mean(axis=1) if name == "real" else loos[name].mean(axis=1)
+        v = v / (np.abs(v).max() + 1e-12)
+        ax.bar(np.arange(K) + (i - len(keys) / 2) * width, v, width, label=name)
+    ax.set_xlabel("task (grid block)")
+    ax.set_ylabel("LOO effect F(all) − F(all − k)\n(mean over targets, scaled)")
+    ax.legend(fontsize=7, ncol=len(keys))
+    fig.tight_layout()
+    paths["task_scores"] = os.path.join(out, "task_scores.png")
+    fig.savefig(paths["task_scores"], dpi=110)
+    plt.close(fig)
+
+    mat = interactions.mean(axis=-1)
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    lim = np.abs(mat).max() + 1e-12
+    im = ax.imshow(mat, cmap="RdBu_r", vmin=-lim, vmax=lim)
+    fig.colorbar(im, ax=ax)
+    ax.set_title(f"kernel surrogate interactions ({grid[0]}x{grid[1]} blocks)")
+    ax.set_xlabel("task")
+    ax.set_ylabel("task")
+    fig.tight_layout()
+    paths["interactions"] = os.path.join(out, "interactions.png")
+    fig.savefig(paths["interactions"], dpi=110)
+    plt.close(fig)
+    return paths
