@@ -120,7 +120,7 @@ def _rank_rows(x: jax.Array) -> jax.Array:
     last = jnp.concatenate([differs, ones], axis=axis)  # ends a tie group
     start = lax.cummax(jnp.where(first, j, 0), axis=axis)
     end = lax.cummin(jnp.where(last, j, m - 1), axis=axis, reverse=True)
-    avg = (start + end).astype(x.dtype) / 2 + 1
+    avg = (start + end).astype(jnp.promote_types(x.dtype, jnp.float32)) / 2 + 1
     rows = jnp.arange(x.shape[0])[:, None]
     return jnp.zeros_like(avg).at[rows, order].set(avg, unique_indices=True)
 
@@ -139,7 +139,8 @@ def rank_data(x: Any) -> jax.Array:
       x: ``[m]`` or ``[m, T]`` real values.
 
     Returns:
-      Float ranks in ``1..m``, same shape as ``x``; tied values share their average rank.
+      Float ranks in ``1..m`` (at least float32), same shape as ``x``; tied values share their
+      average rank; ``-0.0`` ties with ``0.0``; ``±inf`` rank last/first.
 
     Example:
       >>> import kernattr as ka
@@ -148,6 +149,9 @@ def rank_data(x: Any) -> jax.Array:
     """
     x = as_float_array(x, "x")
     check_rank(x, (1, 2), "x", "[m] or [m, T]")
+    if x.shape[0] == 0:
+        raise ValueError("`x` has no rows.")
+    error_if(x, jnp.isnan(x), "`x` contains {count} NaN values; ranks are undefined.")
     return _ranks(x)
 
 
@@ -298,7 +302,7 @@ def relative_error(pred: Any, actual: Any) -> jax.Array:
 
     Example:
       >>> import kernattr as ka
-      >>> ka.relative_error([1.1, 1.8], [1.0, 2.0]).round(3).tolist()
+      >>> [round(float(v), 3) for v in ka.relative_error([1.1, 1.8], [1.0, 2.0])]
       [0.1, 0.1]
     """
     pred, actual = _check_pair(pred, actual, "pred", "actual", min_rows=1)

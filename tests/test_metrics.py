@@ -27,6 +27,18 @@ def test_rank_data_matches_scipy_with_ties():
     np.testing.assert_allclose(ka.rank_data(x[:, 0]), ss.rankdata(x[:, 0]), atol=1e-6)
 
 
+def test_rank_data_edge_values():
+    x = np.array([-0.0, 0.0, -1.0, -2.0, np.inf, -np.inf, 3.0, 1e-30, -1e-30, 3.0], np.float32)
+    np.testing.assert_array_equal(ka.rank_data(x), ss.rankdata(x))
+    big = np.random.default_rng(7).integers(-50, 50, size=(300, 2)).astype(np.float32)
+    np.testing.assert_array_equal(ka.rank_data(big), ss.rankdata(big, axis=0))
+    r16 = ka.rank_data(jnp.asarray(big[:, 0], jnp.bfloat16))
+    assert r16.dtype == jnp.float32  # ranks up to m never rounded to bfloat16
+    np.testing.assert_array_equal(r16, ss.rankdata(big[:, 0].astype(jnp.bfloat16).astype(float)))
+    with pytest.raises(ValueError, match="`x` contains 1 NaN"):
+        ka.rank_data(np.array([1.0, np.nan]))
+
+
 @pytest.mark.parametrize("levels", [3, 10, 10_000])
 def test_spearman_matches_scipy(levels, x64):
     rng = np.random.default_rng(levels)
