@@ -12,6 +12,7 @@ masks with measured scores, and report held-out LDS / normalized error and the t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -136,6 +137,32 @@ def _clean(value: Any) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled(kernel, per_target, gamma, ridge, linear_ridge):
+    """Jitted (fit, evaluate, attribute) for one configuration, cached across calls."""
+    import jax
+    import numpy as np
+
+    from . import _attribution, _metrics, _surrogates
+
+    grids = {k: v for k, v in (("gamma", gamma), ("ridge", ridge)) if v is not None}
+
+    def fit(masks, y):
+        # Grids as numpy constants in the masks' dtype (concrete at trace time).
+        kw = {k: np.asarray(v, masks.dtype) for k, v in grids.items()}
+        return (_surrogates.fit_linear(masks, y, ridge=linear_ridge),
+                _surrogates.fit_kernel(masks, y, kernel=kernel, per_target=per_target, **kw))
+
+    def evaluate(sur, masks, y):
+        pred = _surrogates.predict(sur, masks)
+        return _metrics.lds(pred, y), _metrics.normalized_error(pred, y)
+
+    def attribute(ker):
+        return {"loo": _attribution.loo_scores(ker), "shapley": _attribution.shapley_values(ker)}
+
+    return jax.jit(fit), jax.jit(evaluate), jax.jit(attribute)
+
+
 def fit_report(data, *, kernel: str = "rbf", gamma=None, ridge=None, linear_ridge: float = 0.0,
                per_target: bool = False, top: int = 5, lower_is_better: bool = False) -> dict:
     """All figures of ``kernattr fit`` for a :class:`kernattr.SubsetData` with a test part.
@@ -143,25 +170,20 @@ def fit_report(data, *, kernel: str = "rbf", gamma=None, ridge=None, linear_ridg
     Fits ``fit_linear`` and ``fit_kernel`` (jit-compiled here, as a driver) on the training rows
     and evaluates on the test rows. Task scores are averaged over targets before ranking.
     """
-    import jax
     import jax.numpy as jnp
     import numpy as np
-
-    from . import _attribution, _metrics, _surrogates
 
     tr_m, tr_y = data.train_masks, data.train_labels
     te_m, te_y = data.test_masks, data.test_labels
     if te_m is None:
         raise ValueError("`data` has no test masks; split it first.")
-    kw = dict(kernel=kernel, per_target=per_target)
-    if gamma is not None:
-        kw["gamma"] = np.asarray(gamma, tr_m.dtype)
-    if ridge is not None:
-        kw["ridge"] = np.asarray(ridge, tr_m.dtype)
-
-    lin = jax.jit(lambda m, y: _surrogates.fit_linear(m, y, ridge=linear_ridge))(tr_m, tr_y)
-    ker = jax.jit(lambda m, y: _surrogates.fit_kernel(m, y, **kw))(tr_m, tr_y)
-    predict = jax.jit(_surrogates.predict)
+    fit, evaluate, attribute = _compiled(
+        kernel, per_target,
+        None if gamma is None else tuple(float(g) for g in np.ravel(gamma)),
+        None if ridge is None else tuple(float(r) for r in np.ravel(ridge)),
+        float(linear_ridge),
+    )
+    lin, ker = fit(tr_m, tr_y)
 
     out: dict = {
         "data": {
@@ -173,9 +195,7 @@ def fit_report(data, *, kernel: str = "rbf", gamma=None, ridge=None, linear_ridg
         }
     }
     for name, sur in (("linear", lin), ("kernel", ker)):
-        pred = predict(sur, te_m)
-        res = _metrics.lds(pred, te_y)
-        nerr = _metrics.normalized_error(pred, te_y)
+        res, nerr = evaluate(sur, te_m, te_y)
         out[name] = {
             "lds": float(res.mean),
             "lds_per_target": np.asarray(res.per_target, float).tolist(),
@@ -200,7 +220,7 @@ def fit_report(data, *, kernel: str = "rbf", gamma=None, ridge=None, linear_ridg
     lin_lds, ker_lds = out["linear"]["lds"], out["kernel"]["lds"]
     out["lds_ratio_kernel_over_linear"] = ker_lds / lin_lds if lin_lds != 0 else float("nan")
 
-    scores = {"loo": _attribution.loo_scores(ker), "shapley": _attribution.shapley_values(ker)}
+    scores = attribute(ker)
     sign = -1.0 if lower_is_better else 1.0
     out["task_scores"] = {}
     out["top_tasks"] = {}

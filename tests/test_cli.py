@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,8 +16,6 @@ GRID = ["--gamma", "0.1,0.4", "--ridge", "0.01,1"]
 
 
 def _game_data(seed=0, k=6, t=3, m=60, m_test=20):
-    import jax
-
     key = jax.random.key(seed)
     kg, k1, k2, n1, n2 = jax.random.split(key, 5)
     game = ka.synthetic_game(kg, num_tasks=k, num_targets=t, num_pairs=3)
@@ -45,21 +44,28 @@ def test_fit_json_matches_library(tmp_path, capsys):
 
     # Same figures from the library directly (files store 6 decimals: reload them).
     data = ka.load_subsets(f)
-    lin = ka.fit_linear(data.train_masks, data.train_labels)
-    ker = ka.fit_kernel(data.train_masks, data.train_labels,
-                        gamma=jnp.array([0.1, 0.4]), ridge=jnp.array([0.01, 1.0]))
-    for name, sur in (("linear", lin), ("kernel", ker)):
-        pred = ka.predict(sur, data.test_masks)
-        res = ka.lds(pred, data.test_labels)
+
+    @jax.jit
+    def oracle(tr, ytr, te, yte):
+        lin = ka.fit_linear(tr, ytr)
+        ker = ka.fit_kernel(tr, ytr, gamma=np.array([0.1, 0.4]), ridge=np.array([0.01, 1.0]))
+        figs = {}
+        for name, sur in (("linear", lin), ("kernel", ker)):
+            pred = ka.predict(sur, te)
+            figs[name] = (ka.lds(pred, yte), ka.normalized_error(pred, yte))
+        return ker, figs, ka.loo_scores(ker), ka.shapley_values(ker)
+
+    ker, figs, loo_kt, shap_kt = oracle(*data)
+    for name in ("linear", "kernel"):
+        res, ne = figs[name]
         np.testing.assert_allclose(rep[name]["lds"], float(res.mean), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(rep[name]["lds_per_target"], res.per_target, atol=1e-4)
-        ne = ka.normalized_error(pred, data.test_labels)
         np.testing.assert_allclose(rep[name]["normalized_error"], float(jnp.mean(ne)), rtol=1e-3)
         assert f"{rep[name]['lds']:.4f}" in text
     assert rep["kernel"]["gamma"] == pytest.approx(np.asarray(ker.gamma).tolist(), rel=1e-6)
     assert rep["kernel"]["ridge"] == pytest.approx(np.asarray(ker.ridge).tolist(), rel=1e-6)
-    loo = np.asarray(ka.loo_scores(ker)).mean(1)
-    shap = np.asarray(ka.shapley_values(ker)).mean(1)
+    loo = np.asarray(loo_kt).mean(1)
+    shap = np.asarray(shap_kt).mean(1)
     np.testing.assert_allclose(rep["task_scores"]["loo"], loo, rtol=1e-3, atol=1e-5)
     np.testing.assert_allclose(rep["task_scores"]["shapley"], shap, rtol=1e-3, atol=1e-5)
     assert [r["task"] for r in rep["top_tasks"]["shapley"]] == list(np.argsort(-shap)[:3])
