@@ -193,7 +193,7 @@ def default_ridge_grid() -> np.ndarray:
     """Default ridge grid: 9 decades ``1e-4 .. 1e4`` (absolute; for the RBF kernel the kernel
     diagonal is 1, so this is also relative to ``trace(K)/m``).
 
-    >>> default_ridge_grid()[0]
+    >>> float(default_ridge_grid()[0])
     0.0001
     """
     return np.logspace(-4.0, 4.0, 9)
@@ -330,8 +330,10 @@ def fit_kernel(
       per_target: select ``(gamma, ridge)`` separately for each target.
       fit_intercept: fit an unpenalised intercept (default True).
       throw: raise ``ValueError`` (eagerly, or from the compiled program under ``jit``) when the
-        chosen ``kernel + ridge·I`` is numerically singular (smallest eigenvalue
-        ``<= m·eps·max eigenvalue``), e.g. ``ridge=0`` with duplicated masks. With
+        chosen ``kernel + ridge·I`` is numerically singular: ``ridge = 0`` with smallest kernel
+        eigenvalue ``<= m·eps·max eigenvalue`` (e.g. duplicated masks, or a low-rank
+        polynomial/linear kernel), or ``0 < ridge <= eps·max eigenvalue``. (Computed negative
+        eigenvalues of the PSD kernel are rounding noise and are clamped to 0.) With
         ``throw=False`` singular grid points still get ``cv_error = inf`` and are never
         chosen unless all are; the returned coefficients may then be non-finite.
 
@@ -384,7 +386,12 @@ def fit_kernel(
     def per_gamma(g):
         kmat = _gram(kernel, degree, coef0, masks, masks, g)
         e, u = _restricted_eigh(kmat, fit_intercept)
-        tol = m * eps * jnp.max(jnp.abs(e))
+        # The kernel is PSD: computed negative eigenvalues are rounding noise (|err| ~ eps·||K||).
+        e_max = jnp.max(jnp.abs(e))
+        e = jnp.maximum(e, 0.0)
+        # ridge > 0: K + λI is PD by construction; flagged only if λ drowns in rounding.
+        # ridge = 0: the kernel itself must be numerically non-singular (rank tolerance m·eps).
+        tol = jnp.where(ridge_grid > 0, 1.0, float(m)) * eps * e_max  # [R]
         valid = jnp.min(e) + ridge_grid > tol  # [R]
         z = u.T @ yc  # [r, T]
         inv = 1.0 / (e[None, :] + ridge_grid[:, None])  # [R, r]
