@@ -148,5 +148,6 @@ def test_parser_structure_and_light_import():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert "fit" in sub.choices
-    code = "import sys, kernattr.cli; sys.exit(int('flax' in sys.modules or 'optax' in sys.modules))"
+    code = ("import sys, kernattr.cli as c; c.build_parser(); "
+            "sys.exit(int('flax' in sys.modules or 'optax' in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
