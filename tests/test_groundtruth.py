@@ -396,3 +396,44 @@ def test_evaluate_targets_and_estimator_error_no_retrace_vmap_bad_input():
         gt.evaluate_targets(apply_fn, {"a": jnp.zeros((3, 4)), "b": jnp.zeros((2,))}, x, y, loss="squared")
     with pytest.raises(ValueError, match="inputs"):
         gt.evaluate_targets(apply_fn, jnp.zeros((3, 4)), x[:0], y[:0], loss="squared")
+
+
+_COUNT_RUNNERS = {}
+
+
+def _one_step_counts(masks, batch_size, key, sizes=(2, 4, 6), crn=True):
+    """One SGD step (lr 1) of ½(x·W − 1)² with one-hot x_i = e_i from W=0: W_i = #draws of i / B."""
+    t = np.concatenate([np.full(s, k) for k, s in enumerate(sizes)])
+    n = len(t)
+    cfg = (batch_size, crn, sizes)
+    if cfg not in _COUNT_RUNNERS:  # one compiled program per configuration, reused across keys
+        _COUNT_RUNNERS[cfg] = jax.jit(lambda mk, k: gt.finetune_on_masks(
+            lambda w, xi: xi @ w, jnp.zeros(n), np.eye(n, dtype=np.float32), np.ones(n, np.float32), t,
+            mk, loss="squared", optimizer=optax.sgd(1.0), num_steps=1, batch_size=batch_size, key=k,
+            common_random_numbers=crn,
+        ))
+    return np.asarray(_COUNT_RUNNERS[cfg](jnp.asarray(masks), key)), t
+
+
+def test_minibatch_draw_frequencies_follow_task_weights():
+    masks = np.array([[1, 1, 1], [1, 0, 1]], float)
+    B = 4000
+    W, t = _one_step_counts(masks, B, jax.random.key(0))
+    w = _np_weights(masks, t, K)
+    np.testing.assert_allclose(W, w, atol=4 * np.sqrt(w.max() / B))
+    assert np.all(W[1][t == 1] == 0)
+
+
+def test_common_random_numbers_couple_leave_one_out_batches():
+    masks = np.array([[1, 1, 1], [1, 1, 0]], float)  # all tasks, and all but task 2
+    keep = None
+    violations = 0
+    for seed in range(4):
+        W, t = _one_step_counts(masks, 24, jax.random.key(seed))
+        keep = t != 2
+        # Draws that did not land on task 2 are identical: every other example is drawn at least
+        # as often without task 2 as with it.
+        assert np.all(W[1][keep] >= W[0][keep] - 1e-7)
+        Wi, _ = _one_step_counts(masks, 24, jax.random.key(seed), crn=False)
+        violations += int(np.any(Wi[1][keep] < Wi[0][keep] - 1e-7))
+    assert violations > 0  # independent draws do not have this coupling

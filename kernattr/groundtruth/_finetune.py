@@ -131,17 +131,34 @@ def _make_trainer(
     num_steps: int,
     batch_size: Optional[int],
     prox: float,
+    task_ids: jax.Array,
+    num_tasks: int,
 ) -> Callable:
-    """Returns ``train(params_start, weights [n], key) -> params`` for ONE mask."""
+    """Returns ``train(params_start, weights [n], mask [K], key) -> params`` for ONE mask."""
     extra_args = isinstance(optimizer, optax.GradientTransformationExtraArgs)
     use_prox = not (_checks.is_concrete(prox) and float(prox) == 0.0)
     n = labels.shape[0]
+    if batch_size is not None:
+        # Examples grouped by task: task k occupies order[starts[k] : starts[k] + counts[k]].
+        order = jnp.argsort(task_ids, stable=True)
+        counts = jnp.zeros((num_tasks,), jnp.int32).at[task_ids].add(1, mode="drop")
+        starts = jnp.cumsum(counts) - counts
+
+    def draw(mask, key):
+        """``batch_size`` example indices: a task uniformly among the selected ones (Gumbel-max
+        with per-task noise shared by all masks), then an example uniformly within that task."""
+        kg, ku = jax.random.split(key)
+        gumbel = jax.random.gumbel(kg, (batch_size, num_tasks))
+        task = jnp.argmax(jnp.where(mask[None, :] > 0, gumbel, -jnp.inf), axis=1)
+        u = jax.random.uniform(ku, (batch_size,))
+        within = jnp.minimum(jnp.floor(u * counts[task]).astype(jnp.int32), counts[task] - 1)
+        return order[starts[task] + jnp.maximum(within, 0)]
 
     def per_example_losses(params, x, y):
         outs = jax.vmap(apply_fn, in_axes=(None, 0))(params, x)
         return jax.vmap(lambda o, t: example_loss(o, t, loss))(outs, y)
 
-    def train(params_start, weights, key):
+    def train(params_start, weights, mask, key):
         total = jnp.sum(weights)
 
         def objective(params, batch_idx):
@@ -155,17 +172,12 @@ def _make_trainer(
                 data_term = data_term + 0.5 * prox * _tree_sqnorm(params, params_start)
             return data_term
 
-        if batch_size is not None:
-            safe = jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), 1.0 / n)
-            cdf = jnp.cumsum(safe)
-
         def step(carry, step_index):
             params, opt_state = carry
             if batch_size is None:
                 batch_idx = None
             else:
-                u = jax.random.uniform(jax.random.fold_in(key, step_index), (batch_size,), cdf.dtype)
-                batch_idx = jnp.minimum(jnp.searchsorted(cdf, u * cdf[-1], side="right"), n - 1)
+                batch_idx = draw(mask, jax.random.fold_in(key, step_index))
             value_fn = lambda p: objective(p, batch_idx)  # noqa: E731
             value, grads = jax.value_and_grad(value_fn)(params)
             if extra_args:
@@ -205,6 +217,7 @@ def finetune_on_masks(
     mask_chunk_size: Optional[int] = None,
     init_fn: Optional[Callable[[jax.Array], PyTree]] = None,
     shared_init: bool = True,
+    common_random_numbers: bool = True,
     progress: bool = False,
 ) -> PyTree:
     """Fine-tunes one model per task subset (mask), all masks of a chunk in one ``vmap``.
@@ -229,10 +242,16 @@ def finetune_on_masks(
     (``params0`` when fine-tuning), whatever the optimizer.
 
     ``batch_size=None`` takes full-batch steps (deterministic, no key needed). Otherwise each step
-    draws ``batch_size`` examples with replacement, example ``i`` with probability ``w_i / Σ w``,
-    and uses ``Σw · mean ℓ(batch)`` (an unbiased estimate of the data term). Draws for mask ``j``,
-    step ``t`` come from ``fold_in(fold_in(fold_in(key, 1), j), t)``: results are deterministic
-    from ``key`` and do not depend on ``mask_chunk_size`` or on the other masks.
+    draws ``batch_size`` examples with replacement, example ``i`` with probability ``w_i / Σ w``
+    (a selected task uniformly, then one of its examples uniformly), and uses
+    ``Σw · mean ℓ(batch)`` (an unbiased estimate of the data term). The task of each draw is the
+    Gumbel-max over the selected tasks of per-task noise, so with ``common_random_numbers=True``
+    (default; the noise of step ``t`` comes from ``fold_in(fold_in(key, 1), t)`` for every mask)
+    two masks that differ in task ``k`` see the SAME batch except for the draws that land on
+    ``k``: differences between masks (leave-one-out effects) are not buried in sampling noise.
+    With ``False`` mask ``j`` uses ``fold_in(fold_in(fold_in(key, 1), j), t)`` (independent
+    draws). Either way results are deterministic from ``key`` and do not depend on
+    ``mask_chunk_size`` or on the other masks.
 
     Optimizers that take extra arguments (e.g. ``optax.lbfgs``) receive ``value``, ``grad`` and
     ``value_fn`` (the objective of the current batch).
@@ -264,6 +283,8 @@ def finetune_on_masks(
       init_fn: ``init_fn(key) -> params`` for retraining from scratch; ``None`` fine-tunes from
         ``params0``.
       shared_init: with ``init_fn``, start every mask from the same init (see above).
+      common_random_numbers: with ``batch_size``, couple the minibatch draws of all masks (see
+        above).
       progress: show a ``tqdm`` bar over chunks. This runs an eager Python loop over chunks, each
         compiled once with ``jax.jit`` (the last chunk is padded with all-zero masks); meant for
         scripts outside ``jit``.
@@ -333,24 +354,27 @@ def finetune_on_masks(
         num_steps=num_steps,
         batch_size=batch_size,
         prox=prox,
+        task_ids=task_ids,
+        num_tasks=num_tasks,
     )
 
     if init_fn is not None and shared_init:
         params0 = init_fn(init_key)
 
     def per_mask(args):
-        w, j = args
+        w, s, j = args
         if init_fn is not None and not shared_init:
             start = init_fn(jax.random.fold_in(init_key, j))
         else:
             start = params0
-        return train(start, w, jax.random.fold_in(batch_key, j))
+        mask_key = batch_key if common_random_numbers else jax.random.fold_in(batch_key, j)
+        return train(start, w, s, mask_key)
 
     index = jnp.arange(m)
     if not progress:
         if mask_chunk_size is None or mask_chunk_size >= m:
-            return jax.vmap(lambda w, j: per_mask((w, j)))(weights, index)
-        return jax.lax.map(per_mask, (weights, index), batch_size=mask_chunk_size)
+            return jax.vmap(lambda w, s, j: per_mask((w, s, j)))(weights, masks, index)
+        return jax.lax.map(per_mask, (weights, masks, index), batch_size=mask_chunk_size)
 
     from tqdm.auto import tqdm
 
@@ -358,12 +382,13 @@ def finetune_on_masks(
     num_chunks = -(-m // chunk)
     pad = num_chunks * chunk - m
     weights_p = jnp.concatenate([weights, jnp.zeros((pad, n), weights.dtype)], axis=0)
+    masks_p = jnp.concatenate([masks, jnp.zeros((pad, num_tasks), masks.dtype)], axis=0)
     index_p = jnp.arange(num_chunks * chunk)
-    run_chunk = jax.jit(jax.vmap(lambda w, j: per_mask((w, j))))
+    run_chunk = jax.jit(jax.vmap(lambda w, s, j: per_mask((w, s, j))))
     outs = []
     for c in tqdm(range(num_chunks), desc="fine-tuning", unit="chunk"):
         sl = slice(c * chunk, (c + 1) * chunk)
-        outs.append(run_chunk(weights_p[sl], index_p[sl]))
+        outs.append(run_chunk(weights_p[sl], masks_p[sl], index_p[sl]))
     return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=0)[:m], *outs)
 
 
