@@ -143,7 +143,8 @@ def check_grid(value: Any, name: str) -> jax.Array:
         raise ValueError(f"`{name}` must be a scalar or a 1-D grid, got shape {tuple(arr.shape)}.")
     if arr.shape[0] == 0:
         raise ValueError(f"`{name}` grid is empty.")
-    if is_concrete(arr) and not bool(jnp.all(jnp.isfinite(arr))):
+    if is_concrete(arr) and not np.all(np.isfinite(np.asarray(arr))):
+        # numpy, not jnp: inside a jit trace jnp ops on a constant produce tracers.
         raise ValueError(f"`{name}` must be finite, got {np.asarray(arr)}.")
     return arr
 
