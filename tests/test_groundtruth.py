@@ -328,33 +328,33 @@ def test_finetune_bad_input():
 
 
 def test_estimator_matches_finetuning_for_model_linear_in_params(x64):
-    # f(x; W) = tanh(x A) W is linear in W: with the identity projection, the exact estimator at
-    # ridge λ solves the same problem as fine-tuning with prox=λ to convergence.
+    # f(x; W) = tanh(x A) W is linear in W: with the identity projection and squared loss, the
+    # estimator at ridge λ solves the same problem as fine-tuning with prox=λ to convergence.
     import kernattr as ka
 
     rng = np.random.default_rng(0)
-    C, din, h, n, T = 3, 4, 5, 24, 6
+    C, din, h, n, T = 2, 4, 5, 24, 6
     A = jnp.asarray(rng.normal(size=(din, h)))
-    apply_fn = lambda W, xi: jnp.tanh(xi @ A) @ W  # noqa: E731
+    apply_fn = lambda W, xi: jnp.sum(jnp.tanh(xi @ A) @ W)  # noqa: E731
     W0 = jnp.asarray(0.3 * rng.normal(size=(h, C)))
     x, xt = jnp.asarray(rng.normal(size=(n, din))), jnp.asarray(rng.normal(size=(T, din)))
-    y, yt = jnp.asarray(rng.integers(0, C, n)), jnp.asarray(rng.integers(0, C, T))
+    y, yt = jnp.asarray(rng.normal(size=n)), jnp.asarray(rng.normal(size=T))
     t = jnp.asarray(np.arange(n) % K)
     masks = jnp.asarray(MASKS[:4])
     proj = ka.make_projector(jax.random.key(0), W0, kind="identity", dim=None)
     train = ka.gradient_features(apply_fn, W0, x, y, proj, task_ids=t, num_tasks=K)
     target = ka.gradient_features(apply_fn, W0, xt, yt, proj)
     ridge = 0.05
-    F_hat = ka.estimate_subset_labels(train, target, masks, loss="softmax", metric="loss", ridge=ridge, solver="exact")
+    F_hat = ka.estimate_subset_labels(train, target, masks, loss="squared", metric="loss", ridge=ridge, solver="fast")
     cmp = gt.compare_estimator_to_finetuning(
-        F_hat, apply_fn, W0, x, y, t, masks, xt, yt, loss="softmax", metric="loss",
-        optimizer=optax.lbfgs(), num_steps=40, prox=ridge,
+        F_hat, apply_fn, W0, x, y, t, masks, xt, yt, loss="squared", metric="loss",
+        optimizer=optax.lbfgs(), num_steps=20, prox=ridge,
     )
-    np.testing.assert_allclose(F_hat, cmp.labels, rtol=1e-6, atol=1e-8)
-    assert float(cmp.error.relative_error) < 1e-6
+    np.testing.assert_allclose(F_hat, cmp.labels, rtol=1e-7, atol=1e-9)
+    assert float(cmp.error.relative_error) < 1e-7
     assert float(cmp.error.spearman) == pytest.approx(1.0)
     assert float(cmp.error.no_change_relative_error) > 1e-2
-    np.testing.assert_allclose(cmp.base, gt.evaluate_targets(apply_fn, W0[None], xt, yt, loss="softmax")[0])
+    np.testing.assert_allclose(cmp.base, gt.evaluate_targets(apply_fn, W0[None], xt, yt, loss="squared")[0])
 
 
 def test_finetune_labels_returns_params_and_base():
@@ -387,7 +387,9 @@ def test_evaluate_targets_and_estimator_error_no_retrace_vmap_bad_input():
     F = jnp.asarray(rng.uniform(1, 2, (2, 8, 3)))
     Fh = F * jnp.asarray(rng.uniform(0.9, 1.1, F.shape))
     vm = jax.vmap(lambda a, b: gt.estimator_error(a, b).relative_error)(Fh, F)
-    np.testing.assert_allclose(vm, [gt.estimator_error(Fh[i], F[i]).relative_error for i in range(2)], rtol=1e-6)
+    Fn, Fhn = np.asarray(F), np.asarray(Fh)
+    expect = [np.mean(np.abs(Fhn[i].mean(1) - Fn[i].mean(1)) / np.abs(Fn[i].mean(1))) for i in range(2)]
+    np.testing.assert_allclose(vm, expect, rtol=1e-5)
     with pytest.raises(ValueError, match="labels"):
         gt.evaluate_targets(apply_fn, jnp.zeros((3, 4)), x, y[:-1], loss="squared")
     with pytest.raises(ValueError, match="metric"):
