@@ -11,10 +11,11 @@ Two implementations (``method=``), tested against each other:
   for ``C`` outputs) over a chunk, then ``Pᵀ g``. Memory: ``chunk_size * C * D`` for the chunk's
   gradients, plus one projection block.
 * ``"jvp"``: forward mode, ``d`` Jacobian-vector products ``J_i p_j`` against the columns of
-  ``P`` (in column blocks of up to 64, vmapped), so no per-example gradient is ever formed.
-  Memory: ``D * 64`` for a block of columns of ``P`` (regenerated, never stored whole) plus the
-  chunk's forward passes. Costs ``d`` forward passes per example: for small ``d`` or very wide
-  outputs.
+  ``P``, vmapped over a block of ``t`` columns (``t`` = the largest divisor of ``d`` up to 64),
+  so no per-example gradient is ever formed. Memory: ``D * t`` for a block of columns of ``P``
+  (regenerated block by block, never stored whole) plus the chunk's forward passes. Costs ``d``
+  forward passes per example (and ``d / t`` regenerations of ``P``): for small ``d`` or very
+  wide outputs.
 """
 
 from __future__ import annotations
