@@ -87,7 +87,7 @@ def shard_examples(tree: Any, mesh: jax.sharding.Mesh, *, axis: str = "data") ->
     >>> mesh = ka.data_mesh()
     >>> x = ka.shard_examples(jnp.zeros((8, 3)), mesh)
     >>> x.sharding.spec
-    PartitionSpec('data',)
+    P('data',)
     """
     if axis not in mesh.axis_names:
         raise ValueError(f"`mesh` has no axis {axis!r} (axes {mesh.axis_names}); pass `axis=`.")
