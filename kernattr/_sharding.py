@@ -11,6 +11,9 @@ Which mesh is used: the ``mesh=`` keyword when given; otherwise the mesh of the 
 is visible — concrete arrays with a ``NamedSharding`` whose first dimension is sharded, or, under
 ``jit``, arrays typed with an Explicit mesh axis (the default of ``jax.make_mesh`` since JAX 0.9).
 Under ``jit`` with an *Auto* mesh the sharding is invisible at trace time: pass ``mesh=``.
+Parameters: eager calls replicate concrete parameters onto the mesh; under ``jit`` they must be
+uncommitted (plain ``jnp`` arrays) or already replicated on the mesh, since JAX refuses
+arguments committed to different devices.
 
 Two traps handled here (STYLE.md): ``lax.map(batch_size=...)`` over a sharded axis errors
 (Explicit) or silently gathers (Auto), so chunking happens inside ``shard_map``; and gradients
@@ -171,6 +174,14 @@ def map_over_examples(
         )
         return fn(rep, ex)
 
+    if isinstance(mesh, jax.sharding.Mesh):
+        # eager convenience: replicate concrete parameters committed elsewhere (e.g. device 0)
+        rep = NamedSharding(mesh, PartitionSpec())
+        if rep.is_fully_addressable:
+            replicated = jax.tree_util.tree_map(
+                lambda a: jax.device_put(a, rep) if isinstance(a, jax.Array) and is_concrete(a) else a,
+                replicated,
+            )
     spec = PartitionSpec(axis)
     rep_specs = jax.tree_util.tree_map(lambda _: PartitionSpec(), replicated)
     ex_specs = jax.tree_util.tree_map(lambda _: spec, examples)

@@ -70,7 +70,8 @@ def test_eager_and_auto_mesh():
     proj = ka.make_projector(jax.random.key(2), params, dim=6, kind="sjlt")
     ref = jax.jit(lambda p, x: ka.projected_gradients(mlp, p, x, proj))(params, X)
     mesh = ka.data_mesh()
-    got = ka.projected_gradients(mlp, params, ka.shard_examples(X, mesh), proj, chunk_size=1)
+    committed = jax.device_put(params, jax.devices()[0])  # eager calls replicate it on the mesh
+    got = ka.projected_gradients(mlp, committed, ka.shard_examples(X, mesh), proj, chunk_size=1)
     assert_on_data(got, mesh)
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-6)
     # Auto mesh: the sharding is invisible under jit, so it is passed as mesh=
