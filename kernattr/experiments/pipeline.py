@@ -11,9 +11,10 @@ Stages (each timed):
    task-weighted loss + ``prox/2 ||W - W0||²``, Adam with cosine decay to zero so that each run
    reaches the proximal optimum), or retraining from scratch (``regime="scratch"``), vmapped
    over masks; cached on disk under a hash of the configuration.
-4. the gradient estimator: projected output gradients (full logits, softmax loss) at ``W0`` and
-   the task-weighted GLM per mask with ``ridge = prox`` (the converged proximal objective of the
-   linearized model, which is what the first-order method approximates).
+4. the gradient estimator: Rademacher-projected output gradients (full logits, softmax loss,
+   ``d = 1024``) at ``W0`` and the task-weighted GLM per mask with ``ridge = prox`` (the converged
+   proximal objective of the linearized model, which is what the first-order method
+   approximates), solved in float64 (the ``"exact"`` solver stalls in float32 here).
 5. methods on the same masks and targets: ``kernel`` / ``linear`` surrogates on estimated
    labels, ``kernel_real`` / ``datamodels`` on real labels, ``influence``, ``trak``, ``tracin``.
 6. metrics: LDS on held-out masks, LOO correlation (Pearson, Spearman) with real leave-one-out,
@@ -71,8 +72,8 @@ class PipelineConfig:
     num_heldout_masks: int = 100
     densities: tuple = (0.5, 0.7, 0.9)
     proj_kind: str = "rademacher"
-    proj_dim: int = 512
-    solver: str = "exact"
+    proj_dim: int = 1024
+    solver: str = "fast"
     solver_tol: Optional[float] = 1e-6
     estimator_x64: bool = True
     ridge: Optional[float] = None
