@@ -126,6 +126,16 @@ def _curv_apply(state: jax.Array, u: jax.Array, loss: str) -> jax.Array:
 # ----------------------------------------------------------------------------- validation
 
 
+def _replicate(x: jax.Array) -> jax.Array:
+    """``x`` replicated when it is sharded over an Explicit mesh axis (e.g. examples on a
+    ``data`` axis): the estimator needs every example on every mask shard."""
+    sharding = jax.typeof(x).sharding
+    if isinstance(sharding, NamedSharding) and any(e is not None for e in sharding.spec):
+        if any(t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types):
+            return jax.sharding.reshard(x, NamedSharding(sharding.mesh, PartitionSpec()))
+    return x
+
+
 def _check_features(
     feats: Any, name: str, loss: str, *, train: bool
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
@@ -139,7 +149,7 @@ def _check_features(
     for field, arr in (("grads", grads), ("outputs", outputs)):
         if arr is None or isinstance(arr, (str, bytes)):
             raise TypeError(f"`{name}.{field}` must be an array, got {arr!r}.")
-    grads, outputs, labels = jnp.asarray(grads), jnp.asarray(outputs), jnp.asarray(labels)
+    grads, outputs, labels = (_replicate(jnp.asarray(a)) for a in (grads, outputs, labels))
     for field, arr in (("grads", grads), ("outputs", outputs)):
         if not jnp.issubdtype(arr.dtype, jnp.floating):
             raise TypeError(
@@ -211,7 +221,7 @@ def _check_features(
             raise ValueError(
                 f"`{name}.task_ids` is None: the training features need the task of every example."
             )
-        task_ids = jnp.asarray(task_ids)
+        task_ids = _replicate(jnp.asarray(task_ids))
         if not jnp.issubdtype(task_ids.dtype, jnp.integer):
             raise TypeError(
                 f"`{name}.task_ids` must be an integer array, got dtype {task_ids.dtype}."
@@ -829,6 +839,8 @@ def _estimate(
     per_mask = max(n * c * 6, 3 * d * d) if solver == "exact" else max(2 * d * d, n * c if diag else 1)
     m = masks.shape[0]
     sharded = _mask_axis(masks)
+    if not sharded:
+        masks = _replicate(masks)
     local_m = m // sharded[2] if sharded else m
     if mask_chunk_size is None:
         chunk = max(1, _CHUNK_BUDGET // per_mask)

@@ -371,6 +371,19 @@ def test_sharded_masks_match_single_device(solver):
         assert {s.data.shape for s in out.addressable_shards} == {(2, 6)}
 
 
+def test_examples_sharded_on_data_axis():
+    """Training features sharded over examples (Explicit `data` axis) give the same labels."""
+    train, target = random_problem("logistic", seed=4, n=48)
+    masks = jnp.asarray(MASKS, jnp.float32)
+    ref = solve_fn("logistic", "fast")(train, target, masks, 0.1).labels
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    rows = NamedSharding(mesh, P("data"))
+    sharded = ka.GradientFeatures(*(jax.device_put(a, rows) for a in train))
+    assert sharded.grads.sharding.spec[0] == "data"
+    out = solve_fn("logistic", "fast")(sharded, target, masks, 0.1).labels
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- failures reported
 
 
