@@ -865,12 +865,18 @@ def _estimate(
     else:
         labels, theta, ok, iters, gnorm, hvps = run(data, tgt, masks, ridge)
     if throw:
-        what = "converge (raise max_iter / tol, or add ridge)" if solver == "exact" else "solve"
-        _checks.error_if(
-            ok,
-            ~ok,
-            f"estimate_subset_labels: {{count}} masks did not {what}: the Newton system is "
-            "singular or the result not finite. Use `ridge` > 0 (rank-deficient statistics at "
-            "ridge=0), or pass throw=False and inspect estimate_subsets(...).converged.",
-        )
+        if solver == "exact":
+            msg = (
+                f"estimate_subset_labels: {{count}} masks did not converge within "
+                f"max_iter={max_iter} to tol={tol:g} (or their Newton system is singular / the "
+                "result not finite): raise max_iter or tol, use `ridge` > 0, or pass throw=False "
+                "and inspect estimate_subsets(...).converged."
+            )
+        else:
+            msg = (
+                "estimate_subset_labels: {count} masks could not be solved: the Newton system is "
+                "singular or the result not finite. Use `ridge` > 0 (rank-deficient statistics "
+                "at ridge=0), or pass throw=False and inspect estimate_subsets(...).converged."
+            )
+        _checks.error_if(ok, ~ok, msg)
     return SubsetEstimates(labels, theta, ok, iters, gnorm, hvps)

@@ -320,14 +320,6 @@ def test_chunk_size_invariance(solver):
         np.testing.assert_array_equal(np.asarray(out.converged), np.asarray(ref.converged))
 
 
-def test_eager_equals_jit():
-    train, target = random_problem("logistic", seed=4)
-    masks = jnp.asarray(MASKS, jnp.float32)
-    eager = ka.estimate_subset_labels(train, target, masks, loss="logistic", ridge=0.1)
-    jitted = solve_fn("logistic", "fast")(train, target, masks, 0.1).labels
-    np.testing.assert_allclose(np.asarray(eager), np.asarray(jitted), rtol=1e-6, atol=1e-7)
-
-
 def test_vmap_over_ridge(x64):
     _, train, target = linear_model_problem("softmax")
     masks = jnp.asarray(MASKS)
@@ -362,7 +354,7 @@ def test_sharded_masks_match_single_device(solver):
     mesh = jax.make_mesh((8,), ("x",))
     sharded = jax.device_put(masks, NamedSharding(mesh, P("x")))
     outs = [solve_fn("softmax", solver, chunk=2)(train, target, sharded, 0.1).labels]
-    if solver == "fast":  # the eager path (shard_map outside jit)
+    if solver == "fast":  # the eager path (shard_map outside jit) against the jitted reference
         outs.append(ka.estimate_subset_labels(train, target, sharded, loss="softmax", ridge=0.1))
     for out in outs:
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref.labels), rtol=1e-5, atol=1e-6)
