@@ -150,7 +150,7 @@ def main(argv=None):
     compiled = {}
     # jaxlib's CPU Cholesky calls scipy's OpenBLAS LAPACK: pin it to one thread (see above).
     blas_one = threadpool_limits(1)
-    for solver in ("exact", "fast"):
+    for solver in ("exact", "fast", "anchored"):
         est, comp, wall, compiled[solver] = time_solver(
             train, target, masks, args.ridge, solver, args.chunk, args.repeats, not args.smoke
         )
@@ -165,22 +165,25 @@ def main(argv=None):
             print(f"exact vs sklearn labels (first {sk_masks} masks): relative deviation max "
                   f"{mx:.2e}, median {med:.2e} (target <= 1e-3)")  # fmt: skip
             ok &= mx <= 1e-3 and conv == args.m
-        else:
+        elif solver == "fast":
             target_x = 100.0
+        else:
+            continue  # "anchored" (beyond the issue): no target, ratio printed above
         speed = sk_total / wall
         print(f"       target >= {target_x:.0f}x: {'MET' if speed >= target_x else 'NOT MET'}")
         # Speed targets are reported, not asserted: the machine is shared.
 
     for r in [float(x) for x in args.dev_ridges.split(",")]:
         fx = compiled["exact"](train, target, masks, jnp.float32(r))
-        ff = compiled["fast"](train, target, masks, jnp.float32(r))
-        mx, med = rel_dev(ff.labels, fx.labels)
-        mean_rel = float(
-            np.mean(np.abs(np.mean(ff.labels, 1) - np.mean(fx.labels, 1)) / np.mean(fx.labels, 1))
-        )
-        print(f"fast vs exact at ridge={r:g}: label relative deviation max {mx:.2e}, median "
-              f"{med:.2e}; mean-target-loss relative deviation {mean_rel:.2e}")  # fmt: skip
-        ok &= bool(np.all(np.isfinite(np.asarray(ff.labels)))) and bool(np.all(fx.converged))
+        for name in ("fast", "anchored"):
+            fn = compiled[name]
+            ff = fn(train, target, masks, jnp.float32(r))
+            mx, med = rel_dev(ff.labels, fx.labels)
+            mean_rel = float(np.mean(
+                np.abs(np.mean(ff.labels, 1) - np.mean(fx.labels, 1)) / np.mean(fx.labels, 1)))
+            print(f"{name} vs exact at ridge={r:g}: label relative deviation max {mx:.2e}, "
+                  f"median {med:.2e}; mean-target-loss relative deviation {mean_rel:.2e}")
+            ok &= bool(np.all(np.isfinite(np.asarray(ff.labels)))) and bool(np.all(fx.converged))
     blas_one.restore_original_limits()
     if not ok:
         print("FAILED")
