@@ -158,3 +158,41 @@ def check_positive(value: Any, name: str, allow_zero: bool = False) -> None:
     if not ok:
         rel = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"`{name}` must be {rel}, got {arr}.")
+
+
+def num_examples(tree: Any, name: str = "inputs", allow_empty: bool = False) -> int:
+    """The shared leading (example) axis ``n`` of every leaf of a pytree of arrays.
+
+    Raises ``ValueError`` when the tree has no leaves, a leaf is a scalar, the leaves disagree
+    on ``n``, or ``n == 0`` (unless ``allow_empty``).
+    """
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves:
+        raise ValueError(
+            f"`{name}` has no array leaves; pass arrays with a leading example axis [n, ...]."
+        )
+    sizes = set()
+    for leaf in leaves:
+        shape = np.shape(leaf)
+        if len(shape) == 0:
+            raise ValueError(
+                f"`{name}` leaves must have a leading example axis [n, ...], got a scalar leaf."
+            )
+        sizes.add(shape[0])
+    if len(sizes) != 1:
+        raise ValueError(
+            f"`{name}` leaves must share the leading example axis n, got sizes {sorted(sizes)}."
+        )
+    (n,) = sizes
+    if n == 0 and not allow_empty:
+        raise ValueError(f"`{name}` has no examples (leading axis of size 0).")
+    return int(n)
+
+
+def check_count(value: Any, name: str, minimum: int = 1) -> int:
+    """A Python int ``>= minimum`` (a static size or count), else ``TypeError``/``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"`{name}` must be a Python int, got {type(value).__name__} ({value!r}).")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
+    return int(value)

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._checks import check_masks
-from ._subsets import _check_count, _check_key, sample_subsets
+from ._checks import check_count, check_masks
+from ._subsets import _check_key, sample_subsets
 
 __all__ = ["GAME_KINDS", "SyntheticGame", "example_data", "synthetic_game"]
 
@@ -118,15 +118,15 @@ def synthetic_game(
       (5, 3)
     """
     _check_key(key)
-    num_tasks = _check_count(num_tasks, "num_tasks", minimum=2)
-    num_targets = _check_count(num_targets, "num_targets")
+    num_tasks = check_count(num_tasks, "num_tasks", minimum=2)
+    num_targets = check_count(num_targets, "num_targets")
     if kind not in GAME_KINDS:
         raise ValueError(f"`kind` must be one of {GAME_KINDS}, got {kind!r}.")
     if not (isinstance(noise, (int, float)) and np.isfinite(noise) and noise >= 0):
         raise ValueError(f"`noise` must be a finite float >= 0, got {noise!r}.")
     if not (isinstance(interaction_share, (int, float)) and 0 <= interaction_share < 1):
         raise ValueError(f"`interaction_share` must be in [0, 1), got {interaction_share!r}.")
-    num_pairs = _check_count(num_pairs, "num_pairs")
+    num_pairs = check_count(num_pairs, "num_pairs")
     max_pairs = num_tasks * (num_tasks - 1) // 2
     if num_pairs > max_pairs:
         raise ValueError(f"`num_pairs` must be <= K(K-1)/2 = {max_pairs}, got {num_pairs}.")

@@ -73,24 +73,6 @@ def linearize(apply_fn: Callable, params0: Any) -> Callable:
     return f_lin
 
 
-def _num_examples(inputs: Any) -> int:
-    leaves = jax.tree_util.tree_leaves(inputs)
-    if not leaves:
-        raise ValueError("`inputs` has no array leaves; pass arrays with a leading example axis [n, ...].")
-    sizes = set()
-    for x in leaves:
-        shape = np.shape(x)
-        if len(shape) == 0:
-            raise ValueError("`inputs` leaves must have a leading example axis [n, ...], got a scalar.")
-        sizes.add(shape[0])
-    if len(sizes) != 1:
-        raise ValueError(f"`inputs` leaves must share the leading example axis n, got {sorted(sizes)}.")
-    n = sizes.pop()
-    if n == 0:
-        raise ValueError("`inputs` has no examples (n = 0).")
-    return n
-
-
 def _check_config(projector, chunk_size, method):
     if not isinstance(projector, Projector):
         raise TypeError(f"`projector` must be a Projector (make_projector), got {type(projector).__name__}.")
@@ -195,7 +177,7 @@ def _compute(apply_fn, params, inputs, projector, chunk_size, method, mesh):
         raise TypeError(f"`apply_fn` must be callable, got {type(apply_fn).__name__}.")
     _check_config(projector, chunk_size, method)
     _check_params(projector, params)
-    _num_examples(inputs)
+    _checks.num_examples(inputs, "inputs")
     where = _sharding.example_mesh(inputs, mesh)
     if where is None:
         return _local(apply_fn, projector, chunk_size, method, params, inputs)
@@ -332,7 +314,7 @@ def gradient_features(
     >>> feats.grads.shape, feats.outputs.shape
     ((3, 3), (3,))
     """
-    n = _num_examples(inputs)
+    n = _checks.num_examples(inputs, "inputs")
     labels = _check_labels(labels, n)
     if task_ids is not None:
         task_ids = _check_task_ids(task_ids, n, num_tasks)

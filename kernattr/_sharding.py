@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ._checks import is_concrete
+from ._checks import is_concrete, num_examples
 
 __all__ = ["data_mesh", "shard_examples", "example_mesh", "map_over_examples"]
 
@@ -52,23 +52,6 @@ def data_mesh(devices: Any = None, *, axis: str = "data") -> jax.sharding.Mesh:
     return jax.make_mesh(
         (len(devices),), (axis,), axis_types=(jax.sharding.AxisType.Explicit,), devices=devices
     )
-
-
-def _leading_dim(tree: Any, name: str) -> int:
-    leaves = jax.tree_util.tree_leaves(tree)
-    if not leaves:
-        raise ValueError(f"`{name}` has no array leaves.")
-    dims = set()
-    for x in leaves:
-        shape = np.shape(x)
-        if len(shape) == 0:
-            raise ValueError(f"`{name}` leaves must have a leading example axis [n, ...], got a scalar.")
-        dims.add(shape[0])
-    if len(dims) != 1:
-        raise ValueError(
-            f"`{name}` leaves must share the leading example axis n, got sizes {sorted(dims)}."
-        )
-    return dims.pop()
 
 
 def shard_examples(tree: Any, mesh: jax.sharding.Mesh, *, axis: str = "data") -> Any:
@@ -156,7 +139,7 @@ def map_over_examples(
     so that derivatives with respect to it stay per-shard (not psum'd). Every leaf of the result
     must have a leading per-example axis.
     """
-    n = _leading_dim(examples, name)
+    n = num_examples(examples, name, allow_empty=True)
     size = _axis_size(mesh, axis)
     if n % size:
         raise ValueError(

@@ -14,17 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._checks import is_concrete
+from ._checks import check_count, is_concrete
 
 __all__ = ["PairMasks", "leave_one_out_masks", "pair_masks", "sample_subsets"]
-
-
-def _check_count(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"`{name}` must be a Python int, got {type(value).__name__} ({value!r}).")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
-    return int(value)
 
 
 def _check_key(key: Any) -> None:
@@ -73,8 +65,8 @@ def sample_subsets(
       ((3, 5), [2.0, 2.0, 2.0])
     """
     _check_key(key)
-    num_tasks = _check_count(num_tasks, "num_tasks")
-    num_subsets = _check_count(num_subsets, "num_subsets")
+    num_tasks = check_count(num_tasks, "num_tasks")
+    num_subsets = check_count(num_subsets, "num_subsets")
     dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"`dtype` must be a floating dtype, got {dtype}.")
@@ -92,7 +84,7 @@ def sample_subsets(
             if not (0.0 < pv <= 1.0):
                 raise ValueError(f"`p` must be in (0, 1], got {pv}.")
         return jax.random.bernoulli(key, p_arr, shape).astype(dtype)
-    size = _check_count(size, "size")
+    size = check_count(size, "size")
     if size > num_tasks:
         raise ValueError(f"`size` must be <= num_tasks={num_tasks}, got {size}.")
     u = jax.random.uniform(key, shape)
@@ -115,7 +107,7 @@ def leave_one_out_masks(num_tasks: int, *, dtype: Any = None) -> jax.Array:
       >>> ka.leave_one_out_masks(3).tolist()
       [[0.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 1.0, 0.0]]
     """
-    num_tasks = _check_count(num_tasks, "num_tasks")
+    num_tasks = check_count(num_tasks, "num_tasks")
     dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
     return jnp.ones((num_tasks, num_tasks), dtype) - jnp.eye(num_tasks, dtype=dtype)
 
@@ -148,7 +140,7 @@ def pair_masks(num_tasks: int, *, dtype: Any = None) -> PairMasks:
       >>> pm.pairs.tolist(), pm.masks.tolist()
       ([[0, 1], [0, 2], [1, 2]], [[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     """
-    num_tasks = _check_count(num_tasks, "num_tasks", minimum=2)
+    num_tasks = check_count(num_tasks, "num_tasks", minimum=2)
     dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
     i, j = np.triu_indices(num_tasks, k=1)
     masks = np.ones((i.shape[0], num_tasks))

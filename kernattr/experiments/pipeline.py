@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp

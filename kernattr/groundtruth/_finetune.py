@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from .. import _checks
+from .._checks import check_count, num_examples
 from .._losses import check_loss_metric, example_loss, example_metric, task_weights
 
 __all__ = ["FinetuneLabels", "evaluate_targets", "finetune_labels", "finetune_on_masks"]
@@ -23,26 +24,6 @@ PyTree = Any
 
 
 # ----------------------------------------------------------------------------- validation
-
-
-def _num_examples(inputs: PyTree, name: str = "inputs") -> int:
-    leaves = jax.tree_util.tree_leaves(inputs)
-    if not leaves:
-        raise ValueError(f"`{name}` is empty: pass an array (or pytree of arrays) with a leading [n] axis.")
-    sizes = set()
-    for leaf in leaves:
-        shape = np.shape(leaf)
-        if len(shape) == 0:
-            raise ValueError(
-                f"`{name}` leaves must have a leading example axis [n, ...], got a scalar leaf."
-            )
-        sizes.add(shape[0])
-    if len(sizes) != 1:
-        raise ValueError(f"`{name}` leaves disagree on the number of examples: {sorted(sizes)}.")
-    (n,) = sizes
-    if n == 0:
-        raise ValueError(f"`{name}` has no examples (leading axis of size 0).")
-    return int(n)
 
 
 def _check_task_ids(task_ids: Any, n: int, num_tasks: int, name: str = "task_ids") -> jax.Array:
@@ -91,14 +72,6 @@ def _check_labels(labels: Any, n: int, loss: str, name: str = "labels") -> jax.A
     return labels
 
 
-def _check_int(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"`{name}` must be a Python int, got {value!r}.")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
-    return int(value)
-
-
 def _check_key(key: Any, name: str = "key") -> jax.Array:
     if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)):
         raise TypeError(
@@ -137,7 +110,6 @@ def _make_trainer(
     """Returns ``train(params_start, weights [n], mask [K], key) -> params`` for ONE mask."""
     extra_args = isinstance(optimizer, optax.GradientTransformationExtraArgs)
     use_prox = not (_checks.is_concrete(prox) and float(prox) == 0.0)
-    n = labels.shape[0]
     if batch_size is not None:
         # Examples grouped by task: task k occupies order[starts[k] : starts[k] + counts[k]].
         order = jnp.argsort(task_ids, stable=True)
@@ -307,14 +279,14 @@ def finetune_on_masks(
     check_loss_metric(loss)
     masks = _checks.check_masks(masks, "masks")
     m, num_tasks = masks.shape
-    n = _num_examples(inputs, "inputs")
+    n = num_examples(inputs, "inputs")
     labels = _check_labels(labels, n, loss, "labels")
     task_ids = _check_task_ids(task_ids, n, num_tasks, "task_ids")
-    num_steps = _check_int(num_steps, "num_steps", minimum=0)
+    num_steps = check_count(num_steps, "num_steps", minimum=0)
     if batch_size is not None:
-        batch_size = _check_int(batch_size, "batch_size")
+        batch_size = check_count(batch_size, "batch_size")
     if mask_chunk_size is not None:
-        mask_chunk_size = _check_int(mask_chunk_size, "mask_chunk_size")
+        mask_chunk_size = check_count(mask_chunk_size, "mask_chunk_size")
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(
             f"`optimizer` must be an optax.GradientTransformation (e.g. optax.adam(1e-3)), got {optimizer!r}."
@@ -429,7 +401,7 @@ def evaluate_targets(
              [0. , 0.5]], dtype=float32)
     """
     check_loss_metric(loss, metric)
-    T = _num_examples(inputs, "inputs")
+    T = num_examples(inputs, "inputs")
     labels = _check_labels(labels, T, loss, "labels")
     leaves = jax.tree_util.tree_leaves(stacked_params)
     if not leaves:
@@ -441,7 +413,7 @@ def evaluate_targets(
             f"got leading sizes {sorted(map(str, ms))}."
         )
     if mask_chunk_size is not None:
-        mask_chunk_size = _check_int(mask_chunk_size, "mask_chunk_size")
+        mask_chunk_size = check_count(mask_chunk_size, "mask_chunk_size")
 
     def one(params):
         outs = jax.vmap(apply_fn, in_axes=(None, 0))(params, inputs)
