@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks
-from ._estimation import _check_features, _check_task_ids
+from ._estimation import _check_feature_pair, _check_task_ids
 from ._features import GradientFeatures
 from ._losses import check_loss_metric, example_loss, example_metric
 
@@ -54,17 +54,7 @@ def _num_tasks(task_ids: jax.Array, num_tasks: Optional[int]) -> int:
 def _prepare(train: Any, target: Any, loss: str, metric: str, num_tasks: Optional[int]):
     """Validated features; returns (G [n,C,d], f0 [n,C], y [n], tid [n], counts [K], Gt, ft, yt, K)."""
     check_loss_metric(loss, metric)
-    G, f0, y, tid = _check_features(train, "train", loss, train=True)
-    Gt, ft, yt, _ = _check_features(target, "target", loss, train=False)
-    if G.shape[1:] != Gt.shape[1:]:
-        raise ValueError(
-            f"`train.grads` has per-example shape {tuple(G.shape[1:])} but `target.grads` has "
-            f"{tuple(Gt.shape[1:])}; both must come from the same projector ([C, d] or [d])."
-        )
-    if G.dtype != Gt.dtype:
-        raise TypeError(
-            f"`train.grads` ({G.dtype}) and `target.grads` ({Gt.dtype}) must share a dtype."
-        )
+    (G, f0, y, tid), (Gt, ft, yt) = _check_feature_pair(train, target, loss)
     K = _num_tasks(tid, num_tasks)
     counts = _check_task_ids(tid, K, "train").astype(G.dtype)
     return G, f0, y, tid, counts, Gt, ft, yt, K

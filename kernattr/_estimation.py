@@ -239,6 +239,25 @@ def _check_features(
     return grads, outputs, labels, task_ids
 
 
+
+def _check_feature_pair(train: Any, target: Any, loss: str):
+    """Validated ``(g, f0, y, t)`` of ``train`` and ``(gt, ft, yt)`` of ``target``, which must come
+    from the same projector (same per-example shape ``[C, d]``) and share a dtype."""
+    g, f0, y, t = _check_features(train, "train", loss, train=True)
+    gt, ft, yt, _ = _check_features(target, "target", loss, train=False)
+    if gt.shape[1:] != g.shape[1:]:
+        raise ValueError(
+            f"`target.grads` has shape {tuple(target.grads.shape)} but `train.grads` has shape "
+            f"{tuple(train.grads.shape)}; they must share the projected dimension d"
+            f"{'' if loss != 'softmax' else ' and the number of outputs C'} (same projector)."
+        )
+    if gt.dtype != g.dtype:
+        raise TypeError(
+            f"`target.grads` ({gt.dtype}) and `train.grads` ({g.dtype}) must share a dtype."
+        )
+    return (g, f0, y, t), (gt, ft, yt)
+
+
 def _check_task_ids(task_ids: jax.Array, num_tasks: int, name: str) -> jax.Array:
     """Counts per task ``[K]``; task ids must lie in ``0..K-1`` and every task be non-empty."""
     _checks.error_if(
@@ -813,18 +832,7 @@ def _estimate(
         raise ValueError(f"`mask_chunk_size` must be a positive int or None, got {mask_chunk_size!r}.")
     if not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
         raise ValueError(f"`max_iter` must be a positive int, got {max_iter!r}.")
-    g, f0, y, t = _check_features(train, "train", loss, train=True)
-    gt, ft, yt, _ = _check_features(target, "target", loss, train=False)
-    if gt.shape[1:] != g.shape[1:]:
-        raise ValueError(
-            f"`target.grads` has shape {tuple(target.grads.shape)} but `train.grads` has shape "
-            f"{tuple(train.grads.shape)}; they must share the projected dimension d"
-            f"{'' if loss != 'softmax' else ' and the number of outputs C'}."
-        )
-    if gt.dtype != g.dtype:
-        raise TypeError(
-            f"`target.grads` ({gt.dtype}) and `train.grads` ({g.dtype}) must share a dtype."
-        )
+    (g, f0, y, t), (gt, ft, yt) = _check_feature_pair(train, target, loss)
     dtype = g.dtype
     masks = _checks.check_masks(masks, "masks")
     num_tasks = masks.shape[1]
