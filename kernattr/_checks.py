@@ -196,3 +196,18 @@ def check_count(value: Any, name: str, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
     return int(value)
+
+
+def check_key(key: Any, name: str = "key") -> jax.Array:
+    """A single typed PRNG key (``jax.random.key(seed)``), else ``TypeError``/``ValueError``."""
+    if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)):
+        raise TypeError(
+            f"`{name}` must be a typed PRNG key from `jax.random.key(seed)` "
+            f"(got {type(key).__name__} with dtype {getattr(key, 'dtype', None)})."
+        )
+    if key.shape != ():
+        raise ValueError(
+            f"`{name}` must be a single key (shape ()), got shape {key.shape}; "
+            "vmap over a batch of keys instead."
+        )
+    return key

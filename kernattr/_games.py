@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._checks import check_count, check_masks
-from ._subsets import _check_key, sample_subsets
+from ._checks import check_count, check_key, check_masks
+from ._subsets import sample_subsets
 
 __all__ = ["GAME_KINDS", "SyntheticGame", "example_data", "synthetic_game"]
 
@@ -76,7 +76,7 @@ class SyntheticGame(NamedTuple):
             + jnp.einsum("mi,ijt,mj->mt", masks, self.quadratic, masks)
         )
         if key is not None:
-            _check_key(key)
+            check_key(key)
             values = values + self.noise * jax.random.normal(key, values.shape, values.dtype)
         return values
 
@@ -117,7 +117,7 @@ def synthetic_game(
       >>> game.evaluate(masks).shape
       (5, 3)
     """
-    _check_key(key)
+    check_key(key)
     num_tasks = check_count(num_tasks, "num_tasks", minimum=2)
     num_targets = check_count(num_targets, "num_targets")
     if kind not in GAME_KINDS:

@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._checks import check_key
+
 __all__ = ["Projector", "make_projector", "project", "projector_matrix"]
 
 ProjectorKind = Literal["rademacher", "gaussian", "sjlt", "identity"]
@@ -175,10 +177,7 @@ def make_projector(
     >>> proj.num_params, proj.dim
     (16, 8)
     """
-    if not isinstance(key, jax.Array) or not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        raise TypeError("`key` must be a typed PRNG key, e.g. jax.random.key(0).")
-    if key.shape != ():
-        raise ValueError(f"`key` must be a single key (shape ()), got shape {key.shape}.")
+    check_key(key)
     if kind not in KINDS:
         raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}.")
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)

@@ -14,20 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._checks import check_count, is_concrete
+from ._checks import check_count, check_key, is_concrete
 
 __all__ = ["PairMasks", "leave_one_out_masks", "pair_masks", "sample_subsets"]
-
-
-def _check_key(key: Any) -> None:
-    if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)):
-        raise TypeError(
-            "`key` must be a typed PRNG key from `jax.random.key(seed)` "
-            f"(got {type(key).__name__} with dtype {getattr(key, 'dtype', None)})."
-        )
-    if key.shape != ():
-        raise ValueError(f"`key` must be a single key (shape ()), got shape {key.shape}; "
-                         "vmap over a batch of keys instead.")
 
 
 def sample_subsets(
@@ -64,7 +53,7 @@ def sample_subsets(
       >>> masks.shape, masks.sum(axis=1).tolist()
       ((3, 5), [2.0, 2.0, 2.0])
     """
-    _check_key(key)
+    check_key(key)
     num_tasks = check_count(num_tasks, "num_tasks")
     num_subsets = check_count(num_subsets, "num_subsets")
     dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)

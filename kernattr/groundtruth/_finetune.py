@@ -15,7 +15,7 @@ import numpy as np
 import optax
 
 from .. import _checks
-from .._checks import check_count, num_examples
+from .._checks import check_count, check_key, num_examples
 from .._losses import check_loss_metric, example_loss, example_metric, task_weights
 
 __all__ = ["FinetuneLabels", "evaluate_targets", "finetune_labels", "finetune_on_masks"]
@@ -70,16 +70,6 @@ def _check_labels(labels: Any, n: int, loss: str, name: str = "labels") -> jax.A
             f"`{name}` contains {{count}} non-finite values (NaN/inf).",
         )
     return labels
-
-
-def _check_key(key: Any, name: str = "key") -> jax.Array:
-    if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)):
-        raise TypeError(
-            f"`{name}` must be a typed PRNG key from `jax.random.key(seed)`, got {key!r}."
-        )
-    if key.ndim != 0:
-        raise ValueError(f"`{name}` must be a single key (shape ()), got shape {key.shape}.")
-    return key
 
 
 # ----------------------------------------------------------------------------- training
@@ -306,7 +296,7 @@ def finetune_on_masks(
             "pass key=jax.random.key(seed)."
         )
     if key is not None:
-        key = _check_key(key)
+        key = check_key(key)
         init_key, batch_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
     else:
         init_key = batch_key = jax.random.key(0)  # unused: full batch and no init_fn
