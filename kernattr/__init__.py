@@ -23,8 +23,15 @@ from ._attribution import loo_scores as loo_scores
 from ._attribution import shapley_values as shapley_values
 
 # --- metrics (_metrics.py)
+from ._metrics import BootstrapInterval as BootstrapInterval
+from ._metrics import LDSInterval as LDSInterval
 from ._metrics import LDSResult as LDSResult
+from ._metrics import PairedLDSInterval as PairedLDSInterval
+from ._metrics import bootstrap_indices as bootstrap_indices
+from ._metrics import bootstrap_interval as bootstrap_interval
 from ._metrics import lds as lds
+from ._metrics import lds_interval as lds_interval
+from ._metrics import paired_lds_interval as paired_lds_interval
 from ._metrics import normalized_error as normalized_error
 from ._metrics import pearson as pearson
 from ._metrics import rank_data as rank_data
@@ -69,16 +76,21 @@ from ._baselines import trak_scores as trak_scores
 __version__ = "0.1.0"
 
 __all__ = [
+    "BootstrapInterval",
     "GradientFeatures",
     "KernelSurrogate",
+    "LDSInterval",
     "LDSResult",
     "LinearSurrogate",
     "PairMasks",
+    "PairedLDSInterval",
     "Projector",
-    "SubsetEstimates",
     "SubsetData",
+    "SubsetEstimates",
     "SyntheticGame",
     "banzhaf_values",
+    "bootstrap_indices",
+    "bootstrap_interval",
     "data_mesh",
     "estimate_subset_labels",
     "estimate_subsets",
@@ -89,6 +101,7 @@ __all__ = [
     "influence_scores",
     "interaction_scores",
     "lds",
+    "lds_interval",
     "leave_one_out_masks",
     "linearize",
     "load_subsets",
@@ -96,6 +109,7 @@ __all__ = [
     "make_projector",
     "normalized_error",
     "pair_masks",
+    "paired_lds_interval",
     "pearson",
     "predict",
     "project",
@@ -104,8 +118,8 @@ __all__ = [
     "rank_data",
     "relative_error",
     "sample_subsets",
-    "shard_examples",
     "shapley_values",
+    "shard_examples",
     "spearman",
     "synthetic_game",
     "tracin_scores",

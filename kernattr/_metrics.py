@@ -19,14 +19,22 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from ._checks import as_float_array, check_rank, error_if
+from ._checks import as_float_array, check_count, check_key, check_rank, error_if
 
 __all__ = [
+    "BootstrapInterval",
+    "LDSInterval",
     "LDSResult",
+    "PairedLDSInterval",
+    "bootstrap_indices",
+    "bootstrap_interval",
     "lds",
+    "lds_interval",
     "normalized_error",
+    "paired_lds_interval",
     "pearson",
     "rank_data",
     "relative_error",
@@ -309,3 +317,319 @@ def relative_error(pred: Any, actual: Any) -> jax.Array:
     diff = jnp.abs(pred - actual)
     denom = jnp.abs(actual)
     return jnp.where(diff == 0, 0.0, diff / denom).astype(pred.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Bootstrap intervals over held-out masks
+# --------------------------------------------------------------------------------------------
+# Every interval below resamples the ROWS (masks) of its inputs with replacement, jointly across
+# all columns (targets) and, for paired intervals, jointly across the two methods: the same
+# resampled masks enter both LDS values of a replicate. Replicate ``r`` uses the rows
+# ``bootstrap_indices(key, m, num_resamples)[r]``; the interval is the percentile interval of
+# the replicates (``numpy.nanquantile``'s default linear interpolation).
+
+
+class BootstrapInterval(NamedTuple):
+    """Percentile bootstrap interval of a mean over rows (a pytree).
+
+    Attributes:
+      mean: scalar (``[m]`` input) or ``[T]``, the statistic on the full data.
+      low: same shape, lower end of the interval (``(1 - level)/2`` quantile of the replicates).
+      high: same shape, upper end (``(1 + level)/2`` quantile).
+      std: same shape, standard deviation of the replicates (the bootstrap standard error).
+      samples: ``[B]`` or ``[B, T]`` replicates (``B = num_resamples``).
+    """
+
+    mean: jax.Array
+    low: jax.Array
+    high: jax.Array
+    std: jax.Array
+    samples: jax.Array
+
+
+class LDSInterval(NamedTuple):
+    """LDS with a percentile bootstrap interval over held-out masks (a pytree).
+
+    Attributes:
+      mean: scalar, :func:`lds` on all held-out masks (the point estimate).
+      low: scalar, lower end of the interval.
+      high: scalar, upper end of the interval.
+      std: scalar, standard deviation of the replicates (the bootstrap standard error).
+      samples: ``[B]`` LDS of each resample; NaN for a resample where no target has a defined
+        correlation (left out of ``low``/``high``/``std``).
+      num_valid: scalar int32, number of targets in the point estimate (as :func:`lds`).
+    """
+
+    mean: jax.Array
+    low: jax.Array
+    high: jax.Array
+    std: jax.Array
+    samples: jax.Array
+    num_valid: jax.Array
+
+    def __float__(self) -> float:
+        return float(self.mean)
+
+
+class PairedLDSInterval(NamedTuple):
+    """Interval of ``LDS(a) - LDS(b)`` from the same resamples, and each method's own interval.
+
+    ``low > 0`` means that ``a`` beats ``b`` at the chosen level; ``high < 0`` that ``b`` beats
+    ``a``; otherwise the data cannot tell them apart.
+
+    Attributes:
+      mean: scalar, ``lds(pred_a, actual).mean - lds(pred_b, actual).mean``.
+      low: scalar, lower end of the interval of the difference.
+      high: scalar, upper end of the interval of the difference.
+      std: scalar, standard deviation of the replicate differences.
+      samples: ``[B]`` replicate differences (NaN where either LDS is undefined).
+      a: :class:`LDSInterval` of ``pred_a`` (same resamples).
+      b: :class:`LDSInterval` of ``pred_b`` (same resamples).
+    """
+
+    mean: jax.Array
+    low: jax.Array
+    high: jax.Array
+    std: jax.Array
+    samples: jax.Array
+    a: LDSInterval
+    b: LDSInterval
+
+
+def _check_interval_config(num_resamples: Any, level: Any, batch_size: Any) -> None:
+    check_count(num_resamples, "num_resamples", minimum=2)
+    if isinstance(level, bool) or not isinstance(level, (int, float, np.floating)):
+        raise TypeError(f"`level` must be a Python float in (0, 1), got {level!r}.")
+    if not 0.0 < float(level) < 1.0:
+        raise ValueError(f"`level` must be in (0, 1) (e.g. 0.95), got {level}.")
+    if batch_size is not None:
+        check_count(batch_size, "batch_size", minimum=1)
+
+
+def bootstrap_indices(key: jax.Array, num_rows: int, num_resamples: int) -> jax.Array:
+    """Row indices of the bootstrap resamples used by every interval in kernattr.
+
+    ``jax.random.randint(key, (num_resamples, num_rows), 0, num_rows)``: resample ``r`` draws
+    ``num_rows`` rows with replacement. Use it to compute other statistics on exactly the
+    resamples that :func:`lds_interval` / :func:`paired_lds_interval` /
+    :func:`bootstrap_interval` use with the same key.
+
+    Args:
+      key: typed PRNG key (``jax.random.key(seed)``).
+      num_rows: ``m``, number of rows (held-out masks) to resample.
+      num_resamples: ``B``, number of resamples.
+
+    Returns:
+      ``[B, m]`` int32 row indices.
+
+    Example:
+      >>> import jax, kernattr as ka
+      >>> ka.bootstrap_indices(jax.random.key(0), 5, 3).shape
+      (3, 5)
+    """
+    check_key(key)
+    check_count(num_rows, "num_rows", minimum=1)
+    check_count(num_resamples, "num_resamples", minimum=1)
+    return jax.random.randint(key, (num_resamples, num_rows), 0, num_rows, dtype=jnp.int32)
+
+
+def _lds_cols(pred: jax.Array, actual: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Unchecked LDS of ``[m, T]`` inputs: ``(mean over defined targets, num_valid)``."""
+    per_target = _pearson_cols(_ranks(pred), _ranks(actual))
+    valid = ~jnp.isnan(per_target)
+    num_valid = jnp.sum(valid, dtype=jnp.int32)
+    total = jnp.sum(jnp.where(valid, per_target, 0.0))
+    return jnp.where(num_valid > 0, total / jnp.maximum(num_valid, 1), jnp.nan), num_valid
+
+
+def _default_batch(num_resamples: int, cells: int) -> int:
+    """Resamples per ``lax.map`` step: about 2^22 gathered entries per step (bounded memory)."""
+    return max(1, min(num_resamples, (1 << 22) // max(1, cells)))
+
+
+def _quantiles(samples: jax.Array, level: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    q = jnp.asarray([(1.0 - level) / 2.0, (1.0 + level) / 2.0], samples.dtype)
+    lo_hi = jnp.nanquantile(samples, q, axis=0)
+    return lo_hi[0], lo_hi[1], jnp.nanstd(samples, axis=0)
+
+
+def _lds_replicates(
+    key: jax.Array, preds: tuple[jax.Array, ...], actual: jax.Array, num_resamples: int,
+    batch_size: int | None,
+) -> jax.Array:
+    """``[B, P]`` LDS of each prediction in ``preds`` on each resample of the rows."""
+    m = actual.shape[0]
+    idx = bootstrap_indices(key, m, num_resamples)
+    cells = m * actual.shape[1] * (len(preds) + 1)
+    bs = _default_batch(num_resamples, cells) if batch_size is None else batch_size
+
+    def one(rows):
+        a = actual[rows]
+        return jnp.stack([_lds_cols(p[rows], a)[0] for p in preds])
+
+    return lax.map(one, idx, batch_size=bs)
+
+
+def _lds_interval_from(point, num_valid, samples, level) -> LDSInterval:
+    low, high, std = _quantiles(samples, level)
+    return LDSInterval(mean=point, low=low, high=high, std=std, samples=samples,
+                       num_valid=num_valid)
+
+
+def _as_2d(x: jax.Array) -> jax.Array:
+    return x[:, None] if x.ndim == 1 else x
+
+
+def lds_interval(
+    key: jax.Array,
+    pred: Any,
+    actual: Any,
+    *,
+    num_resamples: int = 1000,
+    level: float = 0.95,
+    batch_size: int | None = None,
+) -> LDSInterval:
+    """LDS with a percentile bootstrap interval over the held-out masks.
+
+    Each replicate resamples the ``m`` held-out masks (rows of ``pred`` and ``actual``, all
+    targets together) with replacement (:func:`bootstrap_indices`) and recomputes :func:`lds`
+    on them: per-target Spearman correlations (tie-aware; a mask drawn twice is a tie), averaged
+    over the targets whose correlation is defined in that replicate. The interval is the
+    ``(1 ± level)/2`` quantile pair of the replicates. Replicates run ``batch_size`` at a time
+    (``jax.lax.map``), so memory stays bounded for many targets.
+
+    Args:
+      key: typed PRNG key (``jax.random.key(seed)``).
+      pred: ``[m]`` or ``[m, T]`` surrogate predictions on held-out masks.
+      actual: same shape, measured metric of models really trained on those masks.
+      num_resamples: ``B >= 2``, number of bootstrap replicates (static).
+      level: coverage of the interval in (0, 1) (static).
+      batch_size: replicates per step (static); default keeps about 4M gathered entries per
+        step.
+
+    Returns:
+      :class:`LDSInterval` ``(mean, low, high, std, samples, num_valid)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, kernattr as ka
+      >>> actual = jax.random.normal(jax.random.key(1), (50, 3))
+      >>> pred = actual + 0.5 * jax.random.normal(jax.random.key(2), (50, 3))
+      >>> ci = ka.lds_interval(jax.random.key(0), pred, actual, num_resamples=200)
+      >>> bool(ci.low <= ci.mean <= ci.high), ci.samples.shape
+      (True, (200,))
+    """
+    check_key(key)
+    _check_interval_config(num_resamples, level, batch_size)
+    pred, actual = _check_pair(pred, actual, "pred", "actual")
+    pred, actual = _as_2d(pred), _as_2d(actual)
+    point, num_valid = _lds_cols(pred, actual)
+    samples = _lds_replicates(key, (pred,), actual, num_resamples, batch_size)[:, 0]
+    return _lds_interval_from(point, num_valid, samples, float(level))
+
+
+def paired_lds_interval(
+    key: jax.Array,
+    pred_a: Any,
+    pred_b: Any,
+    actual: Any,
+    *,
+    num_resamples: int = 1000,
+    level: float = 0.95,
+    batch_size: int | None = None,
+) -> PairedLDSInterval:
+    """Bootstrap interval of ``LDS(pred_a) - LDS(pred_b)``, both on the same resampled masks.
+
+    Pairing matters: the two methods are scored on the same held-out masks, so most of the
+    sampling noise of the masks cancels in the difference, and the paired interval is much
+    narrower than what two separate intervals suggest. A claim "a beats b" needs ``low > 0``.
+    Each method's own interval (same resamples) comes along in ``a`` and ``b``; with the same
+    key, ``a`` equals ``lds_interval(key, pred_a, actual)``.
+
+    Args:
+      key: typed PRNG key (``jax.random.key(seed)``).
+      pred_a: ``[m]`` or ``[m, T]`` predictions of method a on held-out masks.
+      pred_b: same shape, predictions of method b on the same masks.
+      actual: same shape, measured metric.
+      num_resamples: ``B >= 2``, number of bootstrap replicates (static).
+      level: coverage of the interval in (0, 1) (static).
+      batch_size: replicates per step (static); default keeps about 4M gathered entries per
+        step.
+
+    Returns:
+      :class:`PairedLDSInterval` ``(mean, low, high, std, samples, a, b)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, kernattr as ka
+      >>> actual = jax.random.normal(jax.random.key(1), (60, 2))
+      >>> good = actual + 0.3 * jax.random.normal(jax.random.key(2), (60, 2))
+      >>> bad = actual + 3.0 * jax.random.normal(jax.random.key(3), (60, 2))
+      >>> d = ka.paired_lds_interval(jax.random.key(0), good, bad, actual, num_resamples=200)
+      >>> bool(d.low > 0), bool(d.a.mean > d.b.mean)
+      (True, True)
+    """
+    check_key(key)
+    _check_interval_config(num_resamples, level, batch_size)
+    pred_a, actual = _check_pair(pred_a, actual, "pred_a", "actual")
+    pred_b, actual = _check_pair(pred_b, actual, "pred_b", "actual")
+    dtype = jnp.promote_types(pred_a.dtype, pred_b.dtype)
+    pred_a, pred_b, actual = (_as_2d(x.astype(dtype)) for x in (pred_a, pred_b, actual))
+    point_a, valid_a = _lds_cols(pred_a, actual)
+    point_b, valid_b = _lds_cols(pred_b, actual)
+    reps = _lds_replicates(key, (pred_a, pred_b), actual, num_resamples, batch_size)
+    level = float(level)
+    ia = _lds_interval_from(point_a, valid_a, reps[:, 0], level)
+    ib = _lds_interval_from(point_b, valid_b, reps[:, 1], level)
+    diff = reps[:, 0] - reps[:, 1]
+    low, high, std = _quantiles(diff, level)
+    return PairedLDSInterval(mean=point_a - point_b, low=low, high=high, std=std, samples=diff,
+                             a=ia, b=ib)
+
+
+def bootstrap_interval(
+    key: jax.Array,
+    values: Any,
+    *,
+    num_resamples: int = 1000,
+    level: float = 0.95,
+) -> BootstrapInterval:
+    """Percentile bootstrap interval of a mean over rows, column by column.
+
+    For per-mask (or per-example) quantities whose summary is a mean over rows: relative
+    errors of the estimator, selection losses, per-mask gains. Rows are resampled with
+    :func:`bootstrap_indices` (the same resamples as :func:`lds_interval` for the same key and
+    ``m``). For a paired comparison of two methods on the same rows pass the per-row
+    difference ``values_a - values_b``.
+
+    Args:
+      key: typed PRNG key (``jax.random.key(seed)``).
+      values: ``[m]`` or ``[m, T]`` finite values, one row per mask (columns summarised apart).
+      num_resamples: ``B >= 2``, number of bootstrap replicates (static).
+      level: coverage of the interval in (0, 1) (static).
+
+    Returns:
+      :class:`BootstrapInterval` ``(mean, low, high, std, samples)``; scalar fields for ``[m]``
+      input, ``[T]`` for ``[m, T]``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, kernattr as ka
+      >>> err = 1.0 + 0.1 * jax.random.normal(jax.random.key(1), (100,))
+      >>> ci = ka.bootstrap_interval(jax.random.key(0), err, num_resamples=500)
+      >>> bool(ci.low < 1.0 < ci.high), ci.samples.shape
+      (True, (500,))
+    """
+    check_key(key)
+    _check_interval_config(num_resamples, level, None)
+    values = as_float_array(values, "values")
+    check_rank(values, (1, 2), "values", "[m] or [m, T]")
+    if values.shape[0] < 1 or (values.ndim == 2 and values.shape[1] == 0):
+        raise ValueError(f"`values` is empty (shape {tuple(values.shape)}).")
+    _check_finite(values, "values")
+    m = values.shape[0]
+    idx = bootstrap_indices(key, m, num_resamples)
+    # The mean of a resample is a weighted mean: counts [B, m] @ values, no gather of B·m rows.
+    counts = jnp.zeros((num_resamples, m), values.dtype).at[
+        jnp.arange(num_resamples)[:, None], idx].add(1.0)
+    samples = counts @ values / m
+    low, high, std = _quantiles(samples, float(level))
+    return BootstrapInterval(mean=jnp.mean(values, axis=0), low=low, high=high, std=std,
+                             samples=samples)
