@@ -8,6 +8,9 @@ Public names:
   Transformer: a small decoder-only NNX transformer for short token sequences.
   answer_fn / answer_output / OUTPUTS: output functions for the answer token (logit of the
     correct class, margin, log-odds, full logits).
+  make_sac / SAC / SACParams / Batch / make_train_step / sac_losses / td_targets /
+    sac_output_fn / pack_examples / actor_mean_labels / tanh_gaussian_log_prob / squash /
+    Actor / TwinCritic / TrainState: soft actor-critic as pure functions, and its adapters.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ _LAZY = {
     "answer_fn": "._transformer",
     "answer_output": "._transformer",
     "OUTPUTS": "._transformer",
+    **{name: "._sac" for name in (
+        "Actor", "Batch", "SAC", "SACParams", "TrainState", "TwinCritic", "actor_mean_labels",
+        "make_sac", "make_train_step", "pack_examples", "sac_losses", "sac_output_fn", "squash",
+        "tanh_gaussian_log_prob", "td_targets")},
 }
 
 __all__ = sorted(_LAZY)
