@@ -128,10 +128,23 @@ def test_results_schema(tiny_run):
     for key in ("relative_error", "no_change_relative_error", "spearman"):
         assert np.isfinite(saved["estimator"][key])
     assert set(saved["methods"]) == {"kernel", "linear", "kernel_real", "datamodels",
-                                     "influence", "trak", "tracin"}
+                                     "influence", "trak", "tracin", "kernel_real_few",
+                                     "multifidelity"}
     for m in saved["methods"].values():
-        assert {"lds", "loo_pearson", "loo_spearman", "seconds"} <= set(m)
+        assert {"lds", "lds_ci", "loo_pearson", "loo_spearman", "seconds"} <= set(m)
         assert -1.0 <= m["lds"] <= 1.0 and m["seconds"] > 0
+        lo, hi = m["lds_ci"]
+        assert lo <= m["lds"] + 1e-6 and m["lds"] - 1e-6 <= hi
+    assert set(saved["paired"]) >= {"kernel_real-datamodels", "kernel-influence",
+                                    "multifidelity-kernel_real_few", "multifidelity-kernel"}
+    for name, (mean, lo, hi) in saved["paired"].items():
+        a, b = name.split("-")
+        np.testing.assert_allclose(mean, saved["methods"][a]["lds"] - saved["methods"][b]["lds"],
+                                   atol=1e-6)
+        assert lo <= hi
+    nc = saved["noise_ceiling"]
+    assert -1.0 <= nc["lds"] <= 1.0 and nc["lds_ci"][0] <= nc["lds"] <= nc["lds_ci"][1]
+    assert saved["sizes"]["num_real_few"] == 12  # min(num_real_few, num_train_masks)
     for path in saved["plots"].values():
         assert os.path.getsize(path) > 1000
 
@@ -143,6 +156,15 @@ def test_results_consistent_with_saved_predictions(tiny_run):
     for name, m in res["methods"].items():
         lds = float(ka.lds(jnp.asarray(z[f"pred_{name}"]), jnp.asarray(actual)).mean)
         np.testing.assert_allclose(lds, m["lds"], atol=1e-6)
+    # the noise ceiling is the LDS of the repeat retraining against the labels
+    nc = float(ka.lds(jnp.asarray(z["actual_heldout_repeat"]), jnp.asarray(actual)).mean)
+    np.testing.assert_allclose(nc, res["noise_ceiling"]["lds"], atol=1e-6)
+    # kernel_real_few is a kernel on the first num_real_few real labels only
+    few = ka.fit_kernel(jnp.asarray(z["train_masks"][:12]), jnp.asarray(z["actual_train"][:12]),
+                        per_target=True)
+    np.testing.assert_allclose(np.asarray(ka.predict(few, jnp.asarray(z["heldout_masks"]))),
+                               z["pred_kernel_real_few"], rtol=1e-4, atol=1e-5)
+    for name, m in res["methods"].items():
         loo_rho = np.nanmean(np.asarray(ka.spearman(jnp.asarray(z[f"loo_{name}"]),
                                                     jnp.asarray(z["loo_real"]))))
         np.testing.assert_allclose(loo_rho, m["loo_spearman"], atol=1e-6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -39,21 +40,59 @@ def _run(cfg, args) -> int:
 
 
 def _run_demo(args) -> int:
-    from .pipeline import PipelineConfig
+    from .pipeline import demo_config
 
-    cfg = PipelineConfig(seed=args.seed)
-    return _run(cfg, args)
+    return _run(demo_config(seed=args.seed), args)
+
+
+def _run_atlas(args) -> int:
+    from .atlas import centre_config, run_atlas
+
+    out = _out_dir(args.out)
+    t = time.perf_counter()
+    atlas = run_atlas(centre_config(args.quick, seed=args.seed), out=out, quick=args.quick,
+                      cache_dir=args.cache_dir, progress=not args.quiet)
+    print(open(os.path.join(out, "atlas.md")).read())
+    print(f"wrote {out}/atlas.json, atlas.md, atlas.png in {time.perf_counter() - t:.1f}s "
+          f"({len(atlas['cells'])} cells)")
+    return 0
+
+
+def _run_suite(args) -> int:
+    from .families import FAMILIES
+    from .pipeline import demo_config, format_table, run_pipeline
+
+    out = _out_dir(args.out)
+    rows = {}
+    for fam in FAMILIES:
+        kw = {} if args.regime is None else {"regime": args.regime}
+        cfg = demo_config(family=fam, num_tasks=24, grouping="blocks", seed=args.seed, **kw)
+        res = run_pipeline(cfg, out=os.path.join(out, fam), cache_dir=args.cache_dir,
+                           progress=not args.quiet, plots=not args.no_plots)
+        rows[fam] = res
+        it = res["interactions"]
+        print(f"\n== {fam} ({cfg.regime}): |second difference| designed pairs "
+              f"{it['designed_mean_abs']:.4f} vs others {it['other_mean_abs']:.4f} "
+              f"(ratio {it['ratio']:.1f})")
+        print(format_table(res))
+    with open(os.path.join(out, "suite.json"), "w") as fh:
+        json.dump({f: {"interactions": r["interactions"], "paired": r["paired"],
+                       "noise_ceiling": r["noise_ceiling"],
+                       "lds": {n: m["lds"] for n, m in r["methods"].items()}}
+                   for f, r in rows.items()}, fh, indent=2)
+    return 0
 
 
 def _run_reproduce(args) -> int:
-    from .pipeline import PipelineConfig
+    from .pipeline import demo_config
 
     kw = dict(task=args.task, p=args.p, num_tasks=args.tasks, num_train_masks=args.masks,
               num_heldout_masks=args.heldout_masks, num_targets=args.targets, seed=args.seed,
               regime=args.regime, proj_dim=args.dim)
     if args.prox is not None:
         kw["prox"] = args.prox
-    return _run(PipelineConfig(**{k: v for k, v in kw.items() if v is not None}), args)
+    kw = {k: v for k, v in kw.items() if v is not None}
+    return _run(demo_config(family=None, grouping="blocks", **kw), args)
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
@@ -86,6 +125,14 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--dim", type=int, default=None, help="projection dimension d")
     _common(m)
     m.set_defaults(func=_run_reproduce)
+    a = psub.add_parser("atlas", help="regime atlas: one-factor-at-a-time sweep around the demo")
+    a.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run, ~minutes)")
+    _common(a)
+    a.set_defaults(func=_run_atlas)
+    s = psub.add_parser("suite", help="interaction suite: redundancy, antagonism, xor, additive")
+    s.add_argument("--regime", choices=("finetune", "scratch"), default=None)
+    _common(s)
+    s.set_defaults(func=_run_suite)
 
 
 def add_all(sub: argparse._SubParsersAction) -> None:

@@ -1,24 +1,31 @@
 """The end-to-end attribution pipeline on modular arithmetic (what ``kernattr demo`` runs).
 
-Stages (each timed):
+A run is a sequence of named stages, each a function returning a NamedTuple:
 
-1. data (:func:`kernattr.experiments.modular.make_modular_data`) and an NNX transformer;
-   ``W0`` = full-batch AdamW on all tasks.
-2. masks: ``num_train_masks`` surrogate-training masks and ``num_heldout_masks`` held-out masks,
-   each drawn as a mixture of Bernoulli densities ``densities`` (spread for LDS, mass near the
-   all-tasks anchor for leave-one-out), plus the ``K`` leave-one-out masks and the full mask.
-3. ground truth: REAL fine-tuning from ``W0`` on every mask (``regime="finetune"``; objective =
-   task-weighted loss + ``prox/2 ||W - W0||²``, Adam with cosine decay to zero so that each run
-   reaches the proximal optimum), or retraining from scratch (``regime="scratch"``), vmapped
-   over masks; cached on disk under a hash of the configuration.
-4. the gradient estimator: Rademacher-projected output gradients (full logits, softmax loss,
-   ``d = 1024``) at ``W0`` and the task-weighted GLM per mask with ``ridge = prox`` (the converged
-   proximal objective of the linearized model, which is what the first-order method
-   approximates), solved in float64 (the ``"exact"`` solver stalls in float32 here).
-5. methods on the same masks and targets: ``kernel`` / ``linear`` surrogates on estimated
-   labels, ``kernel_real`` / ``datamodels`` on real labels, ``influence``, ``trak``, ``tracin``.
-6. metrics: LDS on held-out masks, LOO correlation (Pearson, Spearman) with real leave-one-out,
-   estimator relative error; ``results.json``, ``predictions.npz`` and PNG plots.
+1. :func:`prepare_stage`: data (:func:`kernattr.experiments.modular.make_modular_data`, or a
+   task family of :mod:`kernattr.experiments.families`) and an NNX transformer; ``W0`` =
+   full-batch AdamW on all tasks.
+2. :func:`masks_stage`: ``num_train_masks`` surrogate-training masks and ``num_heldout_masks``
+   held-out masks, each drawn as a mixture of Bernoulli densities ``densities``, plus the ``K``
+   leave-one-out masks, the full mask and (for a family) the pair-drop masks of the designed
+   pairs and of as many other pairs.
+3. :func:`ground_truth_stage`: REAL training on every mask, vmapped over masks and cached on
+   disk under a hash of the configuration: fine-tuning from ``W0`` (``regime="finetune"``;
+   objective = task-weighted loss + ``prox/2 ||W - W0||²``, Adam with cosine decay to zero) or
+   retraining from scratch (``regime="scratch"``). The held-out masks are trained a second time
+   with another seed (``gt_seed + 1``) for the noise ceiling.
+4. :func:`features_stage`: Rademacher-projected output gradients (full logits, softmax loss,
+   ``d = proj_dim``) at ``W0`` (or at the all-tasks trained point, ``linearize_at="full"``).
+5. :func:`estimate_stage`: the task-weighted GLM per mask (``ridge = prox`` unless set),
+   float64.
+6. :func:`methods_stage`: ``kernel`` / ``linear`` surrogates on estimated labels,
+   ``kernel_real`` / ``datamodels`` on real labels, ``kernel_real_few`` on the first
+   ``num_real_few`` real labels, ``multifidelity`` (those real labels plus every estimated
+   label, :func:`kernattr.fit_multifidelity`), ``influence``, ``trak``, ``tracin``.
+7. :func:`evaluate_stage`: LDS with 95% bootstrap intervals over held-out masks, paired
+   differences, LOO correlations, the estimator's error, the noise ceiling, the measured
+   second differences of designed pairs; :func:`write_stage` writes ``results.json``,
+   ``predictions.npz`` and PNG plots.
 """
 
 from __future__ import annotations
@@ -28,29 +35,44 @@ import hashlib
 import json
 import os
 import time
-from typing import Optional
+from functools import partial
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-CACHE_VERSION = "modular-gt-v1"
+CACHE_VERSION = "modular-gt-v2"
+# Paired comparisons reported in results.json: (a, b) means LDS(a) - LDS(b).
+PAIRED = (("kernel_real", "datamodels"), ("kernel", "influence"), ("kernel", "linear"),
+          ("multifidelity", "kernel_real_few"), ("multifidelity", "kernel"))
 
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """Everything that defines a run (JSON-serialisable; the ground-truth cache key hashes it).
 
-    Data: ``task``, ``p``, ``num_tasks`` (K), ``num_targets`` (T), ``train_fraction``, ``seed``.
+    Data: ``task``, ``family`` (a task family of :mod:`kernattr.experiments.families`, which
+    then replaces ``task``; ``num_tasks`` = 2 x blocks), ``grouping`` (``"blocks"``: a task is a
+    grid block or a family's task; ``"samples"``: ``num_tasks`` random groups of examples),
+    ``p``, ``num_tasks`` (K), ``num_targets`` (T), ``train_fraction``, ``seed``.
     Model: ``d_model``, ``num_heads``, ``num_layers``, ``d_mlp``; pretraining ``pretrain_*``.
     Ground truth: ``regime`` (``"finetune"`` from ``W0`` or ``"scratch"``), ``finetune_steps``,
-    ``finetune_lr`` (Adam, cosine-decayed to 0), ``prox`` (L2 pull to ``W0``; fine-tuning only).
-    Masks: ``num_train_masks``, ``num_heldout_masks`` drawn from a mixture over ``densities``.
-    Estimator: ``proj_kind``, ``proj_dim``, ``solver`` (``"exact"`` | ``"fast"``), ``ridge``
-    (``None``: equal to ``prox``). Baselines: ``damping`` (``None``: equal to the ridge).
+    ``finetune_lr`` (Adam, cosine-decayed to 0), ``prox`` (L2 pull to ``W0``; fine-tuning only),
+    ``scratch_steps``, ``gt_seed`` (seed of the training itself: the init of ``"scratch"``, the
+    init of ``W0`` for ``"finetune"``; the noise ceiling retrains with ``gt_seed + 1``),
+    ``noise_ceiling`` (whether to measure it).
+    Masks: ``num_train_masks``, ``num_heldout_masks`` drawn from a mixture over ``densities``;
+    ``num_real_few`` real labels for ``kernel_real_few`` / ``multifidelity``.
+    Estimator: ``proj_kind``, ``proj_dim``, ``solver`` (``"fast"`` | ``"anchored"`` |
+    ``"exact"``), ``ridge`` (``None``: equal to ``prox``), ``linearize_at`` (``"W0"`` or
+    ``"full"``: the model trained on all tasks under the run's regime). Baselines: ``damping``
+    (``None``: equal to the ridge).
     """
 
     task: str = "quadratic"
+    family: Optional[str] = None
+    grouping: str = "blocks"
     p: int = 17
     num_tasks: int = 25
     num_targets: int = 48
@@ -68,8 +90,11 @@ class PipelineConfig:
     finetune_lr: float = 3e-3
     prox: float = 10.0
     scratch_steps: int = 300
+    gt_seed: int = 0
+    noise_ceiling: bool = True
     num_train_masks: int = 100
     num_heldout_masks: int = 100
+    num_real_few: int = 32
     densities: tuple = (0.5, 0.7, 0.9)
     proj_kind: str = "rademacher"
     proj_dim: int = 1024
@@ -77,6 +102,7 @@ class PipelineConfig:
     solver_tol: Optional[float] = 1e-6
     estimator_x64: bool = True
     ridge: Optional[float] = None
+    linearize_at: str = "W0"
     damping: Optional[float] = None
     kernel_per_target: bool = True
 
@@ -87,7 +113,8 @@ class PipelineConfig:
 
     def ground_truth_key(self) -> str:
         """Hash of every field that changes the real labels (not the estimator's settings)."""
-        skip = {"proj_kind", "proj_dim", "solver", "solver_tol", "estimator_x64", "ridge", "damping", "kernel_per_target"}
+        skip = {"proj_kind", "proj_dim", "solver", "solver_tol", "estimator_x64", "ridge",
+                "damping", "kernel_per_target", "linearize_at", "noise_ceiling", "num_real_few"}
         if self.regime == "finetune":
             skip.add("scratch_steps")
         d = {k: v for k, v in self.to_dict().items() if k not in skip}
@@ -96,11 +123,106 @@ class PipelineConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+# The headline regime ``kernattr demo`` runs (overrides of PipelineConfig's defaults).
+DEMO = {}
+
+
+def demo_config(**overrides) -> PipelineConfig:
+    """The configuration of ``kernattr demo`` (the atlas's centre), with ``overrides``.
+
+    >>> demo_config(seed=3).seed
+    3
+    """
+    return PipelineConfig(**{**DEMO, **overrides})
+
+
 def default_cache_dir() -> str:
     base = os.environ.get("KERNATTR_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "kernattr"
     )
     return base
+
+
+# ------------------------------------------------------------------------------ stage results
+
+
+class Prepared(NamedTuple):
+    """Stage 1: ``data`` (ModularData), ``apply_fn``, ``params0`` (``W0``), ``init_fn``,
+    ``designed`` (FamilyData or ``None``), ``seconds``."""
+
+    data: Any
+    apply_fn: Callable
+    params0: Any
+    init_fn: Callable
+    designed: Any
+    seconds: float
+
+
+class MaskSet(NamedTuple):
+    """Stage 2 (numpy float32): ``train [m, K]``, ``heldout [m', K]``, ``loo [K, K]``,
+    ``full [1, K]``, ``pairs [P, K]`` pair-drop masks of ``pair_index [P, 2]`` (the first
+    ``num_designed`` rows are the designed pairs)."""
+
+    train: np.ndarray
+    heldout: np.ndarray
+    loo: np.ndarray
+    full: np.ndarray
+    pairs: np.ndarray
+    pair_index: np.ndarray
+    num_designed: int
+
+    def stacked(self) -> np.ndarray:
+        """All masks in one array, in field order (the ground-truth cache's layout)."""
+        return np.concatenate([self.train, self.heldout, self.loo, self.full, self.pairs])
+
+
+class GroundTruth(NamedTuple):
+    """Stage 3: real labels ``[rows, T]`` per mask group, ``F0 [T]`` at ``W0``, ``loo_real
+    [K, T]`` = ``F(all) - F(all - k)``, ``heldout_repeat`` (the held-out masks retrained with
+    another seed, or ``None``), ``seconds`` (of computing, even when cached), ``cache_hit``,
+    ``key``."""
+
+    train: np.ndarray
+    heldout: np.ndarray
+    loo: np.ndarray
+    full: np.ndarray
+    pairs: np.ndarray
+    F0: np.ndarray
+    loo_real: np.ndarray
+    heldout_repeat: Optional[np.ndarray]
+    seconds: float
+    cache_hit: bool
+    key: str
+
+
+class Features(NamedTuple):
+    """Stage 4: ``train`` / ``target`` GradientFeatures at the linearization point, ``seconds``."""
+
+    train: Any
+    target: Any
+    seconds: float
+
+
+class Estimates(NamedTuple):
+    """Stage 5: estimated labels ``train [m, T]``, ``heldout [m', T]``, ``ridge``, ``seconds``."""
+
+    train: np.ndarray
+    heldout: np.ndarray
+    ridge: float
+    seconds: float
+
+
+class MethodOutputs(NamedTuple):
+    """Stage 6: per method ``preds [m', T]`` on held-out masks, ``loos [K, T]`` scores,
+    ``seconds`` (labels + fit), ``fit_seconds``, ``label_seconds``; ``kernel`` (the kernel
+    surrogate on estimated labels, for interaction plots)."""
+
+    preds: dict
+    loos: dict
+    seconds: dict
+    fit_seconds: dict
+    label_seconds: dict
+    kernel: Any
 
 
 # ----------------------------------------------------------------------------------- masks
@@ -124,8 +246,6 @@ def mixture_masks(key: jax.Array, *, num_tasks: int, num_subsets: int, densities
     return jnp.where(empty, 1.0, masks)
 
 
-
-
 def make_masks(cfg: PipelineConfig) -> dict:
     """Training, held-out, leave-one-out and full masks (numpy, float32)."""
     import kernattr as ka
@@ -142,60 +262,128 @@ def make_masks(cfg: PipelineConfig) -> dict:
             dict(train=train, heldout=held, loo=loo, full=full).items()}
 
 
+def masks_stage(cfg: PipelineConfig, prep: Prepared) -> MaskSet:
+    """Stage 2: every mask of the run (see :class:`MaskSet`)."""
+    from .families import other_pairs, pair_drop_masks
+
+    m = make_masks(cfg)
+    K = cfg.num_tasks
+    if prep.designed is not None:
+        designed = np.asarray(prep.designed.designed_pairs)
+        others = other_pairs(K, designed, len(designed), seed=cfg.seed)
+        index = np.concatenate([designed, others]).astype(np.int64)
+        pairs = pair_drop_masks(K, index)
+        nd = len(designed)
+    else:
+        index, pairs, nd = np.zeros((0, 2), np.int64), np.zeros((0, K), np.float32), 0
+    return MaskSet(m["train"], m["heldout"], m["loo"], m["full"], pairs, index, nd)
+
+
 # ------------------------------------------------------------------------------- model / W0
 
 
-def prepare(cfg: PipelineConfig):
-    """Data, model, ``W0`` (deterministic from ``cfg.seed``)."""
-    from ._model import ModelSpec, build_model, pretrain
+def make_data(cfg: PipelineConfig):
+    """The run's data (:class:`~kernattr.experiments.modular.ModularData`) and its
+    :class:`~kernattr.experiments.families.FamilyData` (``None`` without a family)."""
+    from .families import make_family_data
     from .modular import make_modular_data
 
-    data = make_modular_data(task=cfg.task, p=cfg.p, num_tasks=cfg.num_tasks,
-                             num_targets=cfg.num_targets, train_fraction=cfg.train_fraction,
-                             seed=cfg.seed)
+    fam = None
+    if cfg.family is not None:
+        if cfg.num_tasks % 2:
+            raise ValueError(f"a family needs an even `num_tasks` (2 x blocks), got {cfg.num_tasks}.")
+        fam = make_family_data(cfg.family, p=cfg.p, num_blocks=cfg.num_tasks // 2,
+                               num_targets=cfg.num_targets, seed=cfg.seed)
+        data = fam.data
+    else:
+        data = make_modular_data(task=cfg.task, p=cfg.p, num_tasks=cfg.num_tasks,
+                                 num_targets=cfg.num_targets, train_fraction=cfg.train_fraction,
+                                 seed=cfg.seed)
+    if cfg.grouping == "samples":
+        if fam is not None:
+            raise ValueError("`grouping='samples'` regroups examples at random: it has no "
+                             "designed pairs, so it cannot be combined with `family`.")
+        rng = np.random.default_rng([cfg.seed, 31])
+        n = len(data.task_ids)
+        if cfg.num_tasks > n:
+            raise ValueError(f"`num_tasks`={cfg.num_tasks} sample groups but only {n} examples.")
+        data = data._replace(task_ids=(rng.permutation(n) % cfg.num_tasks).astype(np.int32))
+    elif cfg.grouping != "blocks":
+        raise ValueError(f"`grouping` must be 'blocks' or 'samples', got {cfg.grouping!r}.")
+    return data, fam
+
+
+def prepare(cfg: PipelineConfig):
+    """``(data, apply_fn, W0, init_fn)``, deterministic from ``cfg.seed`` and ``cfg.gt_seed``."""
+    return prepare_stage(cfg)[:4]
+
+
+def prepare_stage(cfg: PipelineConfig) -> Prepared:
+    """Stage 1: data, model and ``W0`` (see :class:`Prepared`)."""
+    from ._model import ModelSpec, build_model, pretrain
+
+    t = time.perf_counter()
+    data, fam = make_data(cfg)
     spec = ModelSpec(cfg.d_model, cfg.num_heads, cfg.num_layers, cfg.d_mlp)
-    apply_fn, params, init_fn = build_model(data, spec, jax.random.fold_in(jax.random.key(cfg.seed), 1))
+    init_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+    if cfg.gt_seed:
+        init_key = jax.random.fold_in(init_key, 1000 + cfg.gt_seed)
+    apply_fn, params, init_fn = build_model(data, spec, init_key)
     params0 = pretrain(apply_fn, params, data, num_steps=cfg.pretrain_steps,
                        learning_rate=cfg.pretrain_lr, weight_decay=cfg.pretrain_weight_decay)
-    return data, apply_fn, params0, init_fn
+    jax.block_until_ready(params0)
+    return Prepared(data, apply_fn, params0, init_fn, fam, time.perf_counter() - t)
 
 
 # ---------------------------------------------------------------------------- ground truth
 
 
-def real_labels(cfg, data, apply_fn, params0, init_fn, masks, *, progress=False):
-    """``F [m, T]`` target losses after real training on each mask, and ``F0 [T]`` at ``W0``."""
+def train_fn(cfg: PipelineConfig, data, apply_fn, params0, init_fn) -> Callable:
+    """``train(masks [c, K]) -> stacked params``: real training of one chunk of masks."""
     import optax
 
     import kernattr.groundtruth as gt
 
-    K = cfg.num_tasks
-    chunk = 64
+    x, y, t = (jnp.asarray(a) for a in (data.train_inputs, data.train_labels, data.task_ids))
     if cfg.regime == "finetune":
         opt = optax.adam(optax.cosine_decay_schedule(cfg.finetune_lr, cfg.finetune_steps))
-        W = gt.finetune_on_masks(
-            apply_fn, params0, jnp.asarray(data.train_inputs), jnp.asarray(data.train_labels),
-            jnp.asarray(data.task_ids), masks, loss="softmax", optimizer=opt,
-            num_steps=cfg.finetune_steps, prox=cfg.prox, mask_chunk_size=chunk, progress=progress,
-        )
-    elif cfg.regime == "scratch":
+        return partial(gt.finetune_on_masks, apply_fn, params0, x, y, t, loss="softmax",
+                       optimizer=opt, num_steps=cfg.finetune_steps, prox=cfg.prox)
+    if cfg.regime == "scratch":
         opt = optax.adamw(optax.cosine_decay_schedule(cfg.pretrain_lr, cfg.scratch_steps),
                           weight_decay=cfg.pretrain_weight_decay)
-        W = gt.finetune_on_masks(
-            apply_fn, params0, jnp.asarray(data.train_inputs), jnp.asarray(data.train_labels),
-            jnp.asarray(data.task_ids), masks, loss="softmax", optimizer=opt,
-            num_steps=cfg.scratch_steps, init_fn=init_fn, key=jax.random.key(cfg.seed + 1),
-            mask_chunk_size=chunk, progress=progress,
-        )
-    else:
-        raise ValueError(f"`regime` must be 'finetune' or 'scratch', got {cfg.regime!r}.")
-    del K
-    evaluate = jax.jit(lambda W: gt.evaluate_targets(
-        apply_fn, W, jnp.asarray(data.target_inputs), jnp.asarray(data.target_labels),
-        loss="softmax", mask_chunk_size=chunk))
-    F = evaluate(W)
-    F0 = evaluate(jax.tree.map(lambda x: x[None], params0))[0]
-    return np.asarray(F), np.asarray(F0)
+        key = jax.random.key(cfg.seed + 1)
+        if cfg.gt_seed:
+            key = jax.random.fold_in(key, 1000 + cfg.gt_seed)
+        return partial(gt.finetune_on_masks, apply_fn, params0, x, y, t, loss="softmax",
+                       optimizer=opt, num_steps=cfg.scratch_steps, init_fn=init_fn, key=key)
+    raise ValueError(f"`regime` must be 'finetune' or 'scratch', got {cfg.regime!r}.")
+
+
+def real_labels(cfg, data, apply_fn, params0, init_fn, masks, *, progress=False):
+    """``F [m, T]`` target losses after real training on each mask, and ``F0 [T]`` at ``W0``."""
+    from tqdm.auto import tqdm
+
+    import kernattr.groundtruth as gt
+
+    train = train_fn(cfg, data, apply_fn, params0, init_fn)
+    xt, yt = jnp.asarray(data.target_inputs), jnp.asarray(data.target_labels)
+
+    def labels(W):
+        return gt.evaluate_targets(apply_fn, W, xt, yt, loss="softmax")
+
+    run = jax.jit(lambda mk: labels(train(mk)))
+    masks = np.asarray(masks, np.float32)
+    m, chunk = len(masks), 64
+    num_chunks = -(-m // chunk)
+    chunk = -(-m // num_chunks)  # equal chunks: one compilation, least padding
+    padded = np.concatenate([masks, np.ones((num_chunks * chunk - m, masks.shape[1]), np.float32)])
+    out = [np.asarray(run(jnp.asarray(padded[c * chunk:(c + 1) * chunk])))
+           for c in tqdm(range(num_chunks), desc="training", unit="chunk", disable=not progress,
+                         leave=False)]
+    F = np.concatenate(out)[:m]
+    F0 = np.asarray(labels(jax.tree.map(lambda a: a[None], params0)))[0]
+    return F, F0
 
 
 def cached_ground_truth(cfg, data, apply_fn, params0, init_fn, all_masks, *, cache_dir=None,
@@ -219,15 +407,175 @@ def cached_ground_truth(cfg, data, apply_fn, params0, init_fn, all_masks, *, cac
     return F, F0, seconds, False
 
 
+def ground_truth_stage(cfg: PipelineConfig, prep: Prepared, masks: MaskSet, *,
+                       cache_dir=None, progress=False) -> GroundTruth:
+    """Stage 3: real labels of every mask, and of the held-out masks under another seed."""
+    all_masks = masks.stacked()
+    F, F0, seconds, hit = cached_ground_truth(cfg, prep.data, prep.apply_fn, prep.params0,
+                                              prep.init_fn, all_masks, cache_dir=cache_dir,
+                                              progress=progress)
+    sizes = [len(masks.train), len(masks.heldout), len(masks.loo), 1, len(masks.pairs)]
+    tr, ho, loo, full, pairs = np.split(F, np.cumsum(sizes)[:-1])
+    repeat = None
+    if cfg.noise_ceiling:
+        cfg2 = dataclasses.replace(cfg, gt_seed=cfg.gt_seed + 1)
+        # finetune: another W0 (its init seed); scratch: another init of every retraining.
+        prep2 = prepare_stage(cfg2) if cfg.regime == "finetune" else prep
+        repeat, _, sec2, hit2 = cached_ground_truth(cfg2, prep2.data, prep2.apply_fn,
+                                                    prep2.params0, prep2.init_fn, masks.heldout,
+                                                    cache_dir=cache_dir, progress=progress)
+        seconds += sec2
+        hit = hit and hit2
+    return GroundTruth(tr, ho, loo, full[0], pairs, F0, full[0][None, :] - loo, repeat,
+                       seconds, hit, cfg.ground_truth_key())
+
+
+# ------------------------------------------------------------------------ features/estimates
+
+
+def features_stage(cfg: PipelineConfig, prep: Prepared) -> Features:
+    """Stage 4: projected logit gradients at ``W0`` or at the all-tasks trained point."""
+    import kernattr as ka
+
+    t = time.perf_counter()
+    data, params = prep.data, prep.params0
+    if cfg.linearize_at == "full":
+        train = train_fn(cfg, data, prep.apply_fn, prep.params0, prep.init_fn)
+        params = jax.tree.map(lambda a: a[0], jax.jit(train)(jnp.ones((1, cfg.num_tasks))))
+    elif cfg.linearize_at != "W0":
+        raise ValueError(f"`linearize_at` must be 'W0' or 'full', got {cfg.linearize_at!r}.")
+    proj_key = jax.random.fold_in(jax.random.key(cfg.seed), 2)
+    dim = None if cfg.proj_kind == "identity" else cfg.proj_dim
+    proj = ka.make_projector(proj_key, params, dim=dim, kind=cfg.proj_kind)
+    feats = jax.jit(partial(ka.gradient_features, prep.apply_fn, projector=proj, chunk_size=128))
+    train_f = feats(params, jnp.asarray(data.train_inputs), jnp.asarray(data.train_labels),
+                    task_ids=jnp.asarray(data.task_ids))
+    target_f = feats(params, jnp.asarray(data.target_inputs), jnp.asarray(data.target_labels))
+    jax.block_until_ready((train_f, target_f))
+    return Features(train_f, target_f, time.perf_counter() - t)
+
+
+def estimate_stage(cfg: PipelineConfig, feats: Features, masks: MaskSet) -> Estimates:
+    """Stage 5: estimated labels of the training and held-out masks (same ridge as ``prox``)."""
+    import kernattr as ka
+
+    t = time.perf_counter()
+    ridge = cfg.prox if cfg.ridge is None else cfg.ridge
+    estimate = jax.jit(partial(ka.estimate_subset_labels, loss="softmax", metric="loss",
+                               ridge=ridge, solver=cfg.solver, mask_chunk_size=64,
+                               tol=cfg.solver_tol, max_iter=100))
+    both = np.concatenate([masks.train, masks.heldout])
+    with jax.enable_x64(cfg.estimator_x64):
+        dt = jnp.float64 if cfg.estimator_x64 else jnp.float32
+
+        def cast(g):
+            return g._replace(grads=jnp.asarray(g.grads, dt), outputs=jnp.asarray(g.outputs, dt))
+
+        Fh = np.asarray(estimate(cast(feats.train), cast(feats.target), jnp.asarray(both, dt)),
+                        np.float32)
+    n = len(masks.train)
+    return Estimates(Fh[:n], Fh[n:], float(ridge), time.perf_counter() - t)
+
+
+# ----------------------------------------------------------------------------------- methods
+
+
+class _Sum(NamedTuple):
+    """Two surrogates added (stand-in until ``kernattr.fit_multifidelity`` is available)."""
+
+    parts: tuple
+
+
+def _fit_multifidelity(cheap_masks, cheap_y, real_masks, real_y, per_target):
+    """``ka.fit_multifidelity`` or, without it, a kernel on the cheap labels plus a kernel on
+    the residual of the real ones."""
+    import kernattr as ka
+
+    if hasattr(ka, "fit_multifidelity"):
+        return ka.fit_multifidelity(cheap_masks, cheap_y, real_masks, real_y,
+                                    per_target=per_target)
+    cheap = ka.fit_kernel(cheap_masks, cheap_y, per_target=per_target)
+    resid = real_y - ka.predict(cheap, real_masks)
+    return _Sum((cheap, ka.fit_kernel(real_masks, resid, per_target=per_target)))
+
+
+def _predict(s, masks):
+    import kernattr as ka
+
+    if isinstance(s, _Sum):
+        return sum(ka.predict(p, masks) for p in s.parts)
+    return ka.predict(s, masks)
+
+
+def _loo(s):
+    import kernattr as ka
+
+    if isinstance(s, _Sum):
+        return sum(ka.loo_scores(p) for p in s.parts)
+    return ka.loo_scores(s)
+
+
+def methods_stage(cfg: PipelineConfig, masks: MaskSet, gt: GroundTruth, est: Estimates,
+                  feats: Features) -> MethodOutputs:
+    """Stage 6: every method's held-out predictions and task scores (see
+    :class:`MethodOutputs`). Label costs: estimated labels cost the features and estimation
+    time per mask; real labels cost the ground truth's time per mask."""
+    import kernattr as ka
+
+    n_all = len(masks.stacked())
+    per_gt = gt.seconds / n_all
+    per_est = (feats.seconds + est.seconds) / (len(masks.train) + len(masks.heldout))
+    n_tr, few = len(masks.train), min(cfg.num_real_few, len(masks.train))
+    tr, ho = jnp.asarray(masks.train), jnp.asarray(masks.heldout)
+    out = MethodOutputs({}, {}, {}, {}, {}, None)
+
+    def record(name, fit, label_cost):
+        ts = time.perf_counter()
+        s = fit()
+        pred = np.asarray(_predict(s, ho))
+        loo = np.asarray(_loo(s))
+        fit_s = time.perf_counter() - ts
+        out.preds[name], out.loos[name] = pred, loo
+        out.fit_seconds[name], out.label_seconds[name] = fit_s, label_cost
+        out.seconds[name] = fit_s + label_cost
+        return s
+
+    kern = partial(ka.fit_kernel, per_target=cfg.kernel_per_target)
+    lin = partial(ka.fit_linear, ridge=1e-3)
+    ker = record("kernel", lambda: kern(tr, jnp.asarray(est.train)), per_est * n_tr)
+    record("linear", lambda: lin(tr, jnp.asarray(est.train)), per_est * n_tr)
+    record("kernel_real", lambda: kern(tr, jnp.asarray(gt.train)), per_gt * n_tr)
+    record("datamodels", lambda: lin(tr, jnp.asarray(gt.train)), per_gt * n_tr)
+    record("kernel_real_few", lambda: kern(tr[:few], jnp.asarray(gt.train[:few])), per_gt * few)
+    record("multifidelity",
+           lambda: _fit_multifidelity(tr, jnp.asarray(est.train), tr[:few],
+                                      jnp.asarray(gt.train[:few]), cfg.kernel_per_target),
+           per_est * n_tr + per_gt * few)
+
+    damping = est.ridge if cfg.damping is None else cfg.damping
+    K = cfg.num_tasks
+    for name, fn in (
+        ("influence", partial(ka.influence_scores, loss="softmax", damping=damping, num_tasks=K)),
+        ("trak", partial(ka.trak_scores, loss="softmax", damping=damping, num_tasks=K)),
+        ("tracin", partial(ka.tracin_scores, loss="softmax", num_tasks=K)),
+    ):
+        ts = time.perf_counter()
+        scores = np.asarray(jax.jit(fn)(feats.train, feats.target))
+        sec = time.perf_counter() - ts
+        out.preds[name], out.loos[name] = masks.heldout @ scores, scores
+        out.fit_seconds[name], out.label_seconds[name] = sec, feats.seconds
+        out.seconds[name] = sec + feats.seconds
+    return out._replace(kernel=ker)
+
+
 # ----------------------------------------------------------------------------------- metrics
 
 
 def _corr(a: np.ndarray, b: np.ndarray, rank: bool) -> float:
     """Mean over target columns of the Pearson (or Spearman) correlation of ``a[:, t]``, ``b[:, t]``."""
     import kernattr as ka
-    from kernattr._metrics import pearson
 
-    fn = ka.spearman if rank else pearson
+    fn = ka.spearman if rank else ka.pearson
     r = np.asarray(fn(jnp.asarray(a), jnp.asarray(b)))
     return float(np.nanmean(r)) if np.isfinite(r).any() else float("nan")
 
@@ -242,173 +590,160 @@ def method_metrics(pred_heldout, actual_heldout, loo_pred, loo_real) -> dict:
     }
 
 
+def _interval(ci) -> list:
+    return [float(ci.low), float(ci.high)]
+
+
+def evaluate_stage(cfg: PipelineConfig, masks: MaskSet, gt: GroundTruth, est: Estimates,
+                   meth: MethodOutputs, prep: Prepared, *, num_resamples: int = 1000) -> dict:
+    """Stage 7: every figure of ``results.json`` except config, sizes and timings.
+
+    LDS intervals: 95% percentile bootstrap over held-out masks (:func:`kernattr.lds_interval`,
+    key ``seed + 7``; the same resamples for every method, so ``paired`` intervals are paired).
+    """
+    import kernattr as ka
+    import kernattr.groundtruth as kgt
+
+    key = jax.random.key(cfg.seed + 7)
+    actual = jnp.asarray(gt.heldout)
+    methods = {}
+    for name in meth.preds:
+        ci = ka.lds_interval(key, jnp.asarray(meth.preds[name]), actual,
+                             num_resamples=num_resamples)
+        methods[name] = {**method_metrics(meth.preds[name], gt.heldout, meth.loos[name],
+                                          gt.loo_real),
+                         "lds_ci": _interval(ci), "seconds": meth.seconds[name],
+                         "fit_seconds": meth.fit_seconds[name],
+                         "label_seconds": meth.label_seconds[name]}
+    paired = {}
+    for a, b in PAIRED:
+        d = ka.paired_lds_interval(key, jnp.asarray(meth.preds[a]), jnp.asarray(meth.preds[b]),
+                                   actual, num_resamples=num_resamples)
+        paired[f"{a}-{b}"] = [float(d.mean), float(d.low), float(d.high)]
+    err = kgt.estimator_error(jnp.asarray(est.heldout), actual, F0=jnp.asarray(gt.F0))
+    per_mask = np.abs(est.heldout.mean(1) - gt.heldout.mean(1)) / np.abs(gt.heldout.mean(1))
+    per_mask0 = np.abs(gt.F0.mean() - gt.heldout.mean(1)) / np.abs(gt.heldout.mean(1))
+    ratio_ci = ka.bootstrap_interval(key, jnp.asarray(np.stack([per_mask, per_mask0], 1)),
+                                     num_resamples=num_resamples)
+    estimator = {
+        "relative_error": float(err.relative_error),
+        "relative_error_ci": [float(ratio_ci.low[0]), float(ratio_ci.high[0])],
+        "no_change_relative_error": float(err.no_change_relative_error),
+        "spearman": float(err.spearman),
+        "change_captured": float(err.change_captured),
+        "ratio_to_no_change": float(err.relative_error / err.no_change_relative_error),
+        "ridge": est.ridge,
+        "solver": cfg.solver,
+        "linearize_at": cfg.linearize_at,
+    }
+    noise = None
+    if gt.heldout_repeat is not None:
+        ci = ka.lds_interval(key, jnp.asarray(gt.heldout_repeat), actual,
+                             num_resamples=num_resamples)
+        noise = {"lds": float(ci.mean), "lds_ci": _interval(ci),
+                 "what": ("LDS between the held-out labels and the same masks retrained with "
+                          + ("another W0 (init seed of pretraining)" if cfg.regime == "finetune"
+                             else "another initialisation"))}
+    inter = None
+    if prep.designed is not None and masks.num_designed:
+        from .families import interaction_report, second_differences
+
+        sd = second_differences(gt.full, gt.loo, gt.pairs, masks.pair_index)
+        nd = masks.num_designed
+        inter = interaction_report(sd[:nd], sd[nd:], prep.designed.designed_block,
+                                   prep.data.target_task_ids)
+        inter["family"] = cfg.family
+    return {"methods": methods, "paired": paired, "estimator": estimator, "noise_ceiling": noise,
+            "interactions": inter}
+
+
 # ---------------------------------------------------------------------------------- pipeline
 
 
 def run_pipeline(cfg: PipelineConfig, *, out: Optional[str] = None, cache_dir: Optional[str] = None,
-                 progress: bool = True, plots: bool = True) -> dict:
+                 progress: bool = True, plots: bool = True, num_resamples: int = 1000) -> dict:
     """Run every stage; returns the results dict (also written to ``out/results.json``)."""
-    from functools import partial
-
     from tqdm.auto import tqdm
 
-    import kernattr as ka
-
-    stages = ["pretrain W0", "ground truth (real fine-tuning)", "gradient features",
-              "estimated labels", "surrogates", "baselines", "write"]
+    stages = ("prepare", "ground truth", "features", "estimate", "methods", "evaluate", "write")
     bar = tqdm(total=len(stages), disable=not progress, desc="kernattr", unit="stage")
     timings: dict[str, float] = {}
-
-    def stage(name):
-        bar.set_postfix_str(name)
-        return time.perf_counter()
-
     t0 = time.perf_counter()
-    t = stage(stages[0])
-    data, apply_fn, params0, init_fn = prepare(cfg)
-    jax.block_until_ready(params0)
-    timings["pretrain"] = time.perf_counter() - t
-    bar.update()
 
-    masks = make_masks(cfg)
-    K = cfg.num_tasks
-    n_tr, n_ho = len(masks["train"]), len(masks["heldout"])
-    all_masks = np.concatenate([masks["train"], masks["heldout"], masks["loo"], masks["full"]])
-    t = stage(stages[1])
-    F_all, F0, gt_seconds, hit = cached_ground_truth(cfg, data, apply_fn, params0, init_fn,
-                                                     all_masks, cache_dir=cache_dir,
-                                                     progress=progress)
-    timings["ground_truth"] = time.perf_counter() - t
-    timings["ground_truth_computed"] = gt_seconds
-    bar.update()
-    F_tr, F_ho = F_all[:n_tr], F_all[n_tr:n_tr + n_ho]
-    F_loo, F_full = F_all[n_tr + n_ho:n_tr + n_ho + K], F_all[-1]
-    loo_real = F_full[None, :] - F_loo  # [K, T]: F(all) - F(all but k)
-    per_mask_gt = gt_seconds / len(all_masks)
+    def timed(name, fn, *args, **kw):
+        bar.set_postfix_str(name)
+        t = time.perf_counter()
+        res = fn(*args, **kw)
+        timings[name.replace(" ", "_")] = time.perf_counter() - t
+        bar.update()
+        return res
 
-    # ---- gradient features at W0 (full logits, softmax loss)
-    t = stage(stages[2])
-    proj_key = jax.random.fold_in(jax.random.key(cfg.seed), 2)
-    dim = None if cfg.proj_kind == "identity" else cfg.proj_dim
-    proj = ka.make_projector(proj_key, params0, dim=dim, kind=cfg.proj_kind)
-    feats = jax.jit(partial(ka.gradient_features, apply_fn, projector=proj, chunk_size=128),
-                    static_argnames=())
-    train = feats(params0, jnp.asarray(data.train_inputs), jnp.asarray(data.train_labels),
-                  task_ids=jnp.asarray(data.task_ids))
-    target = feats(params0, jnp.asarray(data.target_inputs), jnp.asarray(data.target_labels))
-    jax.block_until_ready((train, target))
-    timings["features"] = time.perf_counter() - t
-    bar.update()
+    prep = timed("prepare", prepare_stage, cfg)
+    masks = masks_stage(cfg, prep)
+    gt = timed("ground truth", ground_truth_stage, cfg, prep, masks, cache_dir=cache_dir,
+               progress=progress)
+    timings["ground_truth_computed"] = gt.seconds
+    feats = timed("features", features_stage, cfg, prep)
+    est = timed("estimate", estimate_stage, cfg, feats, masks)
+    meth = timed("methods", methods_stage, cfg, masks, gt, est, feats)
+    ev = timed("evaluate", evaluate_stage, cfg, masks, gt, est, meth, prep,
+               num_resamples=num_resamples)
+    results = timed("write", write_stage, cfg, prep, masks, gt, est, meth, ev, timings, out=out,
+                    plots=plots)
+    bar.close()
+    timings["total"] = time.perf_counter() - t0
+    if out is not None:
+        with open(os.path.join(out, "results.json"), "w") as fh:
+            json.dump(results, fh, indent=2)
+    return results
 
-    # ---- estimated labels on every mask (same ridge as the fine-tuning's prox)
-    t = stage(stages[3])
-    ridge = cfg.prox if cfg.ridge is None else cfg.ridge
-    estimate = jax.jit(partial(ka.estimate_subset_labels, loss="softmax", metric="loss",
-                               ridge=ridge, solver=cfg.solver, mask_chunk_size=64,
-                               tol=cfg.solver_tol, max_iter=100))
-    with jax.enable_x64(cfg.estimator_x64):
-        dt = jnp.float64 if cfg.estimator_x64 else jnp.float32
-        cast = lambda g: g._replace(grads=jnp.asarray(g.grads, dt),  # noqa: E731
-                                    outputs=jnp.asarray(g.outputs, dt))
-        Fh_all = np.asarray(estimate(cast(train), cast(target), jnp.asarray(all_masks, dt)),
-                            np.float32)
-    timings["estimate"] = time.perf_counter() - t
-    bar.update()
-    Fh_tr, Fh_ho = Fh_all[:n_tr], Fh_all[n_tr:n_tr + n_ho]
-    est_err = __import__("kernattr.groundtruth", fromlist=["x"]).estimator_error(
-        jnp.asarray(Fh_ho), jnp.asarray(F_ho), F0=jnp.asarray(F0))
-    per_mask_est = (timings["features"] + timings["estimate"]) / len(all_masks)
 
-    # ---- surrogates
-    t = stage(stages[4])
-    methods: dict[str, dict] = {}
-    preds: dict[str, np.ndarray] = {}
-    loos: dict[str, np.ndarray] = {}
-    surrogates = {}
-    for name, y, label_cost in (("kernel", Fh_tr, per_mask_est * n_tr),
-                                ("linear", Fh_tr, per_mask_est * n_tr),
-                                ("kernel_real", F_tr, per_mask_gt * n_tr),
-                                ("datamodels", F_tr, per_mask_gt * n_tr)):
-        ts = time.perf_counter()
-        if name.startswith("kernel"):
-            s = ka.fit_kernel(jnp.asarray(masks["train"]), jnp.asarray(y),
-                              per_target=cfg.kernel_per_target)
-        else:
-            s = ka.fit_linear(jnp.asarray(masks["train"]), jnp.asarray(y), ridge=1e-3)
-        pred = np.asarray(ka.predict(s, jnp.asarray(masks["heldout"])))
-        loo = np.asarray(ka.loo_scores(s))
-        fit_s = time.perf_counter() - ts
-        surrogates[name] = s
-        preds[name], loos[name] = pred, loo
-        methods[name] = {**method_metrics(pred, F_ho, loo, loo_real),
-                         "seconds": fit_s + label_cost, "fit_seconds": fit_s,
-                         "label_seconds": label_cost}
-    timings["surrogates"] = time.perf_counter() - t
-    bar.update()
+def write_stage(cfg, prep, masks, gt, est, meth, ev, timings, *, out=None, plots=True) -> dict:
+    """Stage 8: the results dict; with ``out``, ``predictions.npz`` and the PNG plots."""
+    import kernattr as ka
 
-    # ---- baselines (scores [K, T], sign F(all) - F(all but k); LDS from additive predictions)
-    t = stage(stages[5])
-    damping = ridge if cfg.damping is None else cfg.damping
-    feat_cost = timings["features"]
-    for name, fn in (
-        ("influence", partial(ka.influence_scores, loss="softmax", damping=damping, num_tasks=K)),
-        ("trak", partial(ka.trak_scores, loss="softmax", damping=damping, num_tasks=K)),
-        ("tracin", partial(ka.tracin_scores, loss="softmax", num_tasks=K)),
-    ):
-        ts = time.perf_counter()
-        scores = np.asarray(jax.jit(fn)(train, target))
-        sec = time.perf_counter() - ts
-        pred = masks["heldout"] @ scores
-        preds[name], loos[name] = pred, scores
-        methods[name] = {**method_metrics(pred, F_ho, scores, loo_real),
-                         "seconds": sec + feat_cost, "fit_seconds": sec, "label_seconds": feat_cost}
-    timings["baselines"] = time.perf_counter() - t
-    bar.update()
-
-    t = stage(stages[6])
-    ker = surrogates["kernel"]
+    data = prep.data
+    ker = meth.kernel
     results = {
         "config": cfg.to_dict(),
         "sizes": {"n_train": int(len(data.train_labels)), "num_targets": int(len(data.target_labels)),
-                  "num_tasks": K, "num_params": int(sum(x.size for x in jax.tree.leaves(params0))),
-                  "num_train_masks": n_tr, "num_heldout_masks": n_ho, "num_classes": data.num_classes},
-        "estimator": {
-            "relative_error": float(est_err.relative_error),
-            "no_change_relative_error": float(est_err.no_change_relative_error),
-            "spearman": float(est_err.spearman),
-            "change_captured": float(est_err.change_captured),
-            "ratio_to_no_change": float(est_err.relative_error / est_err.no_change_relative_error),
-            "ridge": float(ridge),
-        },
-        "methods": methods,
+                  "num_tasks": cfg.num_tasks,
+                  "num_params": int(sum(x.size for x in jax.tree.leaves(prep.params0))),
+                  "num_train_masks": len(masks.train), "num_heldout_masks": len(masks.heldout),
+                  "num_real_few": min(cfg.num_real_few, len(masks.train)),
+                  "num_classes": data.num_classes},
+        "estimator": ev["estimator"],
+        "methods": ev["methods"],
+        "paired": ev["paired"],
+        "noise_ceiling": ev["noise_ceiling"],
+        "interactions": ev["interactions"],
         "kernel_selection": {"gamma": np.asarray(ker.gamma).tolist()[:1],
                              "ridge": np.asarray(ker.ridge).tolist()[:1]},
-        "ground_truth": {"cache_hit": bool(hit), "key": cfg.ground_truth_key(),
-                         "seconds": gt_seconds, "num_masks": int(len(all_masks)),
-                         "mean_target_loss_W0": float(np.mean(F0)),
-                         "mean_target_loss_full": float(np.mean(F_full))},
+        "ground_truth": {"cache_hit": bool(gt.cache_hit), "key": gt.key,
+                         "seconds": gt.seconds, "num_masks": int(len(masks.stacked())),
+                         "mean_target_loss_W0": float(np.mean(gt.F0)),
+                         "mean_target_loss_full": float(np.mean(gt.full))},
         "timings": timings,
         "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
     }
     if out is not None:
         os.makedirs(out, exist_ok=True)
-        np.savez(os.path.join(out, "predictions.npz"), heldout_masks=masks["heldout"],
-                 train_masks=masks["train"], actual_heldout=F_ho, estimated_heldout=Fh_ho,
-                 F0=F0, loo_real=loo_real,
-                 **{f"pred_{k}": v for k, v in preds.items()}, **{f"loo_{k}": v for k, v in loos.items()})
+        extra = {} if gt.heldout_repeat is None else {"actual_heldout_repeat": gt.heldout_repeat}
+        np.savez(os.path.join(out, "predictions.npz"), heldout_masks=masks.heldout,
+                 train_masks=masks.train, actual_heldout=gt.heldout, actual_train=gt.train,
+                 estimated_heldout=est.heldout, estimated_train=est.train, F0=gt.F0,
+                 loo_real=gt.loo_real, **extra,
+                 **{f"pred_{k}": v for k, v in meth.preds.items()},
+                 **{f"loo_{k}": v for k, v in meth.loos.items()})
         if plots:
-            from .plots import write_plots
+            from .plots import write_lds_plot, write_plots
 
             inter = np.asarray(ka.interaction_scores(ker))
-            results["plots"] = write_plots(out, masks=masks, F_ho=F_ho, preds=preds, loos=loos,
-                                           loo_real=loo_real, interactions=inter,
-                                           task=cfg.task, grid=data.grid)
-    timings["total"] = time.perf_counter() - t0
-    if out is not None:
-        with open(os.path.join(out, "results.json"), "w") as fh:
-            json.dump(results, fh, indent=2)
-    bar.update()
-    bar.close()
+            results["plots"] = write_plots(out, masks=masks._asdict(), F_ho=gt.heldout,
+                                           preds=meth.preds, loos=meth.loos,
+                                           loo_real=gt.loo_real, interactions=inter,
+                                           task=cfg.family or cfg.task, grid=data.grid)
+            results["plots"]["lds"] = write_lds_plot(out, ev["methods"], ev["noise_ceiling"])
     return results
 
 
@@ -419,9 +754,16 @@ def format_table(results: dict) -> str:
         f"estimator: relative_error={est['relative_error']:.4f}  "
         f"no_change={est['no_change_relative_error']:.4f}  spearman={est['spearman']:.3f}  "
         f"change_captured={est['change_captured']:.3f}",
-        f"{'method':<12}{'LDS':>8}{'LOO r':>8}{'LOO rho':>9}{'seconds':>9}",
+        f"{'method':<16}{'LDS':>7}{'95% CI':>16}{'LOO r':>8}{'LOO rho':>9}{'seconds':>9}",
     ]
     for name, m in results["methods"].items():
-        lines.append(f"{name:<12}{m['lds']:>8.3f}{m['loo_pearson']:>8.3f}{m['loo_spearman']:>9.3f}"
-                     f"{m['seconds']:>9.2f}")
+        lo, hi = m.get("lds_ci", [float("nan")] * 2)
+        lines.append(f"{name:<16}{m['lds']:>7.3f}   [{lo:.3f}, {hi:.3f}]{m['loo_pearson']:>8.3f}"
+                     f"{m['loo_spearman']:>9.3f}{m['seconds']:>9.2f}")
+    for name, (mean, lo, hi) in results.get("paired", {}).items():
+        lines.append(f"paired {name:<30} {mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+    nc = results.get("noise_ceiling")
+    if nc:
+        lines.append(f"noise ceiling (LDS of a retraining with another seed): {nc['lds']:.3f} "
+                     f"[{nc['lds_ci'][0]:.3f}, {nc['lds_ci'][1]:.3f}]")
     return "\n".join(lines)

@@ -7,6 +7,34 @@ import os
 import numpy as np
 
 
+def write_lds_plot(out, methods: dict, noise_ceiling) -> str:
+    """``lds.png``: each method's held-out LDS with its 95% bootstrap interval, and the noise
+    ceiling (LDS of a retraining with another seed) as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(methods)
+    lds = np.array([methods[n]["lds"] for n in names])
+    ci = np.array([methods[n]["lds_ci"] for n in names])
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.75 * len(names)), 3.4))
+    x = np.arange(len(names))
+    ax.bar(x, lds, color="tab:blue", alpha=0.75)
+    ax.errorbar(x, lds, yerr=[lds - ci[:, 0], ci[:, 1] - lds], fmt="none", ecolor="k", capsize=3)
+    if noise_ceiling:
+        ax.axhline(noise_ceiling["lds"], color="tab:red", ls="--", lw=1, label="noise ceiling")
+        ax.legend(fontsize=7)
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("held-out LDS (95% CI)")
+    fig.tight_layout()
+    path = os.path.join(out, "lds.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_plots(out, *, masks, F_ho, preds, loos, loo_real, interactions, task, grid) -> dict:
     """Writes three PNGs into ``out`` and returns ``{name: path}``.
 
