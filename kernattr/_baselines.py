@@ -98,7 +98,7 @@ def _check_damping(damping: Any, dtype) -> jax.Array:
     damping = jnp.asarray(damping)
     if damping.ndim != 0:
         raise ValueError(f"`damping` must be a scalar, got shape {tuple(damping.shape)}.")
-    _checks.check_positive(damping, "damping", allow_zero=True)
+    _checks.check_hyperparameter(damping, "damping", allow_zero=True)
     return damping.astype(dtype)
 
 

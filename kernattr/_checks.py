@@ -1,6 +1,6 @@
 """Input validation shared by every public function.
 
-Two kinds of checks (see DESIGN.md, "Bad input"):
+Two kinds of checks:
 
 * Static facts (rank, shapes, dtype kind, configuration ranges) raise ``ValueError`` /
   ``TypeError`` at trace time, naming the argument and the fix.
@@ -20,15 +20,18 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "is_concrete",
     "as_float_array",
-    "check_rank",
-    "check_masks",
-    "check_labels",
-    "check_same_rows",
+    "check_count",
     "check_grid",
-    "check_positive",
+    "check_hyperparameter",
+    "check_key",
+    "check_labels",
+    "check_masks",
+    "check_rank",
+    "check_same_rows",
     "error_if",
+    "is_concrete",
+    "num_examples",
 ]
 
 
@@ -149,15 +152,42 @@ def check_grid(value: Any, name: str) -> jax.Array:
     return arr
 
 
-def check_positive(value: Any, name: str, allow_zero: bool = False) -> None:
-    """Raise ``ValueError`` if a concrete scalar/array is not > 0 (>= 0 with ``allow_zero``)."""
-    if not is_concrete(value):
-        return
-    arr = np.asarray(value)
-    ok = np.all(arr >= 0) if allow_zero else np.all(arr > 0)
-    if not ok:
-        rel = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"`{name}` must be {rel}, got {arr}.")
+def check_hyperparameter(
+    value: Any, name: str, *, allow_zero: bool = False, throw: bool = True
+) -> jax.Array:
+    """Check that a hyperparameter (scalar or grid) is finite and ``> 0`` (``>= 0`` with
+    ``allow_zero``), eagerly *and* under ``jit``/``vmap``.
+
+    * Concrete ``value`` (a Python/numpy number or an array outside a trace): ``ValueError``
+      naming ``name`` at once, whatever ``throw`` says (the value is known at trace time).
+    * Traced ``value`` with ``throw=True``: :func:`error_if` raises the same message when the
+      compiled program runs.
+    * Traced ``value`` with ``throw=False``: no error; the caller reports the returned ``ok``
+      in its status fields.
+
+    Returns:
+      Boolean array of ``value``'s shape: True where the entry is valid.
+    """
+    if isinstance(value, (str, bytes)) or value is None:
+        raise TypeError(f"`{name}` must be a float or an array of floats, got {value!r}.")
+    rel = ">= 0" if allow_zero else "> 0"
+    msg = f"`{name}` must be finite and {rel}"
+    if is_concrete(value):
+        # numpy, not jnp: inside a jit trace jnp ops on a constant produce tracers.
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "biuf":
+            raise TypeError(f"`{name}` must be real numbers, got dtype {arr.dtype}.")
+        arr = arr.astype(float)
+        ok = np.isfinite(arr) & ((arr >= 0) if allow_zero else (arr > 0))
+        if not np.all(ok):
+            raise ValueError(f"{msg}, got {arr}.")
+        return jnp.asarray(ok)
+    arr = jnp.asarray(value)
+    ok = jnp.isfinite(arr) & ((arr >= 0) if allow_zero else (arr > 0))
+    if throw:
+        bad = "negative, NaN or inf" if allow_zero else "negative, zero, NaN or inf"
+        error_if(arr, ~ok, msg + f", got {{count}} invalid value(s) ({bad}).")
+    return ok
 
 
 def num_examples(tree: Any, name: str = "inputs", allow_empty: bool = False) -> int:

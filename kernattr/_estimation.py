@@ -739,7 +739,9 @@ def estimate_subsets(
         gradients stall near ``1e-5`` relative at ``n`` of about 1e4) and ``1e-10`` in float64.
       throw: raise ``ValueError`` (under ``jit`` through a host callback) when a mask's system is
         singular (e.g. ``ridge=0`` with rank-deficient statistics), a result is not finite, or
-        ``"exact"`` did not converge; with ``False`` inspect ``converged`` instead.
+        ``"exact"`` did not converge; with ``False`` inspect ``converged`` instead. A traced
+        ``ridge`` that is negative, NaN or inf raises too (a concrete one raises at once); with
+        ``False`` every mask is then reported not ``converged`` and its labels are NaN.
 
     Returns:
       :class:`SubsetEstimates` with ``labels [m, T]``, ``theta [m, d]``, ``converged [m]``,
@@ -844,8 +846,8 @@ def _estimate(
         raise ValueError(
             f"`ridge` must be a scalar, got shape {tuple(ridge.shape)}; vmap over a grid instead."
         )
+    ridge_ok = _checks.check_hyperparameter(ridge, "ridge", allow_zero=True, throw=throw)
     ridge = ridge.astype(dtype)
-    _checks.check_positive(ridge, "ridge", allow_zero=True)
     if tol is None:
         tol = 1e-10 if dtype == jnp.float64 else 1e-4
     if not float(tol) > 0:
@@ -900,5 +902,7 @@ def _estimate(
                 "singular or the result not finite. Use `ridge` > 0 (rank-deficient statistics "
                 "at ridge=0), or pass throw=False and inspect estimate_subsets(...).converged."
             )
-        _checks.error_if(ok, ~ok, msg)
+        _checks.error_if(ok, ridge_ok & ~ok, msg)
+    ok = ok & ridge_ok
+    labels = jnp.where(ridge_ok, labels, jnp.nan)
     return SubsetEstimates(labels, theta, ok, iters, gnorm, hvps)

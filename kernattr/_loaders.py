@@ -163,8 +163,8 @@ def _read_array(path: str) -> np.ndarray:
         return _to_numeric(_read_json(path), path, "scores")
     try:
         return np.load(path, allow_pickle=False)
-    except ValueError as e:
-        raise _fail(path, f"cannot read as a .npy array ({e}).") from e
+    except Exception as e:  # numpy raises ValueError, OSError, EOFError, ... on a bad file
+        raise _fail(path, f"cannot read as a .npy array ({type(e).__name__}: {e}).") from e
 
 
 def _to_numeric(value: Any, path: Any, field: str) -> np.ndarray:
@@ -232,10 +232,26 @@ def _load_datamodels(path: str, scores: Optional[str]) -> SubsetData:
     elif path.endswith(".npz"):
         try:
             npz = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise _fail(path, f"cannot read as .npz ({e}).") from e
-        store = {k: None for k in npz.files}
-        get = lambda k: npz[k]  # noqa: E731
+            store = {k: None for k in npz.files}
+        except Exception as e:  # zipfile.BadZipFile, ValueError, OSError, EOFError, ...
+            raise _fail(
+                path, f"cannot read as a .npz archive ({type(e).__name__}: {e}); "
+                'format="datamodels" expects a readable .npz of arrays.'
+            ) from e
+
+        def get(k):
+            try:
+                return npz[k]
+            except Exception as e:  # a corrupt member
+                raise _fail(path, f"cannot read array `{k}` of the .npz ({type(e).__name__}: {e}).") from e
+
+    elif not path.endswith(".npy"):
+        kind = "a .json file" if path.endswith(".json") else f"{os.path.basename(path)!r}"
+        raise _fail(
+            path, 'format="datamodels" expects a directory of .npy files, an .npz archive or a '
+            f"masks .npy (with `scores=`); found {kind}"
+            + (' (use format="json" or "ids" for JSON layouts).' if path.endswith(".json") else ".")
+        )
     else:  # the masks .npy itself
         if scores is None:
             raise _fail(path, "a masks .npy needs `scores=` (the [m] or [m, T] scores .npy).")

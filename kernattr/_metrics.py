@@ -5,8 +5,8 @@ Columns are targets: ``pred`` and ``actual`` are ``[m]`` (one target) or ``[m, T
 Python loop over ``T``). A column statistic returns a scalar for ``[m]`` input and ``[T]`` for
 ``[m, T]`` input.
 
-Zero-variance columns (a constant prediction or a constant ground truth) have no defined
-correlation: :func:`spearman` / :func:`pearson` return NaN for them, and :func:`lds` averages over
+Constant columns (a constant prediction or a constant ground truth, decided exactly from the
+range of the values) have no defined correlation: :func:`spearman` / :func:`pearson` return NaN for them, and :func:`lds` averages over
 the remaining targets only (``LDSResult.num_valid`` says how many; the mean is NaN when none is
 valid). NaN/inf *inputs* are rejected (``ValueError``; under ``jit`` raised when the compiled
 function runs), never silently propagated.
@@ -163,13 +163,23 @@ def rank_data(x: Any) -> jax.Array:
     return _ranks(x)
 
 
+def is_constant(x: jax.Array) -> jax.Array:
+    """Per column of ``[m]`` / ``[m, T]``: True where every value is the same.
+
+    Decided from the range of the values (exact), not from a variance computed after an inexact
+    mean (which leaves ~eps-sized noise for a constant float32 column).
+    """
+    return jnp.max(x, axis=0) == jnp.min(x, axis=0)
+
+
 def _pearson_cols(a: jax.Array, b: jax.Array) -> jax.Array:
+    const = is_constant(a) | is_constant(b)
     a = a - jnp.mean(a, axis=0, keepdims=True)
     b = b - jnp.mean(b, axis=0, keepdims=True)
     saa = jnp.sum(a * a, axis=0)
     sbb = jnp.sum(b * b, axis=0)
     sab = jnp.sum(a * b, axis=0)
-    ok = (saa > 0) & (sbb > 0)
+    ok = (saa > 0) & (sbb > 0) & ~const
     denom = jnp.sqrt(jnp.where(ok, saa * sbb, 1.0))
     r = jnp.where(ok, sab / denom, jnp.nan)
     return jnp.clip(r, -1.0, 1.0)
@@ -292,7 +302,8 @@ def normalized_error(pred: Any, actual: Any) -> jax.Array:
     pred, actual = _check_pair(pred, actual, "pred", "actual")
     mse = jnp.mean((pred - actual) ** 2, axis=0)
     var = jnp.var(actual, axis=0)
-    return jnp.where(var > 0, mse / jnp.where(var > 0, var, 1.0), jnp.nan)
+    ok = (var > 0) & ~is_constant(actual)
+    return jnp.where(ok, mse / jnp.where(ok, var, 1.0), jnp.nan)
 
 
 def relative_error(pred: Any, actual: Any) -> jax.Array:

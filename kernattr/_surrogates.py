@@ -36,6 +36,7 @@ __all__ = [
     "fit_linear",
     "kernel_matrix",
     "predict",
+    "select_grid_point",
 ]
 
 KERNELS = ("rbf", "polynomial", "linear")
@@ -202,7 +203,9 @@ def default_ridge_grid() -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # Linear surrogate
 # --------------------------------------------------------------------------------------------
-def fit_linear(masks: jax.Array, y: jax.Array, *, ridge: float = 0.0) -> LinearSurrogate:
+def fit_linear(
+    masks: jax.Array, y: jax.Array, *, ridge: float = 0.0, throw: bool = True
+) -> LinearSurrogate:
     """Least-squares linear surrogate with an unpenalised intercept (datamodels).
 
     Minimises ``||y - intercept - masks @ coef||² + ridge·||coef||²`` per target. With
@@ -213,7 +216,10 @@ def fit_linear(masks: jax.Array, y: jax.Array, *, ridge: float = 0.0) -> LinearS
     Args:
       masks: ``[m, K]`` 0/1 masks.
       y: ``[m]`` or ``[m, T]`` labels. 1-D labels are treated as ``T = 1``.
-      ridge: ``>= 0`` penalty on ``coef`` (not on the intercept).
+      ridge: ``>= 0`` penalty on ``coef`` (not on the intercept); may be traced.
+      throw: a traced ``ridge`` that is negative, NaN or inf raises ``ValueError`` from the
+        compiled program (a concrete one raises at once). With ``throw=False`` the result is
+        NaN instead (``coef`` and ``intercept`` all NaN).
 
     Returns:
       :class:`LinearSurrogate` with ``coef [K, T]`` and ``intercept [T]``.
@@ -226,7 +232,9 @@ def fit_linear(masks: jax.Array, y: jax.Array, *, ridge: float = 0.0) -> LinearS
     """
     masks = _checks.check_masks(masks)
     y, _ = _checks.check_labels(y, masks.shape[0])
-    _checks.check_positive(ridge, "ridge", allow_zero=True)
+    if not isinstance(ridge, (str, bytes)) and ridge is not None and jnp.ndim(ridge) != 0:
+        raise ValueError(f"`ridge` must be a scalar, got shape {jnp.shape(ridge)}.")
+    ridge_ok = _checks.check_hyperparameter(ridge, "ridge", allow_zero=True, throw=throw)
     dtype = jnp.result_type(masks.dtype, y.dtype)
     masks = masks.astype(dtype)
     y = y.astype(dtype)
@@ -243,6 +251,8 @@ def fit_linear(masks: jax.Array, y: jax.Array, *, ridge: float = 0.0) -> LinearS
     shrink = jnp.where(keep, safe_sv / (safe_sv**2 + ridge), 0.0)
     coef = vt.T @ (shrink[:, None] * (u.T @ yc))
     intercept = y_mean - x_mean @ coef
+    coef = jnp.where(ridge_ok, coef, jnp.nan)
+    intercept = jnp.where(ridge_ok, intercept, jnp.nan)
     return LinearSurrogate(coef=coef, intercept=intercept)
 
 
@@ -284,6 +294,37 @@ def _restricted_eigh(kmat: jax.Array, fit_intercept: bool) -> tuple[jax.Array, j
     return e, u
 
 
+def select_grid_point(cv: jax.Array, gamma: jax.Array, ridge: jax.Array) -> jax.Array:
+    """Index of the best grid point per column, with deterministic tie-breaking.
+
+    Grid points whose CV error is within a relative ``sqrt(eps)`` of the column's minimum are
+    ties (float32 rounding differs between eager and jitted runs, so an exact ``argmin`` could
+    pick differently); among ties the largest ridge wins, then the smallest gamma (the smoothest
+    model), then the lowest index.
+
+    Args:
+      cv: ``[P, T]`` CV errors of ``P`` grid points (``inf`` where invalid).
+      gamma: ``[P]`` bandwidth of each grid point.
+      ridge: ``[P]`` ridge of each grid point.
+
+    Returns:
+      ``[T]`` int indices into ``P``.
+
+    >>> import jax.numpy as jnp
+    >>> cv = jnp.array([[1.0], [1.0 + 1e-9], [2.0]])
+    >>> select_grid_point(cv, jnp.array([1.0, 1.0, 1.0]), jnp.array([0.1, 1.0, 10.0])).tolist()
+    [1]
+    """
+    rtol = float(np.sqrt(jnp.finfo(cv.dtype).eps))
+    best = jnp.min(cv, axis=0, keepdims=True)  # [1, T]
+    cand = cv <= best + rtol * jnp.abs(best)  # all True when every point is inf
+    rmax = jnp.max(jnp.where(cand, ridge[:, None], -jnp.inf), axis=0, keepdims=True)
+    cand = cand & (ridge[:, None] == rmax)
+    gmin = jnp.min(jnp.where(cand, gamma[:, None], jnp.inf), axis=0, keepdims=True)
+    cand = cand & (gamma[:, None] == gmin)
+    return jnp.argmax(cand, axis=0)
+
+
 def fit_kernel(
     masks: jax.Array,
     y: jax.Array,
@@ -316,7 +357,9 @@ def fit_kernel(
     constant column, for which ``r_i = (y_i - ŷ_i)/(1 - H_ii)`` holds exactly). The grid is
     vmapped over bandwidths. ``cv_error[g, r, t]`` is the LOO mean squared error divided by the
     variance of target ``t``; the chosen pair minimises it per target (``per_target=True``) or
-    averaged over targets (default).
+    averaged over targets (default). Near-ties (within a relative ``sqrt(eps)`` of the minimum)
+    go to the largest ridge, then the smallest gamma, so eager and jitted runs agree
+    (:func:`select_grid_point`).
 
     Args:
       masks: ``[m, K]`` 0/1 training masks.
@@ -336,6 +379,10 @@ def fit_kernel(
         eigenvalues of the PSD kernel are rounding noise and are clamped to 0.) With
         ``throw=False`` singular grid points still get ``cv_error = inf`` and are never
         chosen unless all are; the returned coefficients may then be non-finite.
+        The same switch covers traced hyperparameters: a negative, NaN or inf ``gamma`` or
+        ``ridge`` raises from the compiled program (a concrete one raises at once); with
+        ``throw=False`` such grid points get ``cv_error = inf`` and, if nothing valid is left,
+        ``dual_coef`` and ``intercept`` are NaN.
 
     Returns:
       :class:`KernelSurrogate`.
@@ -359,14 +406,14 @@ def fit_kernel(
         raise ValueError("`masks` needs at least 2 rows to fit a kernel surrogate with an intercept.")
     if kernel == "linear" and gamma is None:
         gamma = 1.0
-    gamma_grid = _checks.check_grid(
-        default_gamma_grid(k, kernel) if gamma is None else gamma, "gamma"
-    ).astype(dtype)
-    ridge_grid = _checks.check_grid(default_ridge_grid() if ridge is None else ridge, "ridge").astype(
-        dtype
+    gamma = default_gamma_grid(k, kernel) if gamma is None else gamma
+    ridge = default_ridge_grid() if ridge is None else ridge
+    gamma_grid = _checks.check_grid(gamma, "gamma").astype(dtype)
+    ridge_grid = _checks.check_grid(ridge, "ridge").astype(dtype)
+    gamma_ok = jnp.reshape(_checks.check_hyperparameter(gamma, "gamma", throw=throw), (-1,))
+    ridge_ok = jnp.reshape(
+        _checks.check_hyperparameter(ridge, "ridge", allow_zero=True, throw=throw), (-1,)
     )
-    _checks.check_positive(gamma_grid, "gamma")
-    _checks.check_positive(ridge_grid, "ridge", allow_zero=True)
     num_g = gamma_grid.shape[0]
     shared_gamma = (not per_target) or num_g == 1
     spec = KernelSpec(
@@ -383,7 +430,7 @@ def fit_kernel(
     scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
     eps = jnp.finfo(dtype).eps
 
-    def per_gamma(g):
+    def per_gamma(g, g_ok):
         kmat = _gram(kernel, degree, coef0, masks, masks, g)
         e, u = _restricted_eigh(kmat, fit_intercept)
         # The kernel is PSD: computed negative eigenvalues are rounding noise (|err| ~ eps·||K||).
@@ -392,7 +439,8 @@ def fit_kernel(
         # ridge > 0: K + λI is PD by construction; flagged only if λ drowns in rounding.
         # ridge = 0: the kernel itself must be numerically non-singular (rank tolerance m·eps).
         tol = jnp.where(ridge_grid > 0, 1.0, float(m)) * eps * e_max  # [R]
-        valid = jnp.min(e) + ridge_grid > tol  # [R]
+        nonsingular = jnp.min(e) + ridge_grid > tol  # [R]
+        valid = nonsingular & ridge_ok & g_ok  # [R]; invalid hyperparameters: never chosen
         z = u.T @ yc  # [r, T]
         inv = 1.0 / (e[None, :] + ridge_grid[:, None])  # [R, r]
         inv = jnp.where(valid[:, None], inv, 0.0)
@@ -405,22 +453,25 @@ def fit_kernel(
         colmean = jnp.mean(kmat, axis=0)  # [m]
         return cv, e, u, z, valid, colmean
 
-    cv, es, us, zs, valids, colmeans = jax.vmap(per_gamma)(gamma_grid)
+    cv, es, us, zs, valids, colmeans = jax.vmap(per_gamma)(gamma_grid, gamma_ok)
     num_r = ridge_grid.shape[0]
+    gam_flat = jnp.repeat(gamma_grid, num_r)  # [G*R], index g*R + r
+    rid_flat = jnp.tile(ridge_grid, num_g)
     if per_target:
-        flat = cv.reshape(num_g * num_r, t)
-        best = jnp.argmin(flat, axis=0)  # [T]
+        best = select_grid_point(cv.reshape(num_g * num_r, t), gam_flat, rid_flat)  # [T]
     else:
-        best = jnp.broadcast_to(jnp.argmin(jnp.mean(cv, axis=2).reshape(-1)), (t,))
+        score = jnp.mean(cv, axis=2).reshape(-1, 1)
+        best = jnp.broadcast_to(select_grid_point(score, gam_flat, rid_flat), (t,))
     g_idx = best // num_r
     r_idx = best % num_r
     gamma_t = gamma_grid[g_idx]
     ridge_t = ridge_grid[r_idx]
     chosen_ok = valids[g_idx, r_idx]  # [T]
+    hyper_ok = gamma_ok[g_idx] & ridge_ok[r_idx]  # [T]
     if throw:
         _checks.error_if(
             masks,
-            ~chosen_ok,
+            hyper_ok & ~chosen_ok,
             "`ridge` too small: the kernel matrix is singular at the chosen (gamma, ridge) for "
             "{count} target(s) (e.g. ridge=0 with duplicated masks or a low-rank kernel); pass "
             "ridge > 0 or a ridge grid.",
@@ -433,6 +484,8 @@ def fit_kernel(
         intercept = y_mean - jnp.einsum("gi,gt,it->t", colmeans, onehot.astype(dtype), alpha)
     else:
         intercept = jnp.zeros((t,), dtype)
+    alpha = jnp.where(hyper_ok[None, :], alpha, jnp.nan)
+    intercept = jnp.where(hyper_ok, intercept, jnp.nan)
     return KernelSurrogate(
         masks=masks,
         dual_coef=alpha,

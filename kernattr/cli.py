@@ -1,24 +1,97 @@
-"""Command line interface: ``kernattr <subcommand>``.
+"""Command line interface: ``kernattr <subcommand>`` — the one home of every subcommand.
 
-Subcommands are registered by small ``_add_<name>(subparsers)`` functions listed in
-:data:`SUBCOMMANDS`; each sets ``func`` (``args -> exit code``) with ``set_defaults``. Heavy or
-optional imports (flax, optax, ``kernattr.experiments``) happen inside the command functions, never
-at the top of this module, so ``kernattr --help`` and ``kernattr fit`` stay light.
+Each subcommand is an ``_add_<name>(sub)`` function that adds its parser and sets
+``func`` (``args -> exit code``) with ``set_defaults``; it is registered by one line in
+:data:`SUBCOMMANDS`. Experiments behind ``kernattr reproduce <name>`` are registered the same
+way, one line each in :data:`REPRODUCE`. Command functions are thin: they parse flags, call the
+library or :mod:`kernattr.experiments`, and print. Heavy or optional imports (flax, optax, the
+experiment pipelines) happen inside the command functions, never at the top of this module, so
+``kernattr --help`` and ``kernattr fit`` stay light.
 
-``kernattr fit``: fit linear and kernel surrogates (grid-tuned by closed-form LOO-CV) on subset
-masks with measured scores, and report held-out LDS / normalized error and the top tasks.
+Errors: a bad flag value is reported by argparse; any error raised by a command (``ValueError``,
+``TypeError``, ``OSError``, or a check that fired inside compiled code) becomes ONE line
+``kernattr <command>: error: ...`` on stderr, naming the flag where the message names its
+argument, with exit code 1 and no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
+import logging
 import math
+import os
+import re
 import sys
-from typing import Any, Callable
+import time
+from typing import Callable
 
 BUILTIN = "builtin"
+
+
+class _Parser(argparse.ArgumentParser):
+    """``ArgumentParser`` whose errors are one line (no usage block), exit code 2."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ============================================================================== flag types
+def _number(text: str, *, positive: bool) -> float:
+    try:
+        v = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from e
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise argparse.ArgumentTypeError(
+            f"must be finite and {'> 0' if positive else '>= 0'}, got {text.strip()!r}"
+        )
+    return v
+
+
+def _number_list(positive: bool) -> Callable[[str], list[float]]:
+    def parse(text: str) -> list[float]:
+        values = [_number(v, positive=positive) for v in text.split(",") if v.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError("expected at least one number")
+        return values
+
+    parse.__name__ = "positive numbers" if positive else "non-negative numbers"
+    return parse
+
+
+def _nonnegative(text: str) -> float:
+    return _number(text, positive=False)
+
+
+def _fraction(text: str) -> float:
+    v = _number(text, positive=True)
+    if not v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {v}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from e
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _out_file(flag: str, path: str | None) -> None:
+    """Fail before any work when ``path`` cannot be written (missing folder, a directory)."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a directory; give a file name.")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path!r}: folder {folder!r} does not exist; create it first.")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{flag} {path!r}: folder {folder!r} is not writable.")
 
 
 # ============================================================================== kernattr fit
@@ -26,30 +99,6 @@ def _builtin_path() -> str:
     from importlib import resources
 
     return str(resources.files("kernattr") / "data" / "example_game.json")
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    return values
-
-
-def _fraction(text: str) -> float:
-    v = float(text)
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {v}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
 def _add_fit(sub: argparse._SubParsersAction) -> None:
@@ -78,11 +127,11 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
                    help="held-out share when the data has no test masks (default 0.2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
     p.add_argument("--kernel", choices=("rbf", "polynomial", "linear"), default="rbf")
-    p.add_argument("--gamma", type=_float_list, default=None,
-                   help="comma-separated bandwidth grid (default: scaled to K)")
-    p.add_argument("--ridge", type=_float_list, default=None,
-                   help="comma-separated ridge grid (default: decades 1e-4..1e4)")
-    p.add_argument("--linear-ridge", type=float, default=0.0,
+    p.add_argument("--gamma", type=_number_list(positive=True), default=None,
+                   help="comma-separated bandwidth grid, each > 0 (default: scaled to K)")
+    p.add_argument("--ridge", type=_number_list(positive=False), default=None,
+                   help="comma-separated ridge grid, each >= 0 (default: decades 1e-4..1e4)")
+    p.add_argument("--linear-ridge", type=_nonnegative, default=0.0,
                    help="ridge of the linear surrogate (default 0: least squares)")
     p.add_argument("--per-target", action="store_true",
                    help="select gamma/ridge per target instead of jointly")
@@ -92,144 +141,8 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--x64", action="store_true", help="compute in float64")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT",
                    help="also write all figures to this JSON file")
-    p.set_defaults(func=_run_fit)
-
-
-def _split(data, test_fraction: float, seed: int):
-    """Random train/test split of the rows when the file has no held-out part."""
-    import numpy as np
-
-    from ._loaders import SubsetData
-
-    if data.test_masks is not None:
-        return data, "file"
-    m = data.train_masks.shape[0]
-    n_test = int(round(test_fraction * m))
-    if n_test < 2 or m - n_test < 2:
-        raise SystemExit(
-            f"kernattr fit: {m} subsets are too few to hold out {test_fraction:.0%} "
-            "(need >= 2 train and >= 2 test); provide test masks or change --test-fraction."
-        )
-    perm = np.random.default_rng(seed).permutation(m)
-    te, tr = perm[:n_test], perm[n_test:]
-    return (
-        SubsetData(data.train_masks[tr], data.train_labels[tr],
-                   data.train_masks[te], data.train_labels[te]),
-        f"random {test_fraction:.0%} split (seed {seed})",
-    )
-
-
-def _nanmean(x) -> float:
-    import numpy as np
-
-    x = np.asarray(x, dtype=float)
-    return float(np.nanmean(x)) if np.any(np.isfinite(x)) else float("nan")
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN/inf become None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
-@functools.lru_cache(maxsize=16)
-def _compiled(kernel, per_target, gamma, ridge, linear_ridge):
-    """Jitted (fit, evaluate, attribute) for one configuration, cached across calls."""
-    import jax
-    import numpy as np
-
-    from . import _attribution, _metrics, _surrogates
-
-    grids = {k: v for k, v in (("gamma", gamma), ("ridge", ridge)) if v is not None}
-
-    def fit(masks, y):
-        # Grids as numpy constants in the masks' dtype (concrete at trace time).
-        kw = {k: np.asarray(v, masks.dtype) for k, v in grids.items()}
-        return (_surrogates.fit_linear(masks, y, ridge=linear_ridge),
-                _surrogates.fit_kernel(masks, y, kernel=kernel, per_target=per_target, **kw))
-
-    def evaluate(sur, masks, y):
-        pred = _surrogates.predict(sur, masks)
-        return _metrics.lds(pred, y), _metrics.normalized_error(pred, y)
-
-    def attribute(ker):
-        return {"loo": _attribution.loo_scores(ker), "shapley": _attribution.shapley_values(ker)}
-
-    return jax.jit(fit), jax.jit(evaluate), jax.jit(attribute)
-
-
-def fit_report(data, *, kernel: str = "rbf", gamma=None, ridge=None, linear_ridge: float = 0.0,
-               per_target: bool = False, top: int = 5, lower_is_better: bool = False) -> dict:
-    """All figures of ``kernattr fit`` for a :class:`kernattr.SubsetData` with a test part.
-
-    Fits ``fit_linear`` and ``fit_kernel`` (jit-compiled here, as a driver) on the training rows
-    and evaluates on the test rows. Task scores are averaged over targets before ranking.
-    """
-    import jax.numpy as jnp
-    import numpy as np
-
-    tr_m, tr_y = data.train_masks, data.train_labels
-    te_m, te_y = data.test_masks, data.test_labels
-    if te_m is None:
-        raise ValueError("`data` has no test masks; split it first.")
-    fit, evaluate, attribute = _compiled(
-        kernel, per_target,
-        None if gamma is None else tuple(float(g) for g in np.ravel(gamma)),
-        None if ridge is None else tuple(float(r) for r in np.ravel(ridge)),
-        float(linear_ridge),
-    )
-    lin, ker = fit(tr_m, tr_y)
-
-    out: dict = {
-        "data": {
-            "num_tasks": int(tr_m.shape[1]),
-            "num_targets": int(tr_y.shape[1]),
-            "num_train": int(tr_m.shape[0]),
-            "num_test": int(te_m.shape[0]),
-            "dtype": str(tr_m.dtype),
-        }
-    }
-    for name, sur in (("linear", lin), ("kernel", ker)):
-        res, nerr = evaluate(sur, te_m, te_y)
-        out[name] = {
-            "lds": float(res.mean),
-            "lds_per_target": np.asarray(res.per_target, float).tolist(),
-            "normalized_error": _nanmean(nerr),
-            "normalized_error_per_target": np.asarray(nerr, float).tolist(),
-        }
-    out["kernel"].update(
-        kernel=kernel,
-        gamma=np.asarray(ker.gamma, float).tolist(),
-        ridge=np.asarray(ker.ridge, float).tolist(),
-        gamma_grid=np.asarray(ker.gamma_grid, float).tolist(),
-        ridge_grid=np.asarray(ker.ridge_grid, float).tolist(),
-        cv_error=float(jnp.min(jnp.mean(ker.cv_error, axis=-1))),
-    )
-    edges = []
-    for name, grid, chosen in (("gamma", ker.gamma_grid, ker.gamma), ("ridge", ker.ridge_grid,
-                                                                        ker.ridge)):
-        g, c = np.asarray(grid), np.asarray(chosen)
-        if g.size > 1 and np.any(np.isin(c, [g.min(), g.max()])):
-            edges.append(name)
-    out["kernel"]["at_grid_edge"] = edges
-    lin_lds, ker_lds = out["linear"]["lds"], out["kernel"]["lds"]
-    out["lds_ratio_kernel_over_linear"] = ker_lds / lin_lds if lin_lds != 0 else float("nan")
-
-    scores = attribute(ker)
-    sign = -1.0 if lower_is_better else 1.0
-    out["task_scores"] = {}
-    out["top_tasks"] = {}
-    for name, s in scores.items():
-        mean_s = np.asarray(jnp.mean(s, axis=1), float)  # [K], averaged over targets
-        order = np.argsort(-sign * mean_s, kind="stable")[:top]
-        out["task_scores"][name] = mean_s.tolist()
-        out["top_tasks"][name] = [{"task": int(k), "score": float(mean_s[k])} for k in order]
-    return out
+    p.set_defaults(func=_run_fit, flags={"gamma": "--gamma", "ridge": "--ridge",
+                                         "masks": "--data", "y": "--data"})
 
 
 def _print_report(rep: dict, source: str, split: str) -> None:
@@ -260,10 +173,12 @@ def _print_report(rep: dict, source: str, split: str) -> None:
 def _run_fit(args: argparse.Namespace) -> int:
     import jax
 
+    from ._loaders import load_subsets
+    from .experiments.fit import fit_report, json_safe, split_heldout
+
+    _out_file("--json", args.json_out)
     if args.x64:
         jax.config.update("jax_enable_x64", True)
-    from ._loaders import load_subsets
-
     source = _builtin_path() if args.data == BUILTIN else args.data
     label = "built-in example (synthetic interaction game)" if args.data == BUILTIN else source
     try:
@@ -271,7 +186,10 @@ def _run_fit(args: argparse.Namespace) -> int:
                             group_ids=args.groups, rule=args.group_rule)
     except (OSError, ValueError, TypeError) as e:
         raise SystemExit(f"kernattr fit: cannot load --data {args.data!r}: {e}") from e
-    data, split = _split(data, args.test_fraction, args.seed)
+    try:
+        data, split = split_heldout(data, test_fraction=args.test_fraction, seed=args.seed)
+    except ValueError as e:
+        raise SystemExit(f"kernattr fit: --test-fraction: {e}") from e
     rep = fit_report(data, kernel=args.kernel, gamma=args.gamma, ridge=args.ridge,
                      linear_ridge=args.linear_ridge, per_target=args.per_target, top=args.top,
                      lower_is_better=args.lower_is_better)
@@ -280,41 +198,234 @@ def _run_fit(args: argparse.Namespace) -> int:
     _print_report(rep, label, split)
     if args.json_out:
         with open(args.json_out, "w", encoding="utf-8") as f:
-            json.dump(_clean(rep), f, indent=2)
+            json.dump(json_safe(rep), f, indent=2)
         print(f"wrote {args.json_out}")
     return 0
 
 
+# ============================================================================== demo / reproduce
+def _out_dir(out: str | None) -> str:
+    return out or os.path.abspath(time.strftime("kernattr-out-%Y%m%d-%H%M%S"))
+
+
+def _experiment_flags(p: argparse.ArgumentParser) -> None:
+    """Flags every experiment command shares."""
+    p.add_argument("--out", default=None,
+                   help="output folder for results.json, predictions.npz and plots "
+                        "(default: a fresh ./kernattr-out-<timestamp>/)")
+    p.add_argument("--cache-dir", default=None,
+                   help="ground-truth cache folder (default $KERNATTR_CACHE or ~/.cache/kernattr)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_modular(cfg, args) -> int:
+    from .experiments.pipeline import format_table, run_pipeline
+
+    out = _out_dir(args.out)
+    t = time.perf_counter()
+    res = run_pipeline(cfg, out=out, cache_dir=args.cache_dir, progress=not args.quiet,
+                       plots=not args.no_plots)
+    print(f"\n{cfg.task} mod {cfg.p}, K={cfg.num_tasks} tasks, T={res['sizes']['num_targets']} "
+          f"targets, {res['sizes']['num_params']} params, regime={cfg.regime}")
+    print(format_table(res))
+    hit = " (ground truth from cache)" if res["ground_truth"]["cache_hit"] else ""
+    print(f"wrote {os.path.join(out, 'results.json')} and plots in "
+          f"{time.perf_counter() - t:.1f}s{hit}")
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .experiments.pipeline import demo_config
+
+    return _run_modular(demo_config(seed=args.seed), args)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="end-to-end task attribution on quadratic modular arithmetic (~minutes on 2 CPUs)",
+        description="Pretrain a small NNX transformer on (x²+xy+y²) mod 17 split into 25 tasks, "
+                    "fine-tune it for real on ~250 task subsets (the ground truth), estimate the "
+                    "same subsets with the gradient estimator, fit kernel/linear surrogates, "
+                    "compare with influence functions, TRAK and TracIn; print the table and "
+                    "write results.json and plots.",
+    )
+    _experiment_flags(p)
+    p.set_defaults(func=_run_demo)
+
+
+def _run_reproduce_modular(args: argparse.Namespace) -> int:
+    from .experiments.pipeline import demo_config
+
+    kw = dict(task=args.task, p=args.p, num_tasks=args.tasks, num_train_masks=args.masks,
+              num_heldout_masks=args.heldout_masks, num_targets=args.targets, seed=args.seed,
+              regime=args.regime, proj_dim=args.dim, prox=args.prox)
+    kw = {k: v for k, v in kw.items() if v is not None}
+    return _run_modular(demo_config(family=None, grouping="blocks", **kw), args)
+
+
+def _add_reproduce_modular(psub: argparse._SubParsersAction) -> None:
+    m = psub.add_parser("modular", help="modular arithmetic (addition, quadratic, xor)")
+    m.add_argument("--task", choices=("addition", "quadratic", "xor"), default="quadratic")
+    m.add_argument("--p", type=_positive_int, default=None, help="prime modulus (default 17)")
+    m.add_argument("--tasks", type=_positive_int, default=None,
+                   help="number of tasks K (default 25)")
+    m.add_argument("--masks", type=_positive_int, default=None,
+                   help="surrogate-training masks with real labels (default 100)")
+    m.add_argument("--heldout-masks", type=_positive_int, default=None,
+                   help="held-out masks (default 100)")
+    m.add_argument("--targets", type=_positive_int, default=None,
+                   help="held-out target pairs (default 48)")
+    m.add_argument("--regime", choices=("finetune", "scratch"), default=None)
+    m.add_argument("--prox", type=_nonnegative, default=None,
+                   help="proximal strength = estimator ridge")
+    m.add_argument("--dim", type=_positive_int, default=None, help="projection dimension d")
+    _experiment_flags(m)
+    m.set_defaults(func=_run_reproduce_modular, flags={"prox": "--prox", "ridge": "--prox"})
+
+
+def _run_reproduce_atlas(args: argparse.Namespace) -> int:
+    from .experiments.atlas import centre_config, run_atlas
+
+    out = _out_dir(args.out)
+    t = time.perf_counter()
+    atlas = run_atlas(centre_config(args.quick, seed=args.seed), out=out, quick=args.quick,
+                      cache_dir=args.cache_dir, progress=not args.quiet)
+    with open(os.path.join(out, "atlas.md"), encoding="utf-8") as f:
+        print(f.read())
+    print(f"wrote {out}/atlas.json, atlas.md, atlas.png in {time.perf_counter() - t:.1f}s "
+          f"({len(atlas['cells'])} cells)")
+    return 0
+
+
+def _add_reproduce_atlas(psub: argparse._SubParsersAction) -> None:
+    a = psub.add_parser("atlas", help="regime atlas: one-factor-at-a-time sweep around the demo")
+    a.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run, ~minutes)")
+    _experiment_flags(a)
+    a.set_defaults(func=_run_reproduce_atlas)
+
+
+def _run_reproduce_suite(args: argparse.Namespace) -> int:
+    from .experiments.families import FAMILIES
+    from .experiments.pipeline import demo_config, format_table, run_pipeline
+
+    out = _out_dir(args.out)
+    rows = {}
+    for fam in FAMILIES:
+        kw = {} if args.regime is None else {"regime": args.regime}
+        cfg = demo_config(family=fam, num_tasks=24, grouping="blocks", seed=args.seed, **kw)
+        res = run_pipeline(cfg, out=os.path.join(out, fam), cache_dir=args.cache_dir,
+                           progress=not args.quiet, plots=not args.no_plots)
+        rows[fam] = res
+        it = res["interactions"]
+        print(f"\n== {fam} ({cfg.regime}): |second difference| designed pairs "
+              f"{it['designed_mean_abs']:.4f} vs others {it['other_mean_abs']:.4f} "
+              f"(ratio {it['ratio']:.1f})")
+        print(format_table(res))
+    with open(os.path.join(out, "suite.json"), "w", encoding="utf-8") as fh:
+        json.dump({f: {"interactions": r["interactions"], "paired": r["paired"],
+                       "noise_ceiling": r["noise_ceiling"],
+                       "lds": {n: m["lds"] for n, m in r["methods"].items()}}
+                   for f, r in rows.items()}, fh, indent=2)
+    return 0
+
+
+def _add_reproduce_suite(psub: argparse._SubParsersAction) -> None:
+    s = psub.add_parser("suite", help="interaction suite: redundancy, antagonism, xor, additive")
+    s.add_argument("--regime", choices=("finetune", "scratch"), default=None)
+    _experiment_flags(s)
+    s.set_defaults(func=_run_reproduce_suite)
+
+
+# `kernattr reproduce <name>`: one line per experiment. An entry is `_add_reproduce_<name>(psub)`
+# that calls `psub.add_parser("<name>", ...)`, adds its flags (plus `_experiment_flags`) and
+# `set_defaults(func=_run_reproduce_<name>)`; the run function imports its experiment module
+# inside (flax/optax stay optional) and returns an exit code.
+REPRODUCE: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_reproduce_modular,
+    _add_reproduce_atlas,
+    _add_reproduce_suite,
+]
+
+
+def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reproduce", help="the experiments behind the README's figures")
+    psub = p.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    for add in REPRODUCE:
+        add(psub)
+
+
 # ============================================================================== registry
-# Each entry adds one subcommand. To add one (e.g. `demo`, `reproduce` calling
-# `kernattr.experiments`), write `_add_<name>(sub)` that calls `sub.add_parser(...)` and
-# `set_defaults(func=_run_<name>)`, import `kernattr.experiments` inside `_run_<name>` (not at
-# module top: flax/optax stay optional), and append it here.
-def _add_experiments(sub: argparse._SubParsersAction) -> None:
-    from .experiments._cli import add_all  # light: flax is imported inside the commands
-
-    add_all(sub)
-
-
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_fit, _add_experiments]
+# `kernattr <name>`: one line per subcommand (see the module docstring).
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_fit,
+    _add_demo,
+    _add_reproduce,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``kernattr`` argument parser with every registered subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kernattr",
         description="Task attribution with kernel surrogate models (JAX).",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
     for add in SUBCOMMANDS:
         add(sub)
     return parser
 
 
+_ERROR_LINE = re.compile(r"^(?:\w+\.)*(?:ValueError|TypeError|FileNotFoundError|OSError): (.+)$",
+                         re.MULTILINE)
+
+
+def error_line(exc: BaseException, flags: dict[str, str] | None = None) -> str:
+    """One line for ``exc``: its message (the innermost one when a check fired inside compiled
+    code, whose error text carries a callback traceback), with `name` of an argument followed by
+    the flag it came from (``flags`` maps argument names to flags).
+
+    >>> error_line(ValueError("`ridge` must be finite and >= 0, got -1.0."), {"ridge": "--ridge"})
+    '--ridge: `ridge` must be finite and >= 0, got -1.0.'
+    """
+    text = str(exc)
+    found = _ERROR_LINE.findall(text)
+    line = found[-1] if found else (text.strip().splitlines() or [type(exc).__name__])[0]
+    for name, flag in (flags or {}).items():
+        if f"`{name}`" in line:
+            return f"{flag}: {line}"
+    return line
+
+
+def _reportable(exc: BaseException) -> bool:
+    """Errors that describe bad input (ours, or a check that fired inside compiled code)."""
+    if isinstance(exc, (ValueError, TypeError, OSError)):
+        return True
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(exc, jax.errors.JaxRuntimeError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``kernattr`` console script; returns the exit code."""
+    """Entry point of the ``kernattr`` console script; returns the exit code.
+
+    Errors raised by a command end the program with one line on stderr (exit code 1).
+    """
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    # A check that fires inside compiled code is re-raised below as one line; keep JAX from
+    # also logging the callback's traceback.
+    logging.getLogger("jax._src.debugging").setLevel(logging.CRITICAL)
+    try:
+        return int(args.func(args))
+    except Exception as e:
+        if not _reportable(e):
+            raise
+        where = " ".join(x for x in (args.command, getattr(args, "experiment", None)) if x)
+        raise SystemExit(
+            f"kernattr {where}: error: {error_line(e, getattr(args, 'flags', None))}"
+        ) from None
 
 
 if __name__ == "__main__":

@@ -289,7 +289,7 @@ def finetune_on_masks(
         raise ValueError("`params0` is None: pass the parameters to fine-tune, or `init_fn`.")
     if isinstance(prox, (str, bytes)) or prox is None:
         raise TypeError(f"`prox` must be a float >= 0, got {prox!r}.")
-    _checks.check_positive(prox, "prox", allow_zero=True)
+    _checks.check_hyperparameter(prox, "prox", allow_zero=True)
     if (batch_size is not None or init_fn is not None) and key is None:
         raise ValueError(
             "`key` is required when `batch_size` (minibatch draws) or `init_fn` (random init) is given; "
