@@ -339,6 +339,12 @@ def _add_reproduce_suite(psub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_run_reproduce_suite)
 
 
+def _add_reproduce_rl(psub: argparse._SubParsersAction) -> None:
+    from .experiments.rl_cli import add_mt10, add_rl  # light: argparse only
+
+    add_rl(psub), add_mt10(psub)
+
+
 # `kernattr reproduce <name>`: one line per experiment. An entry is `_add_reproduce_<name>(psub)`
 # that calls `psub.add_parser("<name>", ...)`, adds its flags (plus `_experiment_flags`) and
 # `set_defaults(func=_run_reproduce_<name>)`; the run function imports its experiment module
@@ -347,6 +353,7 @@ REPRODUCE: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_reproduce_modular,
     _add_reproduce_atlas,
     _add_reproduce_suite,
+    _add_reproduce_rl,
 ]
 
 

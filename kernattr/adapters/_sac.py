@@ -276,12 +276,17 @@ def _check_batch(batch: Batch, sac: SAC) -> int:
     return B
 
 
-def _check_weights(weights: jax.Array, B: int) -> jax.Array:
+def _check_weights(weights: jax.Array, B: int, poison: bool = False) -> jax.Array:
+    """Shape check; values: an error eagerly, and under jit either a runtime error (a host
+    callback) or, with ``poison`` (training loops, where a callback per step is costly), NaN
+    weights, so that every loss and parameter of the step becomes NaN (never a silent number)."""
     weights = _checks.as_float_array(weights, "weights")
     if weights.shape != (B,):
         raise ValueError(f"`weights` must have shape [B]=({B},), got {tuple(weights.shape)}.")
-    _checks.error_if(weights, ~jnp.isfinite(weights) | (weights < 0),
-                     "`weights` has {count} negative or non-finite entries.")
+    bad = ~jnp.isfinite(weights) | (weights < 0)
+    if poison and not _checks.is_concrete(weights):
+        return jnp.where(jnp.any(bad), jnp.nan, weights)
+    _checks.error_if(weights, bad, "`weights` has {count} negative or non-finite entries.")
     return weights
 
 
@@ -394,7 +399,9 @@ def make_train_step(sac: SAC, *, actor_optimizer: optax.GradientTransformation,
     One step updates the critic (weighted TD loss), the actor (weighted SAC + BC loss, see
     :func:`sac_losses`), the temperature (when ``alpha_optimizer`` is given), each with the
     proximal term ``prox/2 ||W − W_anchor||²``, then moves the target critic by Polyak
-    averaging with rate ``tau``. ``step`` closes over no arrays: ``jax.jit(step)`` and
+    averaging with rate ``tau``. Negative or non-finite ``weights`` raise eagerly; under
+    ``jit`` they make the step's losses and parameters NaN (no per-step host callback).
+    ``step`` closes over no arrays: ``jax.jit(step)`` and
     ``jax.vmap(step, in_axes=(0, None, 0, None))`` (one agent per weight vector) both work.
 
     Args:
@@ -435,7 +442,7 @@ def make_train_step(sac: SAC, *, actor_optimizer: optax.GradientTransformation,
 
     def step(state: TrainState, batch: Batch, weights: jax.Array, key: jax.Array):
         B = _check_batch(batch, sac)
-        weights = _check_weights(weights, B)
+        weights = _check_weights(weights, B, poison=True)
         params, anchor = state.params, state.anchor
         k_td, k_pi = jax.random.split(key)
         y = td_targets(sac, params, batch, k_td, gamma=gamma)
