@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     )
 
     # ---- kernattr: closed-form LOO-CV, jitted
-    fit = jax.jit(lambda x, yy, g, r: ka.fit_kernel(x, yy, gamma=g, ridge=r))
+    fit = jax.jit(lambda x, yy, g, r: ka.fit_kernel(x, yy, kernel="rbf", gamma=g, ridge=r))
     args = (jnp.asarray(masks), jnp.asarray(y), jnp.asarray(gammas), jnp.asarray(ridges))
     t0 = time.perf_counter()
     compiled = fit.lower(*args).compile()

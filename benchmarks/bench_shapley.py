@@ -60,7 +60,7 @@ def bench_one(ka, rng, k, m, t, repeats):
     masks = (rng.random((m, k)) < 0.5).astype(np.float32)
     y = game(rng, masks.astype(np.float64), t).astype(np.float32)
     s = jax.block_until_ready(
-        jax.jit(lambda x, yy: ka.fit_kernel(x, yy, gamma=1.0 / k, ridge=0.1))(masks, y)
+        jax.jit(lambda x, yy: ka.fit_kernel(x, yy, kernel="rbf", gamma=1.0 / k, ridge=0.1))(masks, y)
     )
     exact_fn = jax.jit(ka.shapley_values)
     t0 = time.perf_counter()

@@ -12,9 +12,11 @@ from ._subsets import sample_subsets as sample_subsets
 # --- surrogates (_surrogates.py)
 from ._surrogates import KernelSurrogate as KernelSurrogate
 from ._surrogates import LinearSurrogate as LinearSurrogate
+from ._surrogates import MultiFidelitySurrogate as MultiFidelitySurrogate
 from ._surrogates import fit_kernel as fit_kernel
 from ._surrogates import fit_linear as fit_linear
 from ._surrogates import predict as predict
+from ._multifidelity import fit_multifidelity as fit_multifidelity
 
 # --- attribution (_attribution.py)
 from ._attribution import banzhaf_values as banzhaf_values
@@ -82,6 +84,7 @@ __all__ = [
     "LDSInterval",
     "LDSResult",
     "LinearSurrogate",
+    "MultiFidelitySurrogate",
     "PairMasks",
     "PairedLDSInterval",
     "Projector",
@@ -96,6 +99,7 @@ __all__ = [
     "estimate_subsets",
     "fit_kernel",
     "fit_linear",
+    "fit_multifidelity",
     "gradient_features",
     "group_masks",
     "influence_scores",

@@ -14,10 +14,17 @@ are linear in the game, so it suffices to treat one kernel term ``v_i(s) = k(s, 
   ``s_i`` other than ``j`` matters, so one table of ``K`` values per bandwidth serves all terms
   (``O(K²)`` per bandwidth, ``O(m K T)`` overall). Banzhaf:
   ``(a_j - b_j) Π_{k≠j} (a_k + b_k)/2 = ±(1-q)((1+q)/2)^{K-1}``.
+* linear+rbf: ``mix/c·<s, s_i>`` is additive (task ``j`` gets ``mix/c·s_ij``: the linear
+  surrogate's coefficient ``mix/c·masksᵀα``, no interactions) and the RBF part is the above
+  with dual coefficients ``(1 - mix)·α`` (``split_linear_part``).
 * polynomial / linear: ``k(s, s_i) = f(|s ∩ s_i|)`` depends only on how many tasks of ``s_i``
   are present, so tasks outside ``s_i`` are null players and (symmetry + efficiency) each task
   of ``s_i`` gets ``(f(n_i) - f(0)) / n_i`` Shapley value; the Banzhaf value is
   ``E_B[f(B+1) - f(B)]``, ``B ~ Binomial(n_i - 1, 1/2)``.
+
+Multi-fidelity surrogates ``rho·g_cheap + g_residual`` (:func:`kernattr.fit_multifidelity`):
+every score is linear in the game, so it is ``rho`` times the cheap surrogate's plus the
+residual surrogate's.
 
 Shapes: ``K`` tasks, ``m`` training masks, ``T`` targets.
 """
@@ -28,16 +35,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._surrogates import KernelSurrogate, LinearSurrogate, _predict_kernel
+from ._surrogates import (
+    KernelSurrogate,
+    LinearSurrogate,
+    MultiFidelitySurrogate,
+    kernel_predict,
+    split_linear_part,
+)
 
 __all__ = ["banzhaf_values", "interaction_scores", "loo_scores", "shapley_values"]
 
 
 def _check_surrogate(s) -> None:
-    if not isinstance(s, (LinearSurrogate, KernelSurrogate)):
+    if not isinstance(s, (LinearSurrogate, KernelSurrogate, MultiFidelitySurrogate)):
         raise TypeError(
-            "`surrogate` must be a LinearSurrogate (fit_linear) or KernelSurrogate (fit_kernel), "
-            f"got {type(s).__name__}."
+            "`surrogate` must be a LinearSurrogate (fit_linear), KernelSurrogate (fit_kernel) or "
+            f"MultiFidelitySurrogate (fit_multifidelity), got {type(s).__name__}."
         )
 
 
@@ -45,13 +58,38 @@ def _num_tasks(s) -> int:
     return s.coef.shape[0] if isinstance(s, LinearSurrogate) else s.masks.shape[1]
 
 
-def loo_scores(surrogate: LinearSurrogate | KernelSurrogate) -> jax.Array:
+def _dispatch(surrogate, kernel_fn, linear_fn):
+    """``linear_fn(coef)`` for a linear surrogate; for a kernel surrogate the sum over its exact
+    split (:func:`split_linear_part`) into a linear part and a single-kernel part."""
+    _check_surrogate(surrogate)
+    if isinstance(surrogate, LinearSurrogate):
+        return linear_fn(surrogate.coef)
+    if isinstance(surrogate, MultiFidelitySurrogate):
+        rho = surrogate.rho
+        cheap = _dispatch(surrogate.cheap, kernel_fn, linear_fn)
+        return rho.reshape((1,) * (cheap.ndim - 1) + rho.shape) * cheap + _dispatch(
+            surrogate.residual, kernel_fn, linear_fn)
+    if surrogate.spec.kernel != "linear+rbf":
+        return kernel_fn(surrogate)
+    coef, rest = split_linear_part(surrogate)
+    return linear_fn(coef) + kernel_fn(rest)
+
+
+def _no_interactions(coef: jax.Array) -> jax.Array:
+    k, t = coef.shape
+    return jnp.zeros((k, k, t), coef.dtype)
+
+
+def loo_scores(
+    surrogate: LinearSurrogate | KernelSurrogate | MultiFidelitySurrogate,
+) -> jax.Array:
     """Predicted leave-one-task-out effect ``g(1) - g(1 - e_k)`` for every task ``k``.
 
     Positive: including task ``k`` (with all others present) raises the target value.
 
     Args:
-      surrogate: a :class:`LinearSurrogate` or :class:`KernelSurrogate`.
+      surrogate: a :class:`LinearSurrogate`, :class:`KernelSurrogate` or
+        :class:`MultiFidelitySurrogate`.
 
     Returns:
       ``[K, T]`` scores.
@@ -61,14 +99,15 @@ def loo_scores(surrogate: LinearSurrogate | KernelSurrogate) -> jax.Array:
     >>> loo_scores(LinearSurrogate(jnp.array([[1.0], [-2.0]]), jnp.array([0.0]))).tolist()
     [[1.0], [-2.0]]
     """
-    _check_surrogate(surrogate)
-    if isinstance(surrogate, LinearSurrogate):
-        return surrogate.coef
-    k = _num_tasks(surrogate)
-    dtype = surrogate.dual_coef.dtype
+    return _dispatch(surrogate, _loo_kernel, lambda coef: coef)
+
+
+def _loo_kernel(s: KernelSurrogate) -> jax.Array:
+    k = _num_tasks(s)
+    dtype = s.dual_coef.dtype
     full = jnp.ones((1, k), dtype)
     drop = 1.0 - jnp.eye(k, dtype=dtype)
-    preds = _predict_kernel(surrogate, jnp.concatenate([full, drop], axis=0))
+    preds = kernel_predict(s, jnp.concatenate([full, drop], axis=0))
     return preds[:1] - preds[1:]
 
 
@@ -104,7 +143,9 @@ def _poly_f(s: KernelSurrogate, n: jax.Array) -> jax.Array:
     return (gamma * n[..., None] + spec.coef0) ** spec.degree
 
 
-def shapley_values(surrogate: LinearSurrogate | KernelSurrogate) -> jax.Array:
+def shapley_values(
+    surrogate: LinearSurrogate | KernelSurrogate | MultiFidelitySurrogate,
+) -> jax.Array:
     """Exact Shapley values of the surrogate game ``v(S) = g(1_S)`` (no sampling).
 
     ``φ_k = Σ_{S ⊆ N\\{k}} |S|!(K-|S|-1)!/K! · (g(S ∪ {k}) - g(S))``; they sum to
@@ -112,7 +153,8 @@ def shapley_values(surrogate: LinearSurrogate | KernelSurrogate) -> jax.Array:
     closed forms (module docstring), ``O(m K T + K² T)`` time.
 
     Args:
-      surrogate: a :class:`LinearSurrogate` or :class:`KernelSurrogate`.
+      surrogate: a :class:`LinearSurrogate`, :class:`KernelSurrogate` or
+        :class:`MultiFidelitySurrogate`.
 
     Returns:
       ``[K, T]`` Shapley values.
@@ -124,10 +166,10 @@ def shapley_values(surrogate: LinearSurrogate | KernelSurrogate) -> jax.Array:
     >>> shapley_values(s).shape
     (5, 1)
     """
-    _check_surrogate(surrogate)
-    if isinstance(surrogate, LinearSurrogate):
-        return surrogate.coef
-    s = surrogate
+    return _dispatch(surrogate, _shapley_kernel, lambda coef: coef)
+
+
+def _shapley_kernel(s: KernelSurrogate) -> jax.Array:
     k = _num_tasks(s)
     masks, alpha = s.masks, s.dual_coef
     n1 = jnp.sum(masks, axis=1)  # [m]
@@ -147,14 +189,17 @@ def shapley_values(surrogate: LinearSurrogate | KernelSurrogate) -> jax.Array:
     return masks.T @ (alpha * per_task)
 
 
-def banzhaf_values(surrogate: LinearSurrogate | KernelSurrogate) -> jax.Array:
+def banzhaf_values(
+    surrogate: LinearSurrogate | KernelSurrogate | MultiFidelitySurrogate,
+) -> jax.Array:
     """Exact Banzhaf values ``β_k = 2^{-(K-1)} Σ_{S ⊆ N\\{k}} (g(S ∪ {k}) - g(S))``.
 
     Linear: ``coef``. RBF: ``(1-q)((1+q)/2)^{K-1} Σ_i α_i (2 s_ik - 1)`` with ``q = e^{-γ}``.
     Polynomial / linear kernels: exact binomial expectation (module docstring).
 
     Args:
-      surrogate: a :class:`LinearSurrogate` or :class:`KernelSurrogate`.
+      surrogate: a :class:`LinearSurrogate`, :class:`KernelSurrogate` or
+        :class:`MultiFidelitySurrogate`.
 
     Returns:
       ``[K, T]`` Banzhaf values.
@@ -165,10 +210,10 @@ def banzhaf_values(surrogate: LinearSurrogate | KernelSurrogate) -> jax.Array:
     >>> banzhaf_values(fit_kernel(masks, masks[:, 0], gamma=0.2, ridge=0.1)).shape
     (5, 1)
     """
-    _check_surrogate(surrogate)
-    if isinstance(surrogate, LinearSurrogate):
-        return surrogate.coef
-    s = surrogate
+    return _dispatch(surrogate, _banzhaf_kernel, lambda coef: coef)
+
+
+def _banzhaf_kernel(s: KernelSurrogate) -> jax.Array:
     k = _num_tasks(s)
     masks, alpha = s.masks, s.dual_coef
     if s.spec.kernel == "rbf":
@@ -195,7 +240,9 @@ def banzhaf_values(surrogate: LinearSurrogate | KernelSurrogate) -> jax.Array:
     return masks.T @ (alpha * per_term)
 
 
-def interaction_scores(surrogate: LinearSurrogate | KernelSurrogate) -> jax.Array:
+def interaction_scores(
+    surrogate: LinearSurrogate | KernelSurrogate | MultiFidelitySurrogate,
+) -> jax.Array:
     """Pairwise interactions at the all-tasks anchor.
 
     ``I[i, j] = g(1) - g(1 - e_i) - g(1 - e_j) + g(1 - e_i - e_j)`` for ``i ≠ j``: the part of
@@ -207,7 +254,8 @@ def interaction_scores(surrogate: LinearSurrogate | KernelSurrogate) -> jax.Arra
     products per target; polynomial / linear kernels: evaluated at the ``K²`` pair masks.
 
     Args:
-      surrogate: a :class:`LinearSurrogate` or :class:`KernelSurrogate`.
+      surrogate: a :class:`LinearSurrogate`, :class:`KernelSurrogate` or
+        :class:`MultiFidelitySurrogate`.
 
     Returns:
       ``[K, K, T]`` interaction scores.
@@ -217,11 +265,10 @@ def interaction_scores(surrogate: LinearSurrogate | KernelSurrogate) -> jax.Arra
     >>> interaction_scores(LinearSurrogate(jnp.ones((3, 2)), jnp.zeros(2))).shape
     (3, 3, 2)
     """
-    _check_surrogate(surrogate)
-    if isinstance(surrogate, LinearSurrogate):
-        k, t = surrogate.coef.shape
-        return jnp.zeros((k, k, t), surrogate.coef.dtype)
-    s = surrogate
+    return _dispatch(surrogate, _interactions_kernel, _no_interactions)
+
+
+def _interactions_kernel(s: KernelSurrogate) -> jax.Array:
     k = _num_tasks(s)
     masks, alpha = s.masks, s.dual_coef
     dtype = alpha.dtype
@@ -247,8 +294,8 @@ def interaction_scores(surrogate: LinearSurrogate | KernelSurrogate) -> jax.Arra
     full = jnp.ones((1, k), dtype)
     singles = 1.0 - eye  # [K, K]
     pairs = jnp.clip(1.0 - eye[:, None, :] - eye[None, :, :], 0.0, 1.0).reshape(k * k, k)
-    p1 = _predict_kernel(s, full)[0]  # [T]
-    ps = _predict_kernel(s, singles)  # [K, T]
-    pp = _predict_kernel(s, pairs).reshape(k, k, -1)  # [K, K, T]
+    p1 = kernel_predict(s, full)[0]  # [T]
+    ps = kernel_predict(s, singles)  # [K, T]
+    pp = kernel_predict(s, pairs).reshape(k, k, -1)  # [K, K, T]
     out = p1[None, None, :] - ps[:, None, :] - ps[None, :, :] + pp
     return out * off_diag

@@ -31,6 +31,7 @@ __all__ = [
     "PairedLDSInterval",
     "bootstrap_indices",
     "bootstrap_interval",
+    "column_spearman",
     "lds",
     "lds_interval",
     "normalized_error",
@@ -444,9 +445,23 @@ def bootstrap_indices(key: jax.Array, num_rows: int, num_resamples: int) -> jax.
     return jax.random.randint(key, (num_resamples, num_rows), 0, num_rows, dtype=jnp.int32)
 
 
+def column_spearman(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Spearman correlation per column of ``[m, T]`` arrays, WITHOUT input checks.
+
+    The computation of :func:`spearman` for callers inside the library that have validated
+    their inputs already (e.g. model selection by leave-one-out rank correlation): ``[T]``,
+    NaN for a constant column.
+
+    >>> import jax.numpy as jnp
+    >>> column_spearman(jnp.array([[1.0], [2.0], [3.0]]), jnp.array([[3.0], [2.0], [1.0]])).tolist()
+    [-1.0]
+    """
+    return _pearson_cols(_ranks(a), _ranks(b))
+
+
 def _lds_cols(pred: jax.Array, actual: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Unchecked LDS of ``[m, T]`` inputs: ``(mean over defined targets, num_valid)``."""
-    per_target = _pearson_cols(_ranks(pred), _ranks(actual))
+    per_target = column_spearman(pred, actual)
     valid = ~jnp.isnan(per_target)
     num_valid = jnp.sum(valid, dtype=jnp.int32)
     total = jnp.sum(jnp.where(valid, per_target, 0.0))

@@ -4,14 +4,24 @@ A surrogate ``g(s) ≈ F(s)`` maps a 0/1 task mask ``s`` (``[K]``) to ``T`` targ
 
 * :func:`fit_linear` — least squares ``g(s) = intercept + sᵀ coef`` (optionally ridge-penalised,
   intercept never penalised).
-* :func:`fit_kernel` — kernel ridge regression ``g(s) = intercept + Σ_i α_i k(s, s_i)`` with an
-  RBF (``exp(-γ·Hamming)``), polynomial or linear kernel on masks. Bandwidth ``gamma`` and ridge
-  accept 1-D grids; the pair is then chosen by *exact closed-form leave-one-out CV*: one
-  eigendecomposition per bandwidth (vmapped over the grid) gives the LOO error of every ridge
-  value at once.
+* :func:`fit_kernel` — kernel ridge regression ``g(s) = intercept + Σ_i α_i k(s, s_i)`` on
+  masks. Default kernel ``"linear+rbf"``: ``mix·<s,s'>/c + (1-mix)·exp(-γ·Hamming)``, which
+  contains the linear surrogate (``mix = 1``) and the RBF kernel (``mix = 0``); also ``"rbf"``,
+  ``"polynomial"``, ``"linear"``. Bandwidth ``gamma``, ``mix`` and ridge accept 1-D grids; they
+  are then chosen by *exact closed-form leave-one-out CV*: one eigendecomposition per
+  ``(gamma, mix)`` pair (vmapped over the grid) gives the LOO residuals of every ridge value at
+  once, scored by LOO mean squared error or LOO rank correlation (``select=``).
 * :func:`predict` — ``[m', T]`` predictions of either surrogate.
 
-Shapes: ``m`` masks, ``K`` tasks, ``T`` targets, ``G`` bandwidths, ``R`` ridge values.
+Shapes: ``m`` masks, ``K`` tasks, ``T`` targets, ``G`` bandwidths, ``W`` mix values, ``R`` ridge
+values.
+
+Structure of a :class:`KernelSurrogate` (what prediction and attribution rely on): the kernel
+between a new mask ``s`` and a training mask ``s_i`` is ``gram(spec, s, s_i, gamma_t, mix_t,
+linear_scale)`` (:func:`surrogate_gram`), the prediction is ``gram @ dual_coef + intercept``,
+and :func:`split_linear_part` rewrites a ``"linear+rbf"`` surrogate exactly as a linear part
+(``coef [K, T]``) plus a pure-RBF surrogate. Code that adds solvers (e.g. low-rank) should
+produce the same fields.
 """
 
 from __future__ import annotations
@@ -25,21 +35,32 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks
+from ._metrics import column_spearman
 
 __all__ = [
     "KernelSpec",
     "KernelSurrogate",
     "LinearSurrogate",
+    "MultiFidelitySurrogate",
     "default_gamma_grid",
+    "default_mix_grid",
     "default_ridge_grid",
     "fit_kernel",
     "fit_linear",
     "kernel_matrix",
+    "hyperparameters_ok",
+    "kernel_grids",
+    "kernel_predict",
+    "loo_residual_grid",
+    "mask_linear_scale",
     "predict",
     "select_grid_point",
+    "split_linear_part",
+    "surrogate_gram",
 ]
 
-KERNELS = ("rbf", "polynomial", "linear")
+KERNELS = ("linear+rbf", "rbf", "polynomial", "linear")
+SELECTIONS = ("mse", "loo_spearman")
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,15 +88,16 @@ class KernelSpec:
     """Static (hashable, leaf-free) description of a kernel surrogate.
 
     Attributes:
-      kernel: ``"rbf"``, ``"polynomial"`` or ``"linear"``.
+      kernel: ``"linear+rbf"``, ``"rbf"``, ``"polynomial"`` or ``"linear"``.
       degree: polynomial degree (polynomial kernel only).
       coef0: polynomial offset (polynomial kernel only).
-      shared_gamma: True when every target uses the same bandwidth (``gamma[0]``), so one kernel
-        matrix serves all targets; False after per-target selection over a bandwidth grid.
+      shared_gamma: True when every target uses the same kernel (bandwidth ``gamma[0]`` and mix
+        ``mix[0]``), so one kernel matrix serves all targets; False after per-target selection
+        over a grid with more than one ``(gamma, mix)`` pair.
       fit_intercept: whether an unpenalised intercept was fitted.
     """
 
-    kernel: str = "rbf"
+    kernel: str = "linear+rbf"
     degree: int = 2
     coef0: float = 1.0
     shared_gamma: bool = True
@@ -83,7 +105,11 @@ class KernelSpec:
 
 
 class KernelSurrogate(NamedTuple):
-    """Kernel ridge surrogate ``g(s) = intercept + Σ_i dual_coef[i] · k_γ(s, masks[i])``.
+    """Kernel ridge surrogate ``g(s) = intercept + Σ_i dual_coef[i] · k(s, masks[i])``.
+
+    For target ``t`` the kernel is (:func:`surrogate_gram`)
+    ``k(s, s') = mix[t]·<s, s'>/linear_scale + (1 - mix[t])·base_γ(s, s')`` for
+    ``"linear+rbf"`` (``base`` = RBF) and ``base_γ(s, s')`` for the single kernels.
 
     Attributes:
       masks: ``[m, K]`` training masks (the kernel centres).
@@ -91,10 +117,18 @@ class KernelSurrogate(NamedTuple):
       intercept: ``[T]`` unpenalised intercept (0 when ``fit_intercept=False``).
       gamma: ``[T]`` bandwidth used for each target (all equal unless selected per target).
       ridge: ``[T]`` ridge used for each target.
+      mix: ``[T]`` share of the linear kernel in ``"linear+rbf"`` (0 for the single kernels).
       gamma_grid: ``[G]`` bandwidth grid searched (``[1]`` for a scalar).
+      mix_grid: ``[W]`` mix grid searched (``[1]``; ``[0.]`` for the single kernels).
       ridge_grid: ``[R]`` ridge grid searched (``[1]`` for a scalar).
-      cv_error: ``[G, R, T]`` exact leave-one-out mean squared error divided by the variance of
-        each target's labels (``inf`` where the regularised kernel matrix is singular).
+      linear_scale: scalar ``c``, the mean number of tasks per training mask (the mean diagonal
+        of ``<s, s'>``), so that both parts of ``"linear+rbf"`` have unit mean diagonal (1 for
+        the single kernels).
+      cv_error: ``[G, W, R, T]`` exact leave-one-out mean squared error divided by the variance
+        of each target's labels (``inf`` where the regularised kernel matrix is singular).
+      cv_spearman: ``[G, W, R, T]`` Spearman correlation between the exact leave-one-out
+        predictions and the labels (``select="loo_spearman"``; NaN-filled otherwise, and NaN
+        for a constant column or a singular grid point).
       spec: static :class:`KernelSpec` (kernel name, degree, coef0, ...; no array leaves).
     """
 
@@ -103,10 +137,41 @@ class KernelSurrogate(NamedTuple):
     intercept: jax.Array
     gamma: jax.Array
     ridge: jax.Array
+    mix: jax.Array
     gamma_grid: jax.Array
+    mix_grid: jax.Array
     ridge_grid: jax.Array
+    linear_scale: jax.Array
     cv_error: jax.Array
+    cv_spearman: jax.Array
     spec: KernelSpec
+
+
+class MultiFidelitySurrogate(NamedTuple):
+    """``g(s) = rho · g_cheap(s) + g_residual(s)``: many cheap labels, corrected by a few real ones.
+
+    Built by :func:`kernattr.fit_multifidelity`. Prediction and every attribution (LOO,
+    Shapley, Banzhaf, interactions) are linear in the surrogate, so each is
+    ``rho · (that of cheap) + (that of residual)``, exactly.
+
+    Attributes:
+      cheap: :class:`KernelSurrogate` fitted on the cheap (estimated) labels.
+      residual: :class:`KernelSurrogate` fitted on ``real - rho · cheap(real masks)``.
+      rho: ``[T]`` scale of the cheap surrogate per target (chosen by LOO-CV on the real
+        labels, or given).
+      cv_error: ``[G, W, R, T]`` leave-one-out mean squared error on the real labels, divided by
+        their variance, at each grid point's best ``rho`` (the criterion ``rho`` came from).
+      cv_error_real_only: ``[G, W, R, T]`` the same with ``rho = 0``: a kernel on the real
+        labels alone. ``min cv_error < min cv_error_real_only`` says the cheap labels help.
+      cv_rho: ``[G, W, R, T]`` the LOO-optimal ``rho`` at each grid point.
+    """
+
+    cheap: KernelSurrogate
+    residual: KernelSurrogate
+    rho: jax.Array
+    cv_error: jax.Array
+    cv_error_real_only: jax.Array
+    cv_rho: jax.Array
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,8 +190,13 @@ def _check_kernel_config(kernel: Any, degree: Any, coef0: Any) -> None:
         )
 
 
+def _base_kernel(kernel: str) -> str:
+    """The non-linear part of a kernel name (``"linear+rbf"`` -> ``"rbf"``)."""
+    return "rbf" if kernel == "linear+rbf" else kernel
+
+
 def _gram(kernel: str, degree: int, coef0: float, a: jax.Array, b: jax.Array, gamma) -> jax.Array:
-    """Kernel matrix ``[m_a, m_b]`` between 0/1 masks ``a [m_a, K]`` and ``b [m_b, K]``."""
+    """Single-kernel matrix ``[m_a, m_b]`` between 0/1 masks ``a [m_a, K]`` and ``b [m_b, K]``."""
     inner = a @ b.T
     if kernel == "rbf":
         # On 0/1 masks ||a-b||² is the Hamming distance, an integer: exact from the inner products.
@@ -139,6 +209,31 @@ def _gram(kernel: str, degree: int, coef0: float, a: jax.Array, b: jax.Array, ga
     return inner
 
 
+def _mixed_gram(kernel, degree, coef0, a, b, gamma, mix, linear_scale) -> jax.Array:
+    """``mix·<a,b>/linear_scale + (1-mix)·rbf`` for ``"linear+rbf"``, else the single kernel."""
+    base = _gram(_base_kernel(kernel), degree, coef0, a, b, gamma)
+    if kernel != "linear+rbf":
+        return base
+    return (mix / linear_scale) * (a @ b.T) + (1.0 - mix) * base
+
+
+def surrogate_gram(
+    spec: KernelSpec, a: jax.Array, b: jax.Array, gamma: jax.Array, mix: jax.Array,
+    linear_scale: jax.Array,
+) -> jax.Array:
+    """Kernel matrix ``[m_a, m_b]`` of a fitted surrogate's kernel for ONE target's parameters.
+
+    ``gamma``, ``mix``: scalars (one entry of :attr:`KernelSurrogate.gamma` / ``.mix``);
+    ``linear_scale``: :attr:`KernelSurrogate.linear_scale`. Masks are assumed validated.
+
+    >>> import jax.numpy as jnp
+    >>> g = surrogate_gram(KernelSpec(), jnp.eye(2), jnp.eye(2), 1.0, 0.5, 1.0)
+    >>> [round(v, 4) for v in g[0].tolist()]
+    [1.0, 0.0677]
+    """
+    return _mixed_gram(spec.kernel, spec.degree, spec.coef0, a, b, gamma, mix, linear_scale)
+
+
 def kernel_matrix(
     a: jax.Array,
     b: jax.Array,
@@ -147,12 +242,15 @@ def kernel_matrix(
     gamma: float | jax.Array = 1.0,
     degree: int = 2,
     coef0: float = 1.0,
+    mix: float | jax.Array = 0.5,
+    linear_scale: float | jax.Array = 1.0,
 ) -> jax.Array:
     """Kernel matrix between two sets of masks.
 
     ``rbf``: ``exp(-gamma·||a-b||²)`` (= ``exp(-gamma·Hamming)`` on 0/1 masks, matching
     scikit-learn's ``rbf_kernel``); ``polynomial``: ``(gamma·<a,b> + coef0)^degree``; ``linear``:
-    ``<a,b>`` (``gamma`` ignored).
+    ``<a,b>`` (``gamma`` ignored); ``linear+rbf``:
+    ``mix·<a,b>/linear_scale + (1-mix)·exp(-gamma·||a-b||²)``.
 
     Args:
       a: ``[m_a, K]`` 0/1 masks.
@@ -161,6 +259,8 @@ def kernel_matrix(
       gamma: scalar bandwidth / scale.
       degree: polynomial degree.
       coef0: polynomial offset.
+      mix: scalar in ``[0, 1]``, share of the linear kernel (``linear+rbf`` only).
+      linear_scale: scalar ``> 0`` dividing ``<a,b>`` (``linear+rbf`` only).
 
     Returns:
       ``[m_a, m_b]`` kernel matrix.
@@ -172,7 +272,22 @@ def kernel_matrix(
     _check_kernel_config(kernel, degree, coef0)
     a = _checks.check_masks(a, "a")
     b = _checks.check_masks(b, "b", num_tasks=a.shape[1])
-    return _gram(kernel, degree, coef0, a, b, gamma)
+    return _mixed_gram(kernel, degree, coef0, a, b, gamma, mix, linear_scale)
+
+
+def default_mix_grid(kernel: str = "linear+rbf") -> np.ndarray:
+    """Default mix grid: the share of the linear kernel in ``"linear+rbf"``.
+
+    ``[0, 0.5, 0.9, 0.99, 1]``: from pure RBF to pure linear (ridge regression on the masks,
+    i.e. the linear surrogate), with the ratio ``σ_rbf²/σ_lin²`` spanning ``∞, 1, 0.11, 0.01,
+    0``. The single kernels get ``[0.]`` (no linear part).
+
+    >>> default_mix_grid().tolist()
+    [0.0, 0.5, 0.9, 0.99, 1.0]
+    """
+    if kernel != "linear+rbf":
+        return np.zeros((1,))
+    return np.array([0.0, 0.5, 0.9, 0.99, 1.0])
 
 
 def default_gamma_grid(num_tasks: int, kernel: str = "rbf") -> np.ndarray:
@@ -294,18 +409,21 @@ def _restricted_eigh(kmat: jax.Array, fit_intercept: bool) -> tuple[jax.Array, j
     return e, u
 
 
-def select_grid_point(cv: jax.Array, gamma: jax.Array, ridge: jax.Array) -> jax.Array:
+def select_grid_point(
+    cv: jax.Array, gamma: jax.Array, ridge: jax.Array, mix: jax.Array | None = None
+) -> jax.Array:
     """Index of the best grid point per column, with deterministic tie-breaking.
 
     Grid points whose CV error is within a relative ``sqrt(eps)`` of the column's minimum are
     ties (float32 rounding differs between eager and jitted runs, so an exact ``argmin`` could
     pick differently); among ties the largest ridge wins, then the smallest gamma (the smoothest
-    model), then the lowest index.
+    model), then the largest ``mix`` (the most linear model), then the lowest index.
 
     Args:
       cv: ``[P, T]`` CV errors of ``P`` grid points (``inf`` where invalid).
       gamma: ``[P]`` bandwidth of each grid point.
       ridge: ``[P]`` ridge of each grid point.
+      mix: optional ``[P]`` linear share of each grid point (``"linear+rbf"``).
 
     Returns:
       ``[T]`` int indices into ``P``.
@@ -322,55 +440,221 @@ def select_grid_point(cv: jax.Array, gamma: jax.Array, ridge: jax.Array) -> jax.
     cand = cand & (ridge[:, None] == rmax)
     gmin = jnp.min(jnp.where(cand, gamma[:, None], jnp.inf), axis=0, keepdims=True)
     cand = cand & (gamma[:, None] == gmin)
+    if mix is not None:
+        wmax = jnp.max(jnp.where(cand, mix[:, None], -jnp.inf), axis=0, keepdims=True)
+        cand = cand & (mix[:, None] == wmax)
     return jnp.argmax(cand, axis=0)
+
+
+def _loo_pair(kmat: jax.Array, yc: jax.Array, ridge_grid: jax.Array, fit_intercept: bool):
+    """Exact LOO residuals for every ridge of one kernel matrix, from ONE eigendecomposition.
+
+    Returns ``(resid [R, m, T], valid [R], e [r], u [m, r], z [r, T])``: ``resid[r, i]`` is
+    ``y_i`` minus the prediction at mask ``i`` of the model refitted without row ``i``
+    (``yc`` centred when ``fit_intercept``); ``valid`` flags ridges where ``K + λI`` is
+    numerically non-singular (invalid ridges get residual ``α`` with unit leverage and must be
+    ignored); ``e, u, z = Uᵀ yc`` are what the final fit needs.
+    """
+    m = kmat.shape[0]
+    eps = jnp.finfo(kmat.dtype).eps
+    e, u = _restricted_eigh(kmat, fit_intercept)
+    # The kernel is PSD: computed negative eigenvalues are rounding noise (|err| ~ eps·||K||).
+    e_max = jnp.max(jnp.abs(e))
+    e = jnp.maximum(e, 0.0)
+    # ridge > 0: K + λI is PD by construction; flagged only if λ drowns in rounding.
+    # ridge = 0: the kernel itself must be numerically non-singular (rank tolerance m·eps).
+    tol = jnp.where(ridge_grid > 0, 1.0, float(m)) * eps * e_max  # [R]
+    valid = jnp.min(e) + ridge_grid > tol  # [R]
+    z = u.T @ yc  # [r, T]
+    inv = 1.0 / (e[None, :] + ridge_grid[:, None])  # [R, r]
+    inv = jnp.where(valid[:, None], inv, 0.0)
+    alphas = jnp.einsum("ir,Rr,rt->Rit", u, inv, z)  # [R, m, T]
+    diag = (u * u) @ inv.T  # [m, R]
+    diag = jnp.where(valid[None, :], diag, 1.0)
+    return alphas / diag.T[:, :, None], valid, e, u, z
+
+
+def loo_residual_grid(
+    masks: jax.Array,
+    y: jax.Array,
+    *,
+    kernel: str,
+    gamma_grid: jax.Array,
+    mix_grid: jax.Array,
+    ridge_grid: jax.Array,
+    linear_scale: jax.Array,
+    degree: int = 2,
+    coef0: float = 1.0,
+    fit_intercept: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """Exact LOO residuals of kernel ridge on validated inputs, over a whole grid.
+
+    The machinery of :func:`fit_kernel` (one eigendecomposition per ``(gamma, mix)`` pair,
+    vmapped; pairs in ``(gamma, mix)`` order) for callers that combine residuals of several
+    label sets, e.g. :func:`kernattr.fit_multifidelity` (LOO is linear in the labels).
+
+    Args:
+      masks: ``[m, K]`` validated 0/1 masks.
+      y: ``[m, T]`` validated labels (centred inside when ``fit_intercept``).
+      kernel, degree, coef0, fit_intercept: as in :func:`fit_kernel`.
+      gamma_grid, mix_grid, ridge_grid: ``[G]``, ``[W]``, ``[R]`` validated grids.
+      linear_scale: scalar ``c`` of ``"linear+rbf"`` (ignored otherwise).
+
+    Returns:
+      ``(resid [G*W, R, m, T], valid [G*W, R])``.
+
+    >>> import jax.numpy as jnp
+    >>> masks = jnp.array([[0., 1.], [1., 0.], [1., 1.], [0., 0.]])
+    >>> r, ok = loo_residual_grid(masks, masks[:, :1], kernel="rbf", gamma_grid=jnp.ones(1),
+    ...                           mix_grid=jnp.zeros(1), ridge_grid=jnp.ones(2),
+    ...                           linear_scale=jnp.ones(()))
+    >>> r.shape, ok.shape
+    ((1, 2, 4, 1), (1, 2))
+    """
+    yc = y - jnp.mean(y, axis=0, keepdims=True) if fit_intercept else y
+    num_w = mix_grid.shape[0]
+
+    def per_pair(g, w):
+        kmat = _mixed_gram(kernel, degree, coef0, masks, masks, g, w, linear_scale)
+        resid, valid, *_ = _loo_pair(kmat, yc, ridge_grid, fit_intercept)
+        return resid, valid
+
+    return jax.vmap(per_pair)(jnp.repeat(gamma_grid, num_w), jnp.tile(mix_grid, gamma_grid.shape[0]))
+
+
+def kernel_grids(kernel: str, num_tasks: int, gamma: Any, mix: Any, ridge: Any, dtype):
+    """Validated ``(gamma_grid [G], mix_grid [W], ridge_grid [R])`` of :func:`fit_kernel`.
+
+    ``None`` gives the default grid; scalars become 1-element grids. Static problems raise
+    ``ValueError``/``TypeError``; a ``mix`` outside ``[0, 1]`` raises (when traced: when the
+    compiled program runs). Values of ``gamma``/``ridge`` are checked by
+    :func:`hyperparameters_ok`.
+
+    >>> [g.shape[0] for g in kernel_grids("linear+rbf", 10, None, None, None, "float32")]
+    [7, 5, 9]
+    """
+    if kernel == "linear" and gamma is None:
+        gamma = 1.0
+    if kernel != "linear+rbf" and mix is not None:
+        raise ValueError(f"`mix` applies to kernel='linear+rbf' only, got kernel={kernel!r}.")
+    gamma_grid = _checks.check_grid(
+        default_gamma_grid(num_tasks, kernel) if gamma is None else gamma, "gamma"
+    ).astype(dtype)
+    ridge_grid = _checks.check_grid(default_ridge_grid() if ridge is None else ridge, "ridge").astype(
+        dtype
+    )
+    mix_grid = _checks.check_grid(default_mix_grid(kernel) if mix is None else mix, "mix").astype(
+        dtype
+    )
+    _checks.error_if(
+        mix_grid,
+        ~((mix_grid >= 0) & (mix_grid <= 1)),
+        "`mix` must lie in [0, 1] (the share of the linear kernel); {count} values do not.",
+    )
+    return gamma_grid, mix_grid, ridge_grid
+
+
+def hyperparameters_ok(kernel: str, gamma: Any, ridge: Any, throw: bool):
+    """``(gamma_ok [G], ridge_ok [R])``: finite and positive (ridge: >= 0) entries, checked
+    eagerly and under ``jit`` (:func:`kernattr._checks.check_hyperparameter`); ``None`` means
+    the (valid) default grid."""
+    if kernel == "linear" and gamma is None:
+        gamma = 1.0
+    gamma_ok = (True if gamma is None else
+                _checks.check_hyperparameter(gamma, "gamma", throw=throw))
+    ridge_ok = (True if ridge is None else
+                _checks.check_hyperparameter(ridge, "ridge", allow_zero=True, throw=throw))
+    return jnp.reshape(jnp.asarray(gamma_ok), (-1,)), jnp.reshape(jnp.asarray(ridge_ok), (-1,))
+
+
+def mask_linear_scale(kernel: str, masks: jax.Array) -> jax.Array:
+    """``c`` of ``"linear+rbf"``: mean tasks per mask (1 if all masks are empty; 1 otherwise).
+
+    >>> float(mask_linear_scale("linear+rbf", jnp.array([[1.0, 1.0], [1.0, 0.0]])))
+    1.5
+    """
+    if kernel != "linear+rbf":
+        return jnp.ones((), masks.dtype)
+    c = jnp.mean(jnp.sum(masks, axis=1))
+    return jnp.where(c > 0, c, jnp.ones_like(c))
+
+
+def _check_select(select: Any) -> None:
+    if select not in SELECTIONS:
+        raise ValueError(f"`select` must be one of {SELECTIONS}, got {select!r}.")
 
 
 def fit_kernel(
     masks: jax.Array,
     y: jax.Array,
     *,
-    kernel: str = "rbf",
+    kernel: str = "linear+rbf",
     gamma: float | jax.Array | None = None,
     ridge: float | jax.Array | None = None,
+    mix: float | jax.Array | None = None,
     degree: int = 2,
     coef0: float = 1.0,
+    select: str = "mse",
     per_target: bool = False,
     fit_intercept: bool = True,
     throw: bool = True,
 ) -> KernelSurrogate:
-    """Kernel ridge regression on masks, with closed-form leave-one-out selection of gamma/ridge.
+    """Kernel ridge regression on masks, with closed-form leave-one-out selection of its settings.
 
-    Model: ``g(s) = b + Σ_i α_i k_γ(s, s_i)`` minimising
+    Model: ``g(s) = b + Σ_i α_i k(s, s_i)`` minimising
     ``||y - b·1 - Kα||² + ridge·αᵀKα`` (``b`` unpenalised; ``b = 0`` with
     ``fit_intercept=False``, which is exactly scikit-learn's ``KernelRidge(alpha=ridge)``).
 
-    Kernels (on 0/1 masks): ``"rbf"`` ``exp(-γ·||s-s'||²) = exp(-γ·Hamming(s, s'))`` = a product
-    over tasks (what makes exact Shapley values possible); ``"polynomial"``
-    ``(γ<s,s'> + coef0)^degree``; ``"linear"`` ``<s,s'>`` (``gamma`` ignored).
+    Kernels (on 0/1 masks):
 
-    Selection: for each bandwidth one symmetric eigendecomposition ``K = U diag(e) Uᵀ``
-    (restricted to ``1^⊥`` with an intercept) gives, for every ridge ``λ`` at once,
-    ``α = U diag(1/(e+λ)) Uᵀ y`` and the exact leave-one-out residual
+    * ``"linear+rbf"`` (default): ``mix·<s,s'>/c + (1-mix)·exp(-γ·Hamming(s, s'))`` with ``c``
+      the mean number of tasks per training mask (both parts then have unit mean diagonal).
+      ``mix = 1`` is ridge regression on the masks — the linear surrogate (datamodels) with
+      penalty ``ridge·c·||coef||²`` — and ``mix = 0`` the RBF kernel, so the LOO-CV choice
+      over the default ``mix`` grid contains both: on additive data it picks (nearly) the
+      linear model, with interactions it adds an RBF part. This is the kernel to use unless you
+      know the labels are strongly non-additive.
+    * ``"rbf"``: ``exp(-γ·||s-s'||²) = exp(-γ·Hamming(s, s'))``, a product over tasks (what makes
+      exact Shapley values possible).
+    * ``"polynomial"``: ``(γ<s,s'> + coef0)^degree``; ``"linear"``: ``<s,s'>`` (``gamma``
+      ignored).
+
+    Selection: for each ``(gamma, mix)`` pair one symmetric eigendecomposition
+    ``K = U diag(e) Uᵀ`` (restricted to ``1^⊥`` with an intercept) gives, for every ridge ``λ``
+    at once, ``α = U diag(1/(e+λ)) Uᵀ y`` and the exact leave-one-out residual
     ``r_i = α_i / Σ_j U_ij²/(e_j+λ)`` (``= α_i / [(K+λI)^{-1}]_ii`` without intercept). With an
     intercept this is the exact LOO residual of refitting *both* ``α`` and ``b`` without row
     ``i`` (the model is penalised least squares in a fixed feature space with an unpenalised
     constant column, for which ``r_i = (y_i - ŷ_i)/(1 - H_ii)`` holds exactly). The grid is
-    vmapped over bandwidths. ``cv_error[g, r, t]`` is the LOO mean squared error divided by the
-    variance of target ``t``; the chosen pair minimises it per target (``per_target=True``) or
-    averaged over targets (default). Near-ties (within a relative ``sqrt(eps)`` of the minimum)
-    go to the largest ridge, then the smallest gamma, so eager and jitted runs agree
+    vmapped over the ``(gamma, mix)`` pairs. Criteria (``select``):
+
+    * ``"mse"`` (default): ``cv_error[g, w, r, t]``, the LOO mean squared error divided by the
+      variance of target ``t``; minimised averaged over targets, or per target.
+    * ``"loo_spearman"``: ``cv_spearman[g, w, r, t]``, the Spearman correlation between the LOO
+      predictions ``y_i - r_i`` and ``y_i`` — the held-out rank metric (LDS) estimated on the
+      training masks; maximised averaged over the targets with a defined correlation, or per
+      target. It costs a rank computation per grid point and target; use it when only ranks
+      matter and many masks are available (it is noisier than ``"mse"`` at small ``m``).
+
+    ``per_target=True`` chooses the grid point separately for every target (with either
+    criterion); otherwise one point serves all targets (one kernel matrix at prediction time).
+    Near-ties (within a relative ``sqrt(eps)`` of the best) go to the largest ridge, then the
+    smallest gamma, then the largest mix, so eager and jitted runs agree
     (:func:`select_grid_point`).
 
     Args:
       masks: ``[m, K]`` 0/1 training masks.
       y: ``[m]`` or ``[m, T]`` labels (1-D is ``T = 1``; predictions are always ``[m', T]``).
-      kernel: ``"rbf"`` (default), ``"polynomial"`` or ``"linear"``.
+      kernel: ``"linear+rbf"`` (default), ``"rbf"``, ``"polynomial"`` or ``"linear"``.
       gamma: ``> 0`` scalar or 1-D grid ``[G]``. Default :func:`default_gamma_grid` (``c/K``).
       ridge: ``>= 0`` scalar or 1-D grid ``[R]``. Default :func:`default_ridge_grid`
         (``1e-4 .. 1e4``). ``0`` is allowed only where the kernel matrix is non-singular.
+      mix: ``"linear+rbf"`` only: scalar or 1-D grid ``[W]`` in ``[0, 1]``, the share of the
+        linear kernel. Default :func:`default_mix_grid` (``0, 0.5, 0.9, 0.99, 1``).
       degree: polynomial degree (static int).
       coef0: polynomial offset (static float, ``>= 0``).
-      per_target: select ``(gamma, ridge)`` separately for each target.
+      select: ``"mse"`` or ``"loo_spearman"`` (static), the LOO criterion.
+      per_target: select the grid point separately for each target.
       fit_intercept: fit an unpenalised intercept (default True).
       throw: raise ``ValueError`` (eagerly, or from the compiled program under ``jit``) when the
         chosen ``kernel + ridge·I`` is numerically singular: ``ridge = 0`` with smallest kernel
@@ -391,10 +675,11 @@ def fit_kernel(
     >>> masks = jax.random.bernoulli(jax.random.key(0), 0.5, (64, 6)).astype(jnp.float32)
     >>> y = masks[:, 0] * masks[:, 1] - masks[:, 2]
     >>> s = fit_kernel(masks, y, gamma=jnp.array([0.1, 0.3]), ridge=jnp.array([1e-2, 1.0]))
-    >>> s.dual_coef.shape, s.cv_error.shape
-    ((64, 1), (2, 2, 1))
+    >>> s.dual_coef.shape, s.cv_error.shape  # [m, T], [G, W, R, T]
+    ((64, 1), (2, 5, 2, 1))
     """
     _check_kernel_config(kernel, degree, coef0)
+    _check_select(select)
     masks = _checks.check_masks(masks)
     y, _ = _checks.check_labels(y, masks.shape[0])
     dtype = jnp.result_type(masks.dtype, y.dtype)
@@ -404,18 +689,12 @@ def fit_kernel(
     t = y.shape[1]
     if fit_intercept and m < 2:
         raise ValueError("`masks` needs at least 2 rows to fit a kernel surrogate with an intercept.")
-    if kernel == "linear" and gamma is None:
-        gamma = 1.0
-    gamma = default_gamma_grid(k, kernel) if gamma is None else gamma
-    ridge = default_ridge_grid() if ridge is None else ridge
-    gamma_grid = _checks.check_grid(gamma, "gamma").astype(dtype)
-    ridge_grid = _checks.check_grid(ridge, "ridge").astype(dtype)
-    gamma_ok = jnp.reshape(_checks.check_hyperparameter(gamma, "gamma", throw=throw), (-1,))
-    ridge_ok = jnp.reshape(
-        _checks.check_hyperparameter(ridge, "ridge", allow_zero=True, throw=throw), (-1,)
-    )
-    num_g = gamma_grid.shape[0]
-    shared_gamma = (not per_target) or num_g == 1
+    gamma_grid, mix_grid, ridge_grid = kernel_grids(kernel, k, gamma, mix, ridge, dtype)
+    num_g, num_w, num_r = gamma_grid.shape[0], mix_grid.shape[0], ridge_grid.shape[0]
+    gamma_ok, ridge_ok = hyperparameters_ok(kernel, gamma, ridge, throw)
+    gamma_ok = jnp.broadcast_to(gamma_ok, (num_g,))
+    ridge_ok = jnp.broadcast_to(ridge_ok, (num_r,))
+    shared_gamma = (not per_target) or num_g * num_w == 1
     spec = KernelSpec(
         kernel=kernel,
         degree=int(degree),
@@ -423,61 +702,72 @@ def fit_kernel(
         shared_gamma=shared_gamma,
         fit_intercept=bool(fit_intercept),
     )
+    linear_scale = mask_linear_scale(kernel, masks)
 
     y_mean = jnp.mean(y, axis=0)
     yc = y - y_mean[None, :] if fit_intercept else y
     scale = jnp.mean(yc * yc, axis=0)
     scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
-    eps = jnp.finfo(dtype).eps
+    want_rho = select == "loo_spearman"
 
-    def per_gamma(g, g_ok):
-        kmat = _gram(kernel, degree, coef0, masks, masks, g)
-        e, u = _restricted_eigh(kmat, fit_intercept)
-        # The kernel is PSD: computed negative eigenvalues are rounding noise (|err| ~ eps·||K||).
-        e_max = jnp.max(jnp.abs(e))
-        e = jnp.maximum(e, 0.0)
-        # ridge > 0: K + λI is PD by construction; flagged only if λ drowns in rounding.
-        # ridge = 0: the kernel itself must be numerically non-singular (rank tolerance m·eps).
-        tol = jnp.where(ridge_grid > 0, 1.0, float(m)) * eps * e_max  # [R]
-        nonsingular = jnp.min(e) + ridge_grid > tol  # [R]
+    def per_pair(g, w, g_ok):
+        kmat = _mixed_gram(kernel, degree, coef0, masks, masks, g, w, linear_scale)
+        resid, nonsingular, e, u, z = _loo_pair(kmat, yc, ridge_grid, fit_intercept)
         valid = nonsingular & ridge_ok & g_ok  # [R]; invalid hyperparameters: never chosen
-        z = u.T @ yc  # [r, T]
-        inv = 1.0 / (e[None, :] + ridge_grid[:, None])  # [R, r]
-        inv = jnp.where(valid[:, None], inv, 0.0)
-        alphas = jnp.einsum("ir,Rr,rt->Rit", u, inv, z)  # [R, m, T]
-        diag = (u * u) @ inv.T  # [m, R]
-        diag = jnp.where(valid[None, :], diag, 1.0)
-        resid = alphas / diag.T[:, :, None]
         cv = jnp.mean(resid * resid, axis=1) / scale[None, :]  # [R, T]
         cv = jnp.where(valid[:, None] & jnp.isfinite(cv), cv, jnp.inf)
+        if want_rho:
+            loo_pred = yc[None, :, :] - resid  # [R, m, T]
+            flat = jnp.transpose(loo_pred, (1, 0, 2)).reshape(m, num_r * t)
+            rho = column_spearman(flat, jnp.tile(yc, (1, num_r))).reshape(num_r, t)
+            rho = jnp.where(valid[:, None] & jnp.isfinite(cv), rho, jnp.nan)
+        else:
+            rho = jnp.full((num_r, t), jnp.nan, dtype)
         colmean = jnp.mean(kmat, axis=0)  # [m]
-        return cv, e, u, z, valid, colmean
+        return cv, rho, e, u, z, valid, colmean
 
-    cv, es, us, zs, valids, colmeans = jax.vmap(per_gamma)(gamma_grid, gamma_ok)
-    num_r = ridge_grid.shape[0]
-    gam_flat = jnp.repeat(gamma_grid, num_r)  # [G*R], index g*R + r
-    rid_flat = jnp.tile(ridge_grid, num_g)
-    if per_target:
-        best = select_grid_point(cv.reshape(num_g * num_r, t), gam_flat, rid_flat)  # [T]
+    gg = jnp.repeat(gamma_grid, num_w)  # [C] pairs in (gamma, mix) order
+    ww = jnp.tile(mix_grid, num_g)
+    gg_ok = jnp.repeat(gamma_ok, num_w)
+    cv, rho, es, us, zs, valids, colmeans = jax.vmap(per_pair)(gg, ww, gg_ok)  # cv, rho: [C, R, T]
+    num_c = num_g * num_w
+    if want_rho:
+        # maximise the correlation; undefined (constant / singular) counts as worst
+        loss = jnp.where(jnp.isnan(rho), jnp.inf, -rho)
+        if not per_target:
+            ok = ~jnp.isnan(rho)
+            cnt = jnp.sum(ok, axis=2)
+            mean_rho = jnp.sum(jnp.where(ok, rho, 0.0), axis=2) / jnp.maximum(cnt, 1)
+            pooled = jnp.where(cnt > 0, -mean_rho, jnp.inf)
     else:
-        score = jnp.mean(cv, axis=2).reshape(-1, 1)
-        best = jnp.broadcast_to(select_grid_point(score, gam_flat, rid_flat), (t,))
-    g_idx = best // num_r
+        loss = cv
+        if not per_target:
+            pooled = jnp.mean(cv, axis=2)
+    gam_flat = jnp.repeat(gg, num_r)  # [C*R], index c*R + r
+    mix_flat = jnp.repeat(ww, num_r)
+    rid_flat = jnp.tile(ridge_grid, num_c)
+    if per_target:
+        best = select_grid_point(loss.reshape(num_c * num_r, t), gam_flat, rid_flat, mix_flat)
+    else:
+        best = jnp.broadcast_to(
+            select_grid_point(pooled.reshape(-1, 1), gam_flat, rid_flat, mix_flat), (t,))
+    c_idx = best // num_r
     r_idx = best % num_r
-    gamma_t = gamma_grid[g_idx]
+    gamma_t = gg[c_idx]
+    mix_t = ww[c_idx]
     ridge_t = ridge_grid[r_idx]
-    chosen_ok = valids[g_idx, r_idx]  # [T]
-    hyper_ok = gamma_ok[g_idx] & ridge_ok[r_idx]  # [T]
+    chosen_ok = valids[c_idx, r_idx]  # [T]
+    hyper_ok = gg_ok[c_idx] & ridge_ok[r_idx]  # [T]
     if throw:
         _checks.error_if(
             masks,
             hyper_ok & ~chosen_ok,
-            "`ridge` too small: the kernel matrix is singular at the chosen (gamma, ridge) for "
-            "{count} target(s) (e.g. ridge=0 with duplicated masks or a low-rank kernel); pass "
-            "ridge > 0 or a ridge grid.",
+            "`ridge` too small: the kernel matrix is singular at the chosen (gamma, mix, ridge) "
+            "for {count} target(s) (e.g. ridge=0 with duplicated masks or a low-rank kernel); "
+            "pass ridge > 0 or a ridge grid.",
         )
-    onehot = jnp.arange(num_g)[:, None] == g_idx[None, :]  # [G, T]
-    denom = es[:, :, None] + ridge_t[None, None, :]  # [G, r, T]
+    onehot = jnp.arange(num_c)[:, None] == c_idx[None, :]  # [C, T]
+    denom = es[:, :, None] + ridge_t[None, None, :]  # [C, r, T]
     w = jnp.where(onehot[:, None, :], zs / jnp.where(onehot[:, None, :], denom, 1.0), 0.0)
     alpha = jnp.einsum("gir,grt->it", us, w)  # [m, T]
     if fit_intercept:
@@ -492,9 +782,13 @@ def fit_kernel(
         intercept=intercept,
         gamma=gamma_t,
         ridge=ridge_t,
+        mix=mix_t,
         gamma_grid=gamma_grid,
+        mix_grid=mix_grid,
         ridge_grid=ridge_grid,
-        cv_error=cv,
+        linear_scale=linear_scale,
+        cv_error=cv.reshape(num_g, num_w, num_r, t),
+        cv_spearman=rho.reshape(num_g, num_w, num_r, t),
         spec=spec,
     )
 
@@ -502,25 +796,63 @@ def fit_kernel(
 # --------------------------------------------------------------------------------------------
 # Prediction
 # --------------------------------------------------------------------------------------------
-def _predict_kernel(s: KernelSurrogate, masks: jax.Array) -> jax.Array:
+def kernel_predict(s: KernelSurrogate, masks: jax.Array) -> jax.Array:
+    """``[m', T]`` predictions of a kernel surrogate at validated masks (no input checks)."""
     spec = s.spec
     if spec.shared_gamma:
-        kmat = _gram(spec.kernel, spec.degree, spec.coef0, masks, s.masks, s.gamma[0])
+        kmat = surrogate_gram(spec, masks, s.masks, s.gamma[0], s.mix[0], s.linear_scale)
         return kmat @ s.dual_coef + s.intercept[None, :]
 
     def one_target(args):
-        g, a = args
-        return _gram(spec.kernel, spec.degree, spec.coef0, masks, s.masks, g) @ a
+        g, w, a = args
+        return surrogate_gram(spec, masks, s.masks, g, w, s.linear_scale) @ a
 
-    cols = jax.lax.map(one_target, (s.gamma, s.dual_coef.T), batch_size=8)  # [T, m']
+    cols = jax.lax.map(one_target, (s.gamma, s.mix, s.dual_coef.T), batch_size=8)  # [T, m']
     return cols.T + s.intercept[None, :]
 
 
-def predict(surrogate: LinearSurrogate | KernelSurrogate, masks: jax.Array) -> jax.Array:
+def split_linear_part(s: KernelSurrogate) -> tuple[jax.Array, KernelSurrogate]:
+    """Exact split ``g = sᵀ coef + g_rest`` of a kernel surrogate into a linear part and the rest.
+
+    For ``"linear+rbf"``: ``Σ_i α_i mix/c <s, s_i> = sᵀ (mix/c · masksᵀ α)``, and ``g_rest`` is
+    the same surrogate with kernel ``"rbf"`` and dual coefficients ``(1 - mix)·α`` (intercept
+    kept). Every attribution that is linear in the game (LOO, Shapley, Banzhaf, interactions)
+    is then the linear part's (its coefficient; no interactions) plus ``g_rest``'s. For the
+    single kernels ``coef`` is 0 and ``g_rest`` is ``s``.
+
+    Args:
+      s: a :class:`KernelSurrogate`.
+
+    Returns:
+      ``(coef [K, T], rest)``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> masks = jax.random.bernoulli(jax.random.key(0), 0.5, (16, 4)).astype(jnp.float32)
+    >>> coef, rest = split_linear_part(fit_kernel(masks, masks[:, 0], gamma=0.3, ridge=0.1))
+    >>> coef.shape, rest.spec.kernel
+    ((4, 1), 'rbf')
+    """
+    k = s.masks.shape[1]
+    if s.spec.kernel != "linear+rbf":
+        return jnp.zeros((k, s.dual_coef.shape[1]), s.dual_coef.dtype), s
+    lin_w = s.mix / s.linear_scale  # [T]
+    coef = s.masks.T @ (s.dual_coef * lin_w[None, :])
+    rest = s._replace(
+        dual_coef=s.dual_coef * (1.0 - s.mix)[None, :],
+        mix=jnp.zeros_like(s.mix),
+        spec=dataclasses.replace(s.spec, kernel="rbf"),
+    )
+    return coef, rest
+
+
+def predict(
+    surrogate: LinearSurrogate | KernelSurrogate | MultiFidelitySurrogate, masks: jax.Array
+) -> jax.Array:
     """Surrogate predictions at new masks.
 
     Args:
-      surrogate: a :class:`LinearSurrogate` or :class:`KernelSurrogate`.
+      surrogate: a :class:`LinearSurrogate`, :class:`KernelSurrogate` or
+        :class:`MultiFidelitySurrogate`.
       masks: ``[m', K]`` 0/1 masks (``K`` must match the surrogate).
 
     Returns:
@@ -538,7 +870,13 @@ def predict(surrogate: LinearSurrogate | KernelSurrogate, masks: jax.Array) -> j
     if isinstance(surrogate, KernelSurrogate):
         masks = _checks.check_masks(masks, num_tasks=surrogate.masks.shape[1])
         masks = masks.astype(jnp.result_type(masks.dtype, surrogate.dual_coef.dtype))
-        return _predict_kernel(surrogate, masks)
+        return kernel_predict(surrogate, masks)
+    if isinstance(surrogate, MultiFidelitySurrogate):
+        masks = _checks.check_masks(masks, num_tasks=surrogate.cheap.masks.shape[1])
+        masks = masks.astype(jnp.result_type(masks.dtype, surrogate.cheap.dual_coef.dtype))
+        return surrogate.rho[None, :] * kernel_predict(surrogate.cheap, masks) + kernel_predict(
+            surrogate.residual, masks)
     raise TypeError(
-        f"`surrogate` must be a LinearSurrogate or KernelSurrogate, got {type(surrogate).__name__}."
+        "`surrogate` must be a LinearSurrogate, KernelSurrogate or MultiFidelitySurrogate, got "
+        f"{type(surrogate).__name__}."
     )

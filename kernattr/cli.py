@@ -126,11 +126,20 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-fraction", type=_fraction, default=0.2,
                    help="held-out share when the data has no test masks (default 0.2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
-    p.add_argument("--kernel", choices=("rbf", "polynomial", "linear"), default="rbf")
+    p.add_argument("--kernel", choices=("linear+rbf", "rbf", "polynomial", "linear"),
+                   default="linear+rbf",
+                   help="kernel (default linear+rbf: a linear plus an RBF part, mixed by LOO-CV, "
+                   "so it contains the linear surrogate)")
     p.add_argument("--gamma", type=_number_list(positive=True), default=None,
                    help="comma-separated bandwidth grid, each > 0 (default: scaled to K)")
     p.add_argument("--ridge", type=_number_list(positive=False), default=None,
                    help="comma-separated ridge grid, each >= 0 (default: decades 1e-4..1e4)")
+    p.add_argument("--mix", type=_number_list(positive=False), default=None,
+                   help="comma-separated grid of the linear share, each in [0, 1] (linear+rbf "
+                   "only; default 0,0.5,0.9,0.99,1)")
+    p.add_argument("--select", choices=("mse", "loo_spearman"), default="mse",
+                   help="LOO-CV criterion: normalized squared error (default) or rank "
+                   "correlation of the LOO predictions")
     p.add_argument("--linear-ridge", type=_nonnegative, default=0.0,
                    help="ridge of the linear surrogate (default 0: least squares)")
     p.add_argument("--per-target", action="store_true",
@@ -141,7 +150,7 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--x64", action="store_true", help="compute in float64")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT",
                    help="also write all figures to this JSON file")
-    p.set_defaults(func=_run_fit, flags={"gamma": "--gamma", "ridge": "--ridge",
+    p.set_defaults(func=_run_fit, flags={"gamma": "--gamma", "ridge": "--ridge", "mix": "--mix",
                                          "masks": "--data", "y": "--data"})
 
 
@@ -153,8 +162,11 @@ def _print_report(rep: dict, source: str, split: str) -> None:
     k = rep["kernel"]
     gam = sorted(set(round(g, 6) for g in k["gamma"]))
     rid = sorted(set(round(r, 6) for r in k["ridge"]))
-    print(f"kernel surrogate: {k['kernel']}, gamma={gam} ridge={rid} "
-          f"(from a {len(k['gamma_grid'])}x{len(k['ridge_grid'])} grid, LOO-CV)")
+    mix = sorted(set(round(w, 6) for w in k["mix"]))
+    mix_txt = f" mix={mix}" if k["kernel"] == "linear+rbf" else ""
+    print(f"kernel surrogate: {k['kernel']}, gamma={gam}{mix_txt} ridge={rid} "
+          f"(from a {len(k['gamma_grid'])}x{len(k['mix_grid'])}x{len(k['ridge_grid'])} grid, "
+          f"LOO-CV by {k['select']})")
     if k["at_grid_edge"]:
         print(f"  note: {' and '.join(k['at_grid_edge'])} chosen at the edge of the grid; "
               "consider widening it (--gamma / --ridge)")
@@ -190,7 +202,8 @@ def _run_fit(args: argparse.Namespace) -> int:
         data, split = split_heldout(data, test_fraction=args.test_fraction, seed=args.seed)
     except ValueError as e:
         raise SystemExit(f"kernattr fit: --test-fraction: {e}") from e
-    rep = fit_report(data, kernel=args.kernel, gamma=args.gamma, ridge=args.ridge,
+    rep = fit_report(data, kernel=args.kernel, gamma=args.gamma, ridge=args.ridge, mix=args.mix,
+                     select=args.select,
                      linear_ridge=args.linear_ridge, per_target=args.per_target, top=args.top,
                      lower_is_better=args.lower_is_better)
     rep["source"] = label

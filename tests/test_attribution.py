@@ -12,7 +12,7 @@ import kernattr as ka
 
 from conftest import tol
 
-_STATIC = ("kernel", "degree", "coef0", "per_target", "fit_intercept", "throw")
+_STATIC = ("kernel", "degree", "coef0", "select", "per_target", "fit_intercept", "throw")
 _fk = jax.jit(ka.fit_kernel, static_argnames=_STATIC)
 _ATTR = {
     "loo": jax.jit(ka.loo_scores),
@@ -31,8 +31,11 @@ def _np_surrogate_values(s, masks):
     out = np.zeros((masks.shape[0], alpha.shape[1]))
     for t in range(alpha.shape[1]):
         g = float(s.gamma[t])
-        if s.spec.kernel == "rbf":
+        if s.spec.kernel in ("rbf", "linear+rbf"):
             kmat = np.exp(-g * ((masks[:, None, :] - tr[None]) ** 2).sum(-1))
+            if s.spec.kernel == "linear+rbf":
+                w, c = float(s.mix[t]), float(s.linear_scale)
+                kmat = w / c * masks @ tr.T + (1.0 - w) * kmat
         elif s.spec.kernel == "polynomial":
             kmat = (g * masks @ tr.T + s.spec.coef0) ** s.spec.degree
         else:
@@ -84,6 +87,9 @@ def _game(m=40, k=8, t=3, seed=0, dtype=np.float64):
 CASES = {
     "rbf": dict(kernel="rbf", gamma=0.4, ridge=0.05),
     "rbf_per_target": dict(kernel="rbf", gamma=jnp.array([0.05, 0.5, 2.0]), ridge=0.05, per_target=True),
+    "linear+rbf": dict(kernel="linear+rbf", gamma=0.4, ridge=0.05, mix=0.7),
+    "linear+rbf_per_target": dict(kernel="linear+rbf", gamma=jnp.array([0.05, 0.5, 2.0]), ridge=0.05,
+                                  mix=jnp.array([0.0, 0.5, 0.99]), per_target=True),
     "polynomial": dict(kernel="polynomial", gamma=0.3, ridge=0.05, degree=3, coef0=1.0),
     "linear_kernel": dict(kernel="linear", ridge=0.05),
 }
@@ -99,6 +105,9 @@ def test_attributions_equal_brute_force_enumeration(x64, case):
         s = _fk(masks, y, **CASES[case])
     if case == "rbf_per_target":
         assert len(set(np.asarray(s.gamma).tolist())) > 1  # genuinely different bandwidths
+    if case == "linear+rbf_per_target":
+        assert len(set(np.asarray(s.mix).tolist())) > 1  # genuinely different mixes
+        assert float(np.max(s.mix)) > 0  # the linear part is exercised
     ref = _brute_force(s, k)
     for name, fn in _ATTR.items():
         got = np.asarray(fn(s))

@@ -1,18 +1,26 @@
 """Tests for kernattr._surrogates: oracles are scikit-learn, numpy lstsq and brute-force refits."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats as ss
 from sklearn.kernel_ridge import KernelRidge
 from sklearn.linear_model import Ridge
 
 import kernattr as ka
-from kernattr._surrogates import default_gamma_grid, default_ridge_grid, kernel_matrix
+from kernattr._surrogates import (
+    default_gamma_grid,
+    default_mix_grid,
+    default_ridge_grid,
+    kernel_matrix,
+)
 
 from conftest import tol
 
-_STATIC = ("kernel", "degree", "coef0", "per_target", "fit_intercept", "throw")
+_STATIC = ("kernel", "degree", "coef0", "select", "per_target", "fit_intercept", "throw")
 # Compile once per configuration (eager op-by-op dispatch is slow to warm up on a loaded CPU).
 _fk = jax.jit(ka.fit_kernel, static_argnames=_STATIC)
 _fl = jax.jit(ka.fit_linear)
@@ -34,10 +42,11 @@ def _x64_or_not(dtype):
     return jax.enable_x64(dtype == np.float64)
 
 
-def _np_kernel(a, b, kernel, gamma, degree=2, coef0=1.0):
-    if kernel == "rbf":
+def _np_kernel(a, b, kernel, gamma, degree=2, coef0=1.0, mix=0.0, scale=1.0):
+    if kernel in ("rbf", "linear+rbf"):
         d = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
-        return np.exp(-gamma * d)
+        rbf = np.exp(-gamma * d)
+        return rbf if kernel == "rbf" else mix / scale * a @ b.T + (1 - mix) * rbf
     if kernel == "polynomial":
         return (gamma * a @ b.T + coef0) ** degree
     return a @ b.T
@@ -84,7 +93,7 @@ def test_linear_kernel_with_intercept_equals_sklearn_ridge(x64):
 def test_rbf_intercept_equals_krr_with_huge_constant_kernel(x64):
     """An unpenalised intercept is the limit c -> inf of KRR with kernel K + c·11ᵀ."""
     masks, y, new = _data()
-    s = _fk(masks, y, gamma=0.4, ridge=0.2)
+    s = _fk(masks, y, kernel="rbf", gamma=0.4, ridge=0.2)
     c = 1e7
     kmat = _np_kernel(masks, masks, "rbf", 0.4) + c
     ref = KernelRidge(alpha=0.2, kernel="precomputed").fit(kmat, y)
@@ -94,40 +103,48 @@ def test_rbf_intercept_equals_krr_with_huge_constant_kernel(x64):
 
 def test_kernel_matrix_matches_numpy(x64):
     masks, _, new = _data()
-    for kernel in ("rbf", "polynomial", "linear"):
-        got = kernel_matrix(new, masks, kernel=kernel, gamma=0.25, degree=3, coef0=0.5)
-        np.testing.assert_allclose(got, _np_kernel(new, masks, kernel, 0.25, 3, 0.5), rtol=1e-12)
+    for kernel in ("rbf", "polynomial", "linear", "linear+rbf"):
+        got = kernel_matrix(new, masks, kernel=kernel, gamma=0.25, degree=3, coef0=0.5, mix=0.3,
+                            linear_scale=2.5)
+        ref = _np_kernel(new, masks, kernel, 0.25, 3, 0.5, mix=0.3, scale=2.5)
+        np.testing.assert_allclose(got, ref, rtol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
 # Closed-form LOO-CV vs brute-force refits
 # ---------------------------------------------------------------------------------------------
-def _brute_loo(masks, y, kernel, gammas, ridges, fit_intercept, **kw):
+def _brute_loo(masks, y, kernel, gammas, ridges, fit_intercept, mixes=(0.0,), **kw):
+    """LOO error [G, W, R, T] and LOO Spearman [G, W, R, T] by refitting without each row."""
     m, t = y.shape
-    out = np.zeros((len(gammas), len(ridges), t))
+    out = np.zeros((len(gammas), len(mixes), len(ridges), t))
+    rho = np.zeros_like(out)
     yc = y - y.mean(0) if fit_intercept else y
     scale = (yc**2).mean(0)
-    for gi, g in enumerate(gammas):
-        for ri, r in enumerate(ridges):
-            res = np.zeros((m, t))
-            for i in range(m):
-                keep = np.arange(m) != i
-                xk, yk = masks[keep], y[keep]
-                kk = _np_kernel(xk, xk, kernel, g, **kw)
-                if fit_intercept:
-                    # exact intercept + kernel ridge: min ||y - b - Ka||² + r aᵀKa, via numpy lstsq
-                    # on the stationarity conditions  [[K+rI, 1],[1ᵀK, n]] [a; b] = [y; 1ᵀy].
-                    n = kk.shape[0]
-                    top = np.concatenate([kk + r * np.eye(n), np.ones((n, 1))], 1)
-                    bot = np.concatenate([kk.sum(0, keepdims=True), [[n]]], 1)
-                    sol = np.linalg.solve(np.concatenate([top, bot], 0), np.concatenate([yk, yk.sum(0, keepdims=True)], 0))
-                    a, b = sol[:-1], sol[-1]
-                else:
-                    a = np.linalg.solve(kk + r * np.eye(len(kk)), yk)
-                    b = 0.0
-                res[i] = _np_kernel(masks[i : i + 1], xk, kernel, g, **kw) @ a + b - y[i]
-            out[gi, ri] = (res**2).mean(0) / scale
-    return out
+    if kernel == "linear+rbf":
+        kw = dict(kw, scale=masks.sum(1).mean())
+    for (gi, g), (wi, w), (ri, r) in itertools.product(enumerate(gammas), enumerate(mixes),
+                                                       enumerate(ridges)):
+        kw["mix"] = w
+        res = np.zeros((m, t))
+        for i in range(m):
+            keep = np.arange(m) != i
+            xk, yk = masks[keep], y[keep]
+            kk = _np_kernel(xk, xk, kernel, g, **kw)
+            if fit_intercept:
+                # exact intercept + kernel ridge: min ||y - b - Ka||² + r aᵀKa, via numpy lstsq
+                # on the stationarity conditions  [[K+rI, 1],[1ᵀK, n]] [a; b] = [y; 1ᵀy].
+                n = kk.shape[0]
+                top = np.concatenate([kk + r * np.eye(n), np.ones((n, 1))], 1)
+                bot = np.concatenate([kk.sum(0, keepdims=True), [[n]]], 1)
+                sol = np.linalg.solve(np.concatenate([top, bot], 0), np.concatenate([yk, yk.sum(0, keepdims=True)], 0))
+                a, b = sol[:-1], sol[-1]
+            else:
+                a = np.linalg.solve(kk + r * np.eye(len(kk)), yk)
+                b = 0.0
+            res[i] = _np_kernel(masks[i : i + 1], xk, kernel, g, **kw) @ a + b - y[i]
+        out[gi, wi, ri] = (res**2).mean(0) / scale
+        rho[gi, wi, ri] = [ss.spearmanr(y[:, j] + res[:, j], y[:, j])[0] for j in range(t)]
+    return out, rho
 
 
 @pytest.mark.parametrize("fit_intercept", [True, False])
@@ -140,7 +157,7 @@ def test_closed_form_loo_equals_brute_force_refits(x64, fit_intercept, kernel):
             x, yy, kernel=kernel, gamma=jnp.array(gammas), ridge=jnp.array(ridges), fit_intercept=fit_intercept
         )
     )(masks, y)
-    ref = _brute_loo(masks, y, kernel, gammas, ridges, fit_intercept)
+    ref, _ = _brute_loo(masks, y, kernel, gammas, ridges, fit_intercept)
     np.testing.assert_allclose(np.asarray(s.cv_error), ref, rtol=1e-8, atol=1e-10)
 
 
@@ -152,30 +169,69 @@ def test_grid_selection_picks_brute_force_minimiser_per_target(x64):
     parity = np.where(masks.sum(1) % 2 == 0, 1.0, -1.0)  # high-order: wants a local kernel
     y = np.stack([additive + 0.05 * rng.normal(size=m), parity], 1)
     gammas, ridges = [0.02, 0.3, 3.0], [1e-3, 1e-1, 10.0]
-    ref = _brute_loo(masks, y, "rbf", gammas, ridges, True)
-    s = _fk(masks, y, gamma=jnp.array(gammas), ridge=jnp.array(ridges), per_target=True)
+    ref, _ = _brute_loo(masks, y, "rbf", gammas, ridges, True)
+    ref = ref[:, 0]
+    s = _fk(masks, y, kernel="rbf", gamma=jnp.array(gammas), ridge=jnp.array(ridges), per_target=True)
     for t in range(2):
         gi, ri = np.unravel_index(np.argmin(ref[:, :, t]), ref.shape[:2])
         assert float(s.gamma[t]) == gammas[gi] and float(s.ridge[t]) == ridges[ri]
         # the per-target surrogate predicts like a scalar refit at the chosen pair
-        single = _fk(masks, y[:, t], gamma=gammas[gi], ridge=ridges[ri])
+        single = _fk(masks, y[:, t], kernel="rbf", gamma=gammas[gi], ridge=ridges[ri])
         np.testing.assert_allclose(_pr(s, masks)[:, t], _pr(single, masks)[:, 0], rtol=1e-9, atol=1e-9)
     assert float(s.gamma[0]) != float(s.gamma[1])  # the test exercises genuinely different picks
-    shared = _fk(masks, y, gamma=jnp.array(gammas), ridge=jnp.array(ridges))
+    shared = _fk(masks, y, kernel="rbf", gamma=jnp.array(gammas), ridge=jnp.array(ridges))
     gi, ri = np.unravel_index(np.argmin(ref.mean(2)), ref.shape[:2])
     assert np.all(np.asarray(shared.gamma) == gammas[gi]) and np.all(np.asarray(shared.ridge) == ridges[ri])
+
+
+@pytest.mark.parametrize("select", ["mse", "loo_spearman"])
+def test_linear_rbf_loo_and_selection_equal_brute_force(x64, select):
+    masks, y, _ = _data(m=26, k=6, t=2)
+    gammas, mixes, ridges = [0.1, 0.8], [0.0, 0.6, 1.0], [0.03, 1.0]
+    ref, rho = _brute_loo(masks, y, "linear+rbf", gammas, ridges, True, mixes=mixes)
+    grids = dict(gamma=jnp.array(gammas), mix=jnp.array(mixes), ridge=jnp.array(ridges))
+    s = _fk(masks, y, select=select, per_target=True, **grids)
+    np.testing.assert_allclose(np.asarray(s.cv_error), ref, rtol=1e-8, atol=1e-10)
+    crit = ref if select == "mse" else -rho
+    if select == "loo_spearman":
+        np.testing.assert_allclose(np.asarray(s.cv_spearman), rho, rtol=1e-9, atol=1e-12)
+    for t in range(2):
+        gi, wi, ri = np.unravel_index(np.argmin(crit[..., t]), crit.shape[:3])
+        got = (float(s.gamma[t]), float(s.mix[t]), float(s.ridge[t]))
+        assert got == (gammas[gi], mixes[wi], ridges[ri])
+    pooled = _fk(masks, y, select=select, **grids)
+    gi, wi, ri = np.unravel_index(np.argmin(crit.mean(-1)), crit.shape[:3])
+    assert (float(pooled.gamma[0]), float(pooled.mix[0]), float(pooled.ridge[0])) == (
+        gammas[gi], mixes[wi], ridges[ri])
+
+
+def test_linear_rbf_with_mix_one_is_the_ridge_linear_surrogate(x64):
+    """mix = 1: kernel <s,s'>/c, i.e. ridge regression on the masks with penalty ridge·c."""
+    masks, y, new = _data()
+    s = _fk(masks, y, gamma=0.3, mix=1.0, ridge=0.2)
+    c = masks.sum(1).mean()
+    np.testing.assert_allclose(float(s.linear_scale), c, rtol=1e-12)
+    ref = Ridge(alpha=0.2 * c).fit(masks, y)
+    np.testing.assert_allclose(np.asarray(_pr(s, new)), ref.predict(new), rtol=1e-9, atol=1e-9)
+    # mix = 0 is the RBF kernel
+    s0 = _fk(masks, y, gamma=0.3, mix=0.0, ridge=0.2)
+    r0 = _fk(masks, y, kernel="rbf", gamma=0.3, ridge=0.2)
+    np.testing.assert_allclose(np.asarray(_pr(s0, new)), np.asarray(_pr(r0, new)), rtol=1e-10)
 
 
 def test_default_grids_and_selection_runs():
     masks, y, new = _data(m=40, k=8, dtype=np.float32)
     s = _fk(masks, y)
-    assert s.cv_error.shape == (7, 9, 3)
+    assert s.spec.kernel == "linear+rbf" and s.cv_error.shape == (7, 5, 9, 3)
     np.testing.assert_allclose(s.gamma_grid, default_gamma_grid(8), rtol=1e-6)
     np.testing.assert_allclose(s.ridge_grid, default_ridge_grid(), rtol=1e-6)
+    np.testing.assert_allclose(s.mix_grid, default_mix_grid(), rtol=1e-6)
     assert np.all(np.isfinite(np.asarray(_pr(s, new))))
-    gi, ri = np.unravel_index(np.argmin(np.asarray(s.cv_error).mean(2)), (7, 9))
+    gi, wi, ri = np.unravel_index(np.argmin(np.asarray(s.cv_error).mean(-1)), (7, 5, 9))
     assert np.all(np.asarray(s.gamma) == np.asarray(s.gamma_grid)[gi])
+    assert np.all(np.asarray(s.mix) == np.asarray(s.mix_grid)[wi])
     assert np.all(np.asarray(s.ridge) == np.asarray(s.ridge_grid)[ri])
+    assert np.isnan(np.asarray(s.cv_spearman)).all()  # only computed for select="loo_spearman"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,6 +368,15 @@ def test_bad_grids_and_config():
         ka.fit_kernel(masks, y, kernel="polynomial", gamma=0.1, ridge=0.1, degree=0)
     with pytest.raises(TypeError, match="gamma"):
         ka.fit_kernel(masks, y, gamma="auto", ridge=0.1)
+    with pytest.raises(ValueError, match="mix"):
+        ka.fit_kernel(masks, y, gamma=0.1, ridge=0.1, mix=1.5)
+    with pytest.raises(Exception, match="mix"):  # a traced mix is checked when the program runs
+        jax.block_until_ready(jax.jit(lambda w: ka.fit_kernel(masks, y, gamma=0.1, ridge=0.1,
+                                                              mix=w).dual_coef)(jnp.array(-0.5)))
+    with pytest.raises(ValueError, match="mix"):
+        ka.fit_kernel(masks, y, kernel="rbf", gamma=0.1, ridge=0.1, mix=0.5)
+    with pytest.raises(ValueError, match="select"):
+        ka.fit_kernel(masks, y, gamma=0.1, ridge=0.1, select="r2")
 
 
 def test_zero_ridge_on_singular_kernel_raises():
@@ -327,7 +392,8 @@ def test_zero_ridge_on_singular_kernel_raises():
         jax.block_until_ready(_fk(masks, y, kernel="linear", ridge=0.0).dual_coef)
     # a grid containing 0 skips the singular point instead of failing
     s = _fk(dup, ydup, gamma=0.3, ridge=jnp.array([0.0, 0.1]))
-    assert np.isinf(np.asarray(s.cv_error)[0, 0]).all() and float(s.ridge[0]) == pytest.approx(0.1)
+    assert np.isinf(np.asarray(s.cv_error)[..., 0, :]).all()
+    assert float(s.ridge[0]) == pytest.approx(0.1)
     # throw=False: no error, non-finite grid point flagged
     s = _fk(dup, ydup, gamma=0.3, ridge=0.0, throw=False)
     assert np.isinf(np.asarray(s.cv_error)).all()
@@ -337,7 +403,7 @@ def test_zero_ridge_on_distinct_masks_is_fine(x64):
     masks, y, new = _data(m=20, k=8)
     masks = np.unique(masks, axis=0)
     y = y[: len(masks)]
-    s = _fk(masks, y, gamma=0.5, ridge=0.0, fit_intercept=False)
+    s = _fk(masks, y, kernel="rbf", gamma=0.5, ridge=0.0, fit_intercept=False)
     np.testing.assert_allclose(np.asarray(_pr(s, masks)), y, rtol=1e-8, atol=1e-8)  # interpolates
 
 

@@ -96,15 +96,15 @@ def _nanmean(x) -> float:
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(kernel, per_target, gamma, ridge, linear_ridge):
+def _compiled(kernel, per_target, gamma, ridge, linear_ridge, mix=None, select="mse"):
     """Jitted (fit, evaluate, attribute) for one configuration, cached across calls."""
-    grids = {k: v for k, v in (("gamma", gamma), ("ridge", ridge)) if v is not None}
+    grids = {k: v for k, v in (("gamma", gamma), ("ridge", ridge), ("mix", mix)) if v is not None}
 
     def fit(masks, y):
         # Grids as numpy constants in the masks' dtype (concrete at trace time).
         kw = {k: np.asarray(v, masks.dtype) for k, v in grids.items()}
         return (fit_linear(masks, y, ridge=linear_ridge),
-                fit_kernel(masks, y, kernel=kernel, per_target=per_target, **kw))
+                fit_kernel(masks, y, kernel=kernel, per_target=per_target, select=select, **kw))
 
     def evaluate(sur, masks, y):
         pred = predict(sur, masks)
@@ -116,9 +116,9 @@ def _compiled(kernel, per_target, gamma, ridge, linear_ridge):
     return jax.jit(fit), jax.jit(evaluate), jax.jit(attribute)
 
 
-def fit_report(data: SubsetData, *, kernel: str = "rbf", gamma=None, ridge=None,
-               linear_ridge: float = 0.0, per_target: bool = False, top: int = 5,
-               lower_is_better: bool = False) -> dict:
+def fit_report(data: SubsetData, *, kernel: str = "linear+rbf", gamma=None, ridge=None,
+               mix=None, select: str = "mse", linear_ridge: float = 0.0,
+               per_target: bool = False, top: int = 5, lower_is_better: bool = False) -> dict:
     """All figures of ``kernattr fit`` for a :class:`kernattr.SubsetData` with a test part.
 
     Fits :func:`kernattr.fit_linear` and :func:`kernattr.fit_kernel` (jit-compiled here, as a
@@ -128,11 +128,13 @@ def fit_report(data: SubsetData, *, kernel: str = "rbf", gamma=None, ridge=None,
     Args:
       data: ``train_masks [m, K]``, ``train_labels [m, T]``, ``test_masks [m', K]``,
         ``test_labels [m', T]``.
-      kernel: ``"rbf"``, ``"polynomial"`` or ``"linear"``.
+      kernel: ``"linear+rbf"`` (default), ``"rbf"``, ``"polynomial"`` or ``"linear"``.
       gamma: bandwidth grid (sequence of floats) or ``None`` for the default.
       ridge: ridge grid or ``None`` for the default.
+      mix: grid of the linear share (``"linear+rbf"``) or ``None`` for the default.
+      select: LOO-CV criterion, ``"mse"`` or ``"loo_spearman"``.
       linear_ridge: ridge of the linear surrogate.
-      per_target: select ``(gamma, ridge)`` per target.
+      per_target: select ``(gamma, mix, ridge)`` per target.
       top: number of top tasks listed.
       lower_is_better: the scores are losses: rank tasks by most negative effect.
 
@@ -158,6 +160,8 @@ def fit_report(data: SubsetData, *, kernel: str = "rbf", gamma=None, ridge=None,
         None if gamma is None else tuple(float(g) for g in np.ravel(gamma)),
         None if ridge is None else tuple(float(r) for r in np.ravel(ridge)),
         float(linear_ridge),
+        None if mix is None else tuple(float(w) for w in np.ravel(mix)),
+        select,
     )
     lin, ker = fit(tr_m, tr_y)
 
@@ -182,8 +186,11 @@ def fit_report(data: SubsetData, *, kernel: str = "rbf", gamma=None, ridge=None,
         kernel=kernel,
         gamma=np.asarray(ker.gamma, float).tolist(),
         ridge=np.asarray(ker.ridge, float).tolist(),
+        mix=np.asarray(ker.mix, float).tolist(),
+        select=select,
         gamma_grid=np.asarray(ker.gamma_grid, float).tolist(),
         ridge_grid=np.asarray(ker.ridge_grid, float).tolist(),
+        mix_grid=np.asarray(ker.mix_grid, float).tolist(),
         cv_error=float(jnp.min(jnp.mean(ker.cv_error, axis=-1))),
     )
     edges = []
