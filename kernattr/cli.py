@@ -358,6 +358,12 @@ def _add_reproduce_rl(psub: argparse._SubParsersAction) -> None:
     add_rl(psub), add_mt10(psub)
 
 
+def _add_reproduce_icl(psub: argparse._SubParsersAction) -> None:
+    from .experiments.icl_cli import add_icl  # light: argparse only
+
+    add_icl(psub)
+
+
 # `kernattr reproduce <name>`: one line per experiment. An entry is `_add_reproduce_<name>(psub)`
 # that calls `psub.add_parser("<name>", ...)`, adds its flags (plus `_experiment_flags`) and
 # `set_defaults(func=_run_reproduce_<name>)`; the run function imports its experiment module
@@ -367,6 +373,7 @@ REPRODUCE: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_reproduce_atlas,
     _add_reproduce_suite,
     _add_reproduce_rl,
+    _add_reproduce_icl,
 ]
 
 

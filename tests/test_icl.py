@@ -17,8 +17,13 @@ TINY = im.ICLConfig(p=P, steps=40, batch_size=32, d_model=16, num_heads=2, d_mlp
 
 
 @pytest.fixture(scope="module")
-def trained():
-    return im.train_icl_model(jax.random.key(0), TINY)
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("icl-cache"))
+
+
+@pytest.fixture(scope="module")
+def trained(cache_dir):
+    return im.cached_icl_model(TINY, cache_dir=cache_dir)
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +59,9 @@ def test_config_checks():
     assert im.ICLConfig().key_hash() != im.ICLConfig(seed=1).key_hash()
 
 
-def test_training_lowers_loss_and_cache(tmp_path):
-    cfg = TINY
-    first = im.cached_icl_model(cfg, cache_dir=str(tmp_path))
-    again = im.cached_icl_model(cfg, cache_dir=str(tmp_path))
+def test_training_lowers_loss_and_cache(trained, cache_dir):
+    first = trained
+    again = im.cached_icl_model(TINY, cache_dir=cache_dir)
     assert not first.cache_hit and again.cache_hit
     assert np.mean(first.losses[-10:]) < np.mean(first.losses[:5])
     for x, y in zip(jax.tree.leaves(first.params), jax.tree.leaves(again.params)):
@@ -171,11 +175,12 @@ def test_kernel_subset_search_matches_predict():
         icl.kernel_subset_search(ka.fit_kernel(masks, y, kernel="linear", ridge=1.0), subsets)
 
 
-def test_run_icl_tiny(tmp_path):
+def test_run_icl_tiny(tmp_path, trained, cache_dir):
     cfg = icl.tiny_config()
     cfg = cfg.__class__(**{**cfg.__dict__, "model": TINY, "num_rules": 1, "num_oracle": 50,
                            "num_train_masks": 40, "num_heldout_masks": 30, "num_resamples": 20})
-    res = icl.run_icl(cfg, out=str(tmp_path), cache_dir=str(tmp_path / "cache"), progress=False)
+    res = icl.run_icl(cfg, out=str(tmp_path), cache_dir=cache_dir, progress=False)
+    assert res["model"]["cache_hit"]
     for name in ("kernel", "kernel_real", "linear", "influence"):
         lo, hi = res["lds"][name]["lds_ci"]
         assert lo <= res["lds"][name]["lds"] <= hi

@@ -57,6 +57,7 @@ __all__ = [
     "default_cache_dir",
     "demo_token",
     "icl_curve",
+    "init_icl_model",
     "make_icl_problem",
     "make_prompt_batch",
     "query_losses",
@@ -305,6 +306,17 @@ def _build(cfg: ICLConfig, key: jax.Array):
     return apply_fn, params
 
 
+def init_icl_model(key: jax.Array, cfg: ICLConfig) -> TrainedICL:
+    """An untrained model (initial parameters from ``key``) as a :class:`TrainedICL`.
+
+    >>> cfg = ICLConfig(p=5, d_model=16, d_mlp=32, num_heads=2)
+    >>> init_icl_model(jax.random.key(0), cfg).losses.shape
+    (0,)
+    """
+    apply_fn, params = _build(cfg, key)
+    return TrainedICL(apply_fn, params, np.zeros((0,), np.float32), 0.0, False)
+
+
 def train_icl_model(key: jax.Array, cfg: ICLConfig, *, progress: bool = False) -> TrainedICL:
     """Train :class:`ICLTransformer` on fresh random prompts (AdamW, warmup + cosine decay).
 
@@ -414,8 +426,8 @@ def icl_curve(key: jax.Array, trained: TrainedICL, cfg: ICLConfig, *, num_rules:
     For ``k = 0..max_shots``: ``num_rules`` random rules, ``k`` correct demonstrations with
     random inputs each, every query ``x ∈ Z_p``; returns ``[max_shots + 1]`` mean cross-entropy.
 
-    >>> cfg = ICLConfig(p=5, steps=2, batch_size=8, d_model=16, d_mlp=32, num_heads=2)
-    >>> icl_curve(jax.random.key(1), train_icl_model(jax.random.key(0), cfg), cfg,
+    >>> cfg = ICLConfig(p=5, d_model=16, d_mlp=32, num_heads=2)
+    >>> icl_curve(jax.random.key(1), init_icl_model(jax.random.key(0), cfg), cfg,
     ...           num_rules=2, max_shots=2).shape
     (3,)
     """
@@ -582,8 +594,8 @@ def query_losses(apply_fn: Callable, params: Any, candidates, queries, answers, 
     Returns:
       ``[m, T]`` losses.
 
-    >>> cfg = ICLConfig(p=5, steps=1, batch_size=4, d_model=16, d_mlp=32, num_heads=2)
-    >>> tr = train_icl_model(jax.random.key(0), cfg)
+    >>> cfg = ICLConfig(p=5, d_model=16, d_mlp=32, num_heads=2)
+    >>> tr = init_icl_model(jax.random.key(0), cfg)
     >>> prob = make_icl_problem(jax.random.key(1), p=5, num_candidates=6, num_queries=3,
     ...                         num_frequent=1, num_correct=2, num_noisy=1)
     >>> m = jnp.array([[1., 1, 0, 0, 0, 0], [0, 0, 1, 1, 0, 0]])

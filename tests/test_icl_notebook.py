@@ -1,0 +1,20 @@
+"""The ICL walk-through notebook executes top to bottom (tiny sizes)."""
+
+import os
+
+import nbformat
+from nbclient import NotebookClient
+
+NB = os.path.join(os.path.dirname(__file__), "..", "notebooks", "icl_selection.ipynb")
+
+
+def test_icl_notebook_executes():
+    nb = nbformat.read(NB, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": os.path.dirname(NB)}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                   for o in c.get("outputs", []))
+    assert "estimator Spearman" in text and "LDS" in text and "selection" in text
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert not errors
