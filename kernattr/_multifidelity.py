@@ -85,8 +85,8 @@ def fit_multifidelity(
       >>> cheap = ka.sample_subsets(jax.random.key(1), num_tasks=6, num_subsets=64, p=0.5)
       >>> real = cheap[:16]
       >>> bias = 0.3 * jnp.sum(cheap, axis=1, keepdims=True)  # cheap labels are biased
-      >>> mf = ka.fit_multifidelity(cheap, game.evaluate(cheap) + bias, real, game.evaluate(real),
-      ...                           gamma=0.3, ridge=jnp.array([1e-3, 1e-1]))
+      >>> fit = jax.jit(lambda *a: ka.fit_multifidelity(*a, gamma=0.3, ridge=jnp.array([1e-3, 1e-1])))
+      >>> mf = fit(cheap, game.evaluate(cheap) + bias, real, game.evaluate(real))
       >>> ka.predict(mf, real).shape, ka.shapley_values(mf).shape, mf.rho.shape
       ((16, 2), (6, 2), (2,))
     """
