@@ -513,12 +513,32 @@ def _newton_cg(
         out = jax.lax.while_loop(cond, body, init)
         return out[0], out[5]
 
+    def within_tol(err, theta):
+        """``err`` within ``tol`` of ``θ`` in the Euclidean norm or in the data norm.
+
+        The data norm ``||v||_A = sqrt(vᵀ A v)``, ``A = P - ridge I`` the preconditioner's data
+        part, measures ``v`` through the outputs on the training examples, so it is blind to
+        directions no selected example sees (the null space of the features, present whenever
+        ``d`` exceeds their rank). There a Newton step ``P⁻¹ ∇`` only amplifies the rounding
+        noise of ``∇`` by ``1/ridge``: the Euclidean test alone would then report a converged
+        answer as a failure. ``||Lᵀ v||² = vᵀ P v`` with ``P = L Lᵀ``.
+        """
+
+        def norms(v):
+            lt_v = jnp.einsum("mji,jm->im", chol, v)  # Lᵀ v per mask, [d, mc]
+            e2 = jnp.sum(v * v, axis=0)
+            a2 = jnp.maximum(jnp.sum(lt_v * lt_v, axis=0) - ridge * e2, 0.0)
+            return jnp.sqrt(e2), jnp.sqrt(a2)
+
+        err_e, err_a = norms(err)
+        th_e, th_a = norms(theta)
+        return (err_e <= tol * th_e) | (err_a <= tol * th_a)
+
     def close_enough(theta, grad):
-        """Estimated distance to the optimum, ``||P⁻¹ ∇||`` (a preconditioned Newton step, no
-        Hessian-vector product), within ``tol`` of ``||θ||``; or an exactly zero gradient."""
-        dist = jnp.linalg.norm(_chol_solve(chol, grad), axis=0)
+        """Estimated distance to the optimum, ``P⁻¹ ∇`` (a preconditioned Newton step, no
+        Hessian-vector product), within ``tol`` of ``θ``; or an exactly zero gradient."""
         gnorm = jnp.linalg.norm(grad, axis=0)
-        return (gnorm == 0) | (dist <= tol * jnp.linalg.norm(theta, axis=0))
+        return (gnorm == 0) | within_tol(_chol_solve(chol, grad), theta)
 
     f = _objective(z, labels, weights, theta, ridge, loss)
     conv = (g0norm == 0) | close_enough(theta, grad)
@@ -578,9 +598,7 @@ def _newton_cg(
         # Newton step just taken was (the error after it is then far smaller). A failed line
         # search means nothing better is representable: that mask stops, converged only by
         # these criteria (float32 gradients stall at a rounding floor of about 1e-5 relative).
-        small_step = (alpha == 1.0) & (
-            jnp.linalg.norm(step, axis=0) <= tol * jnp.linalg.norm(theta_new, axis=0)
-        )
+        small_step = (alpha == 1.0) & within_tol(step, theta_new)
         conv_new = conv | (upd & (close_enough(theta_new, grad_new) | small_step))
         done_new = done | failed | conv_new
         return (
@@ -734,8 +752,10 @@ def estimate_subsets(
         Results do not depend on it (up to floating-point rounding of the matmuls).
       max_iter: Newton iterations for ``"exact"``.
       tol: ``"exact"`` stops a mask once its estimated distance to the optimum,
-        ``||P⁻¹ ∇L(θ)||`` with ``P`` the preconditioner, or its last full Newton step is
-        ``<= tol * ||θ||``: a relative accuracy of ``θ``. Default ``1e-4`` in float32 (whose
+        ``P⁻¹ ∇L(θ)`` with ``P`` the preconditioner, or its last full Newton step is within
+        ``tol`` of ``θ``, in the Euclidean norm or in the norm of the data Hessian (the model's
+        outputs on the training examples, blind to directions the features do not span, such
+        as those of a projection wider than the gradients' rank): a relative accuracy of ``θ``. Default ``1e-4`` in float32 (whose
         gradients stall near ``1e-5`` relative at ``n`` of about 1e4) and ``1e-10`` in float64.
       throw: raise ``ValueError`` (under ``jit`` through a host callback) when a mask's system is
         singular (e.g. ``ridge=0`` with rank-deficient statistics), a result is not finite, or

@@ -524,3 +524,38 @@ def test_anchored_is_newton_step_from_anchor(loss, x64):
             loss, train, mask, ridge, start=anchor)[0]  # fmt: skip
         np.testing.assert_allclose(np.asarray(est.theta[j]), want, rtol=1e-9, atol=1e-11)
     assert bool(jnp.all(est.converged))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_exact_converges_with_projection_wider_than_rank(dtype):
+    """d = 32 > rank 5 (a linear model's gradients projected wider than their span): the null
+    space of the features must not turn a converged answer into "did not converge". Before the
+    data-norm test, float64 at ridge 1e-10 flagged about one mask in 20 here and ran to max_iter."""
+    with jax.enable_x64(dtype == jnp.float64):
+        n, p, d, k, m = 40, 5, 32, 6, 8
+        ks = jax.random.split(jax.random.key(0), 5)
+        x = jax.random.normal(ks[0], (n, p), dtype)
+        y = (x @ jax.random.normal(ks[1], (p,), dtype)
+             + 0.3 * jax.random.normal(ks[2], (n,), dtype)).astype(dtype)
+        g = x @ (jax.random.normal(ks[3], (p, d), dtype) / float(np.sqrt(d)))
+        t = jnp.arange(n) % k
+        tr = ka.GradientFeatures(g, jnp.zeros(n, dtype), y, t)
+        tg = ka.GradientFeatures(g[:6], jnp.zeros(6, dtype), y[:6])
+        masks = ka.sample_subsets(ks[4], num_tasks=k, num_subsets=m, p=0.6)
+        run = jax.jit(lambda r: ka.estimate_subsets(tr, tg, masks, loss="squared", ridge=r,
+                                                    solver="exact", throw=False))
+        # float32: ridges below ~10 d eps ||A|| leave the system numerically singular (reported
+        # as such by both solvers); the range checked is where it is not.
+        ridges = [1e-10, 1e-8, 1e-6, 1e-4, 1e-2, 1.0] if dtype == jnp.float64 else [1e-3, 1e-2, 1.0]
+        gn, yn = np.asarray(g, np.float64), np.asarray(y, np.float64)
+        w_all = np.asarray(task_weights(masks, t, num_tasks=k), np.float64)  # [m, n]
+        for r in ridges:
+            est = run(jnp.asarray(r, dtype))
+            assert bool(jnp.all(est.converged)), (r, est.converged, est.num_iterations)
+            assert int(jnp.max(est.num_iterations)) < 5, (r, est.num_iterations)
+            for i in range(m):
+                h = gn.T @ (w_all[i][:, None] * gn) + r * np.eye(d)
+                theta = np.linalg.solve(h, gn.T @ (w_all[i] * yn))
+                lab = 0.5 * (gn[:6] @ theta - yn[:6]) ** 2
+                rtol = 1e-8 if dtype == jnp.float64 else 2e-3
+                np.testing.assert_allclose(est.labels[i], lab, rtol=rtol, atol=rtol * lab.max())
