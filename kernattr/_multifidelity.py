@@ -33,6 +33,7 @@ from ._surrogates import (
     kernel_predict,
     loo_residual_grid,
     mask_linear_scale,
+    select_grid_point,
 )
 
 __all__ = ["fit_multifidelity"]
@@ -163,11 +164,15 @@ def fit_multifidelity(
     else:
         loss = cv
         pooled = jnp.mean(cv, axis=2)
+    # grid points in (gamma, mix, ridge) order; near-ties broken as in fit_kernel
+    gam_flat = jnp.repeat(jnp.repeat(gamma_grid, num_w), num_r)
+    mix_flat = jnp.repeat(jnp.tile(mix_grid, num_g), num_r)
+    rid_flat = jnp.tile(ridge_grid, num_g * num_w)
     if per_target:
-        best = jnp.argmin(loss.reshape(-1, t), axis=0)  # [T]
+        best = select_grid_point(loss.reshape(-1, t), gam_flat, rid_flat, mix_flat)  # [T]
         rho_t = rho_grid.reshape(-1, t)[best, jnp.arange(t)]
     else:
-        best = jnp.argmin(pooled.reshape(-1))
+        best = select_grid_point(pooled.reshape(-1, 1), gam_flat, rid_flat, mix_flat)[0]
         rho_t = rho_grid.reshape(-1, t)[best]
     residual = fit_kernel(real_masks, real_y - rho_t[None, :] * c, **kernel_options)
     shape = (num_g, num_w, num_r, t)
