@@ -18,11 +18,24 @@ from ._surrogates import fit_linear as fit_linear
 from ._surrogates import predict as predict
 from ._multifidelity import fit_multifidelity as fit_multifidelity
 
+# --- large-m surrogates (_nystrom.py, _cg.py)
+from ._nystrom import NystromSurrogate as NystromSurrogate
+from ._nystrom import fit_nystrom as fit_nystrom
+from ._cg import CGResult as CGResult
+from ._cg import fit_kernel_cg as fit_kernel_cg
+from ._cg import solve_kernel_cg as solve_kernel_cg
+
 # --- attribution (_attribution.py)
 from ._attribution import banzhaf_values as banzhaf_values
 from ._attribution import interaction_scores as interaction_scores
 from ._attribution import loo_scores as loo_scores
 from ._attribution import shapley_values as shapley_values
+
+# --- uncertainty and active selection (_uncertainty.py)
+from ._uncertainty import AttributionIntervals as AttributionIntervals
+from ._uncertainty import attribution_intervals as attribution_intervals
+from ._uncertainty import posterior_variance as posterior_variance
+from ._uncertainty import select_masks as select_masks
 
 # --- metrics (_metrics.py)
 from ._metrics import BootstrapInterval as BootstrapInterval
@@ -78,6 +91,15 @@ from ._baselines import trak_scores as trak_scores
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttributionIntervals",
+    "CGResult",
+    "NystromSurrogate",
+    "attribution_intervals",
+    "fit_kernel_cg",
+    "fit_nystrom",
+    "posterior_variance",
+    "select_masks",
+    "solve_kernel_cg",
     "BootstrapInterval",
     "GradientFeatures",
     "KernelSurrogate",

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._nystrom import NystromSurrogate
 from ._surrogates import (
     KernelSurrogate,
     LinearSurrogate,
@@ -49,8 +50,9 @@ __all__ = ["banzhaf_values", "interaction_scores", "loo_scores", "shapley_values
 def _check_surrogate(s) -> None:
     if not isinstance(s, (LinearSurrogate, KernelSurrogate, MultiFidelitySurrogate)):
         raise TypeError(
-            "`surrogate` must be a LinearSurrogate (fit_linear), KernelSurrogate (fit_kernel) or "
-            f"MultiFidelitySurrogate (fit_multifidelity), got {type(s).__name__}."
+            "`surrogate` must be a LinearSurrogate (fit_linear), KernelSurrogate (fit_kernel), "
+            "NystromSurrogate (fit_nystrom) or MultiFidelitySurrogate (fit_multifidelity), got "
+            f"{type(s).__name__}."
         )
 
 
@@ -60,7 +62,10 @@ def _num_tasks(s) -> int:
 
 def _dispatch(surrogate, kernel_fn, linear_fn):
     """``linear_fn(coef)`` for a linear surrogate; for a kernel surrogate the sum over its exact
-    split (:func:`split_linear_part`) into a linear part and a single-kernel part."""
+    split (:func:`split_linear_part`) into a linear part and a single-kernel part. A Nyström
+    surrogate is read through its landmark-form kernel surrogate (exact for it)."""
+    if isinstance(surrogate, NystromSurrogate):
+        surrogate = surrogate.surrogate
     _check_surrogate(surrogate)
     if isinstance(surrogate, LinearSurrogate):
         return linear_fn(surrogate.coef)

@@ -217,6 +217,10 @@ def _mixed_gram(kernel, degree, coef0, a, b, gamma, mix, linear_scale) -> jax.Ar
     return (mix / linear_scale) * (a @ b.T) + (1.0 - mix) * base
 
 
+# Named (non-underscore) for the Nyström / CG modules that share it.
+check_kernel_config = _check_kernel_config
+
+
 def surrogate_gram(
     spec: KernelSpec, a: jax.Array, b: jax.Array, gamma: jax.Array, mix: jax.Array,
     linear_scale: jax.Array,
@@ -863,6 +867,10 @@ def predict(
     >>> predict(s, jnp.array([[1.0, 1.0], [0.0, 1.0]])).tolist()
     [[3.5], [2.5]]
     """
+    from ._nystrom import NystromSurrogate  # noqa: PLC0415 (it builds on this module)
+
+    if isinstance(surrogate, NystromSurrogate):
+        surrogate = surrogate.surrogate
     if isinstance(surrogate, LinearSurrogate):
         masks = _checks.check_masks(masks, num_tasks=surrogate.coef.shape[0])
         masks = masks.astype(jnp.result_type(masks.dtype, surrogate.coef.dtype))
@@ -877,6 +885,6 @@ def predict(
         return surrogate.rho[None, :] * kernel_predict(surrogate.cheap, masks) + kernel_predict(
             surrogate.residual, masks)
     raise TypeError(
-        "`surrogate` must be a LinearSurrogate, KernelSurrogate or MultiFidelitySurrogate, got "
-        f"{type(surrogate).__name__}."
+        "`surrogate` must be a LinearSurrogate, KernelSurrogate, NystromSurrogate or "
+        f"MultiFidelitySurrogate, got {type(surrogate).__name__}."
     )
