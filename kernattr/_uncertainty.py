@@ -29,6 +29,7 @@ Shapes: ``m`` training masks, ``m'`` query masks, ``K`` tasks, ``T`` targets.
 
 from __future__ import annotations
 
+import statistics
 from typing import Any, NamedTuple
 
 import jax
@@ -298,7 +299,7 @@ def attribution_intervals(surrogate: Any, *, kind: str = "shapley", level: float
     var = jnp.maximum(var, 0.0)
     std = jnp.sqrt(var[:, None] * post.prior_var[None, :])
     value = _functional(kind, base)
-    z = float(jax.scipy.special.ndtri(0.5 + level / 2.0))
+    z = statistics.NormalDist().inv_cdf(0.5 + level / 2.0)
     return AttributionIntervals(value=value, std=std, lower=value - z * std, upper=value + z * std)
 
 

@@ -4,7 +4,8 @@ Usage: python _multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR
 
 Each process owns 2 CPU devices; ``jax.distributed.initialize`` joins them (coordinator on
 127.0.0.1:PORT, gloo collectives over loopback) into one 4-device ``data`` mesh. Examples are
-sharded on ``data`` across the processes, subset masks too. Every process gathers the global
+sharded on ``data`` across the processes, subset masks too; a Nyström surrogate is fitted and a
+kernel system solved by CG on masks sharded the same way. Every process gathers the global
 results and writes them to OUT_DIR/process_<id>.npz for the parent test to compare with the
 single-process computation of :func:`problem`.
 """
@@ -13,6 +14,7 @@ import os
 import sys
 
 N, K, M, DIM = 16, 4, 8, 8
+M_SURR, K_SURR = 64, 6  # masks / tasks of the surrogate part (Nyström fit and CG solve)
 
 
 def problem():
@@ -67,6 +69,40 @@ def compute(apply_fn, params, X, y, task_ids, Xt, yt, proj, masks, mesh=None):
     return run(params, X, y, task_ids, Xt, yt, proj, masks)
 
 
+def surrogate_problem():
+    """Masks and labels for the surrogate part (the same in every process)."""
+    import jax
+
+    import kernattr as ka
+
+    k = jax.random.split(jax.random.key(3), 2)
+    masks = ka.sample_subsets(k[0], num_tasks=K_SURR, num_subsets=M_SURR, p=0.5)
+    y = masks[:, :2] @ jax.numpy.array([[1.0, -1.0], [0.5, 2.0]]) + masks[:, 2:3] * masks[:, 3:4]
+    return masks, y + 0.1 * jax.random.normal(k[1], y.shape)
+
+
+def surrogate_compute(masks, y):
+    """Nyström fit (LOO over a small grid; its predictions at the masks) and a CG solve (jitted).
+
+    Sharded masks: kernel blocks are computed on the devices holding the masks.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    import kernattr as ka
+
+    @jax.jit
+    def run(masks, y):
+        ny = ka.fit_nystrom(
+            jax.random.key(5), masks, y, num_landmarks=16, gamma=jnp.array([0.1, 0.4]),
+            ridge=jnp.array([0.01, 0.1]), block_size=4,
+        )
+        cg = ka.solve_kernel_cg(jax.random.key(6), masks, y, gamma=0.3, ridge=0.05, num_landmarks=8, block_size=4)
+        return ny.surrogate.dual_coef, ny.cv_error, cg.solution
+
+    return run(masks, y)
+
+
 def main():
     pid, nproc, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -98,6 +134,12 @@ def main():
     specs = [str(a.sharding.spec) for a in (grads, outputs, labels)]
     local_rows = [s.data.shape[0] for s in grads.addressable_shards]
     grads, outputs, labels = multihost_utils.process_allgather((grads, outputs, labels), tiled=True)
+    smasks, sy = ka.shard_examples(surrogate_problem(), mesh)
+    ny_coef, ny_cv, cg_sol = surrogate_compute(smasks, sy)
+    cg_spec = str(cg_sol.sharding.spec)
+    replicated = ny_coef.sharding.is_fully_replicated and ny_cv.sharding.is_fully_replicated
+    ny_coef, ny_cv = np.asarray(ny_coef.addressable_data(0)), np.asarray(ny_cv.addressable_data(0))
+    cg_sol = multihost_utils.process_allgather(cg_sol, tiled=True)
     np.savez(
         os.path.join(out_dir, f"process_{pid}.npz"),
         grads=np.asarray(grads),
@@ -106,6 +148,11 @@ def main():
         specs=np.asarray(specs),
         local_rows=np.asarray(local_rows),
         num_devices=np.asarray(jax.device_count()),
+        ny_coef=ny_coef,
+        ny_cv=ny_cv,
+        ny_replicated=np.asarray(replicated),
+        cg_sol=np.asarray(cg_sol),
+        cg_spec=np.asarray(cg_spec),
     )
     jax.distributed.shutdown()
 
