@@ -284,7 +284,7 @@ def fit_kernel_cg(
 
     >>> import jax, kernattr as ka
     >>> masks = ka.sample_subsets(jax.random.key(0), num_tasks=8, num_subsets=64, p=0.5)
-    >>> s = fit_kernel_cg(jax.random.key(1), masks, masks[:, 0] - masks[:, 1], num_landmarks=16, gamma=0.2, ridge=0.1)
+    >>> s = fit_kernel_cg(jax.random.key(1), masks, masks[:, 0] - masks[:, 1], num_landmarks=16, kernel="rbf", gamma=0.2, ridge=0.1)
     >>> s.dual_coef.shape
     (64, 1)
     """

@@ -200,7 +200,7 @@ def posterior_variance(surrogate: Any, masks: jax.Array, *, include_noise: bool 
 
     >>> import jax, kernattr as ka
     >>> masks = ka.sample_subsets(jax.random.key(0), num_tasks=6, num_subsets=40, p=0.5)
-    >>> s = ka.fit_kernel(masks, masks[:, 0] * masks[:, 1], gamma=0.3, ridge=0.1)
+    >>> s = ka.fit_kernel(masks, masks[:, 0] * masks[:, 1], kernel="rbf", gamma=0.3, ridge=0.1)
     >>> posterior_variance(s, ka.leave_one_out_masks(6)).shape
     (6, 1)
     """
@@ -246,7 +246,7 @@ def attribution_intervals(surrogate: Any, *, kind: str = "shapley", level: float
 
     >>> import jax, kernattr as ka
     >>> masks = ka.sample_subsets(jax.random.key(0), num_tasks=6, num_subsets=40, p=0.5)
-    >>> s = ka.fit_kernel(masks, masks[:, 0] - masks[:, 1], gamma=0.3, ridge=0.1)
+    >>> s = ka.fit_kernel(masks, masks[:, 0] - masks[:, 1], kernel="rbf", gamma=0.3, ridge=0.1)
     >>> attribution_intervals(s, kind="loo").std.shape
     (6, 1)
     """
@@ -339,7 +339,7 @@ def select_masks(
 
     >>> import jax, kernattr as ka
     >>> masks = ka.sample_subsets(jax.random.key(0), num_tasks=6, num_subsets=40, p=0.5)
-    >>> s = ka.fit_kernel(masks, masks[:, 0] * masks[:, 1], gamma=0.3, ridge=0.1)
+    >>> s = ka.fit_kernel(masks, masks[:, 0] * masks[:, 1], kernel="rbf", gamma=0.3, ridge=0.1)
     >>> select_masks(jax.random.key(1), s, 5, num_candidates=64).shape
     (5, 6)
     """

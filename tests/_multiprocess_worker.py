@@ -94,7 +94,7 @@ def surrogate_compute(masks, y):
     @jax.jit
     def run(masks, y):
         ny = ka.fit_nystrom(
-            jax.random.key(5), masks, y, num_landmarks=16, gamma=jnp.array([0.1, 0.4]),
+            jax.random.key(5), masks, y, num_landmarks=16, kernel="linear+rbf", gamma=jnp.array([0.1, 0.4]), mix=0.5,
             ridge=jnp.array([0.01, 0.1]), block_size=4,
         )
         cg = ka.solve_kernel_cg(jax.random.key(6), masks, y, gamma=0.3, ridge=0.05, num_landmarks=8, block_size=4)

@@ -37,8 +37,9 @@ def test_cg_equals_direct_solve_and_preconditioner_helps(x64):
 def test_fit_kernel_cg_equals_exact_fit(x64):
     masks, y = _data(seed=3)
     new = jnp.asarray((np.random.default_rng(9).random((12, 8)) < 0.5).astype(np.float64))
-    ex = jax.jit(lambda x, yy: ka.fit_kernel(x, yy, gamma=0.3, ridge=0.05))(masks, y)
-    cg = jax.jit(lambda k, x, yy: ka.fit_kernel_cg(k, x, yy, num_landmarks=24, gamma=0.3, ridge=0.05))(
+    kw = dict(kernel="linear+rbf", gamma=0.3, ridge=0.05, mix=0.5)
+    ex = jax.jit(lambda x, yy: ka.fit_kernel(x, yy, **kw))(masks, y)
+    cg = jax.jit(lambda k, x, yy: ka.fit_kernel_cg(k, x, yy, num_landmarks=24, **kw))(
         jax.random.key(0), masks, y
     )
     np.testing.assert_allclose(cg.dual_coef, ex.dual_coef, rtol=1e-5, atol=1e-6)

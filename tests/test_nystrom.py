@@ -15,6 +15,7 @@ import kernattr as ka
 _ny = jax.jit(ka.fit_nystrom, static_argnames=("num_landmarks", "kernel", "degree", "coef0", "block_size", "throw"))
 G = jnp.array([0.1, 0.5])
 R = jnp.array([1e-2, 0.3, 3.0])
+W = jnp.array([0.0, 0.5])  # linear share of the default "linear+rbf" kernel
 
 
 def _data(m=48, k=7, t=2, seed=0, unique=True):
@@ -31,11 +32,13 @@ def _data(m=48, k=7, t=2, seed=0, unique=True):
 def test_all_landmarks_equals_exact_fit(x64):
     masks, y = _data()
     m = masks.shape[0]
-    ex = jax.jit(lambda x, yy: ka.fit_kernel(x, yy, gamma=G, ridge=R))(masks, y)
-    ny = _ny(jax.random.key(3), masks, y, num_landmarks=m, gamma=G, ridge=R, block_size=5)
+    ex = jax.jit(lambda x, yy: ka.fit_kernel(x, yy, gamma=G, ridge=R, mix=W))(masks, y)
+    ny = _ny(jax.random.key(3), masks, y, num_landmarks=m, gamma=G, ridge=R, mix=W, block_size=5)
+    assert ny.cv_error.shape == (2, 2, 3, 2)
     np.testing.assert_allclose(ny.cv_error, ex.cv_error, rtol=1e-9, atol=1e-12)
     np.testing.assert_array_equal(ny.gamma, ex.gamma)
     np.testing.assert_array_equal(ny.ridge, ex.ridge)
+    np.testing.assert_array_equal(ny.mix, ex.mix)
     new = ka.sample_subsets(jax.random.key(9), num_tasks=7, num_subsets=20, p=0.5)
     pr = jax.jit(ka.predict)
     np.testing.assert_allclose(pr(ny, new), pr(ex, new), rtol=1e-9, atol=1e-9)
@@ -47,7 +50,7 @@ def test_closed_form_loo_equals_brute_force_refits(x64):
     """L < m: the LOO residuals are those of refitting the feature-space ridge without row i."""
     masks, y = _data(m=40, k=6, t=2, seed=4)
     m, L = masks.shape[0], 12
-    ny = _ny(jax.random.key(5), masks, y, num_landmarks=L, gamma=G, ridge=R, block_size=7)
+    ny = _ny(jax.random.key(5), masks, y, num_landmarks=L, kernel="rbf", gamma=G, ridge=R, block_size=7)
     lm = np.asarray(ny.landmarks)
     X, Y = np.asarray(masks), np.asarray(y)
     # the landmarks are rows of the masks
@@ -66,7 +69,7 @@ def test_closed_form_loo_equals_brute_force_refits(x64):
                 coef = np.linalg.solve(A.T @ A + pen, A.T @ Y[keep])
                 res[i] = np.concatenate([[1.0], phi[i]]) @ coef - Y[i]
             out[gi, ri] = (res**2).mean(0) / Y.var(0)
-    np.testing.assert_allclose(ny.cv_error, out, rtol=1e-7)
+    np.testing.assert_allclose(ny.cv_error[:, 0], out, rtol=1e-7)
     best = np.unravel_index(np.argmin(out.mean(2)), out.shape[:2])
     assert float(ny.gamma[0]) == float(G[best[0]]) and float(ny.ridge[0]) == float(R[best[1]])
 
@@ -89,7 +92,7 @@ def test_attributions_exact_for_the_nystrom_surrogate(x64):
 
 def test_sharded_equals_single_device(x64):
     masks, y = _data(m=64, k=8, t=3, seed=11, unique=False)
-    kw = dict(num_landmarks=24, gamma=G, ridge=R, block_size=3)
+    kw = dict(num_landmarks=24, gamma=G, ridge=R, mix=W, block_size=3)
     ref = _ny(jax.random.key(2), masks, y, **kw)
     mesh = ka.data_mesh()
     ms, ys = ka.shard_examples((masks, y), mesh)

@@ -18,7 +18,7 @@ K = 6
 ALL = np.array(list(itertools.product([0, 1], repeat=K)), np.float64)
 _pv = jax.jit(ka.posterior_variance, static_argnames=("include_noise",))
 _fk = jax.jit(ka.fit_kernel, static_argnames=("kernel", "degree", "coef0", "per_target", "fit_intercept", "throw"))
-_fn = jax.jit(ka.fit_nystrom, static_argnames=("num_landmarks", "block_size"))
+_fn = jax.jit(ka.fit_nystrom, static_argnames=("num_landmarks", "kernel", "block_size"))
 _ai = jax.jit(ka.attribution_intervals, static_argnames=("kind", "level"))
 
 
@@ -30,13 +30,15 @@ def _data(m=32, t=2, seed=0):
     return jnp.asarray(masks), jnp.asarray(y)
 
 
-def _np_kernel(a, b, g):
-    return np.exp(-g * ((np.asarray(a)[:, None] - np.asarray(b)[None]) ** 2).sum(-1))
+def _np_kernel(a, b, g, mix=0.0, c=1.0):
+    """rbf, or mix·<a,b>/c + (1-mix)·rbf ("linear+rbf")."""
+    a, b = np.asarray(a), np.asarray(b)
+    return mix / c * (a @ b.T) + (1 - mix) * np.exp(-g * ((a[:, None] - b[None]) ** 2).sum(-1))
 
 
 def test_variance_matches_sklearn_gp_without_intercept(x64):
     masks, y = _data()
-    s = _fk(masks, y, gamma=0.3, ridge=0.1, fit_intercept=False)
+    s = _fk(masks, y, kernel="rbf", gamma=0.3, ridge=0.1, fit_intercept=False)
     gp = GaussianProcessRegressor(RBF(length_scale=np.sqrt(1 / (2 * 0.3))), alpha=0.1, optimizer=None).fit(masks, y)
     _, std = gp.predict(ALL, return_std=True)
     var = np.asarray(_pv(s, jnp.asarray(ALL)))
@@ -54,7 +56,7 @@ def test_variance_matches_sklearn_gp_without_intercept(x64):
 def test_variance_with_intercept_matches_numpy_and_nystrom_at_all_landmarks(x64):
     masks, y = _data(seed=1)
     X, Y, m = np.asarray(masks), np.asarray(y), masks.shape[0]
-    s = _fk(masks, y, gamma=0.3, ridge=0.1)
+    s = _fk(masks, y, kernel="rbf", gamma=0.3, ridge=0.1)
     Ai = np.linalg.inv(_np_kernel(X, X, 0.3) + 0.1 * np.eye(m))
     one = np.ones(m)
     c = one @ Ai @ one
@@ -65,7 +67,7 @@ def test_variance_with_intercept_matches_numpy_and_nystrom_at_all_landmarks(x64)
     sf2 = (alpha**2 / np.diag(P)[:, None]).mean(0)
     var = np.asarray(_pv(s, jnp.asarray(ALL)))
     np.testing.assert_allclose(var, shape[:, None] * sf2[None, :], rtol=1e-9)
-    ny = _fn(jax.random.key(0), masks, y, num_landmarks=m, gamma=0.3, ridge=0.1)
+    ny = _fn(jax.random.key(0), masks, y, num_landmarks=m, kernel="rbf", gamma=0.3, ridge=0.1)
     np.testing.assert_allclose(_pv(ny, jnp.asarray(ALL), include_noise=True), _pv(s, jnp.asarray(ALL), include_noise=True), rtol=1e-8)
 
 
@@ -91,14 +93,15 @@ def _functional_weights(kind):
     return w
 
 
-@pytest.mark.parametrize("kind", ["shapley", "loo"])
-def test_attribution_intervals_equal_enumerated_posterior(x64, kind):
+@pytest.mark.parametrize("kind,kernel", [("shapley", "rbf"), ("loo", "rbf"), ("shapley", "linear+rbf")])
+def test_attribution_intervals_equal_enumerated_posterior(x64, kind, kernel):
     """std² = wᵀ Cov w over all 2^K masks, with the posterior covariance Cov built in numpy
     (exact GP with intercept; Nyström feature model plus the residual kernel)."""
     masks, y = _data(seed=2)
     w = _functional_weights(kind)
-    ex = _fk(masks, y, gamma=0.3, ridge=0.1)
-    ny = _fn(jax.random.key(1), masks, y, num_landmarks=12, gamma=0.3, ridge=0.1)
+    kw = dict(kernel=kernel, gamma=0.3, ridge=0.1, mix=0.5 if kernel == "linear+rbf" else None)
+    ex = _fk(masks, y, **kw)
+    ny = _fn(jax.random.key(1), masks, y, num_landmarks=12, **kw)
     for s in (ex, ny):
         got = _ai(s, kind=kind)
         cov = _np_posterior_cov(s, ALL)
@@ -110,21 +113,22 @@ def test_attribution_intervals_equal_enumerated_posterior(x64, kind):
 
 def _np_posterior_cov(s, Q):
     """Unscaled posterior covariance of g over masks Q, in numpy."""
+    base = s.surrogate if isinstance(s, ka.NystromSurrogate) else s
+    g, lam = float(base.gamma[0]), float(base.ridge[0])
+    kw = dict(mix=float(base.mix[0]), c=float(base.linear_scale))
     if isinstance(s, ka.NystromSurrogate):
         lm = np.asarray(s.landmarks)
-        g, lam = float(s.gamma[0]), float(s.ridge[0])
-        phi = _np_kernel(Q, lm, g) @ np.asarray(s.feature_map)
+        phi = _np_kernel(Q, lm, g, **kw) @ np.asarray(s.feature_map)
         psi = (phi - np.asarray(s.feature_mean)) @ np.asarray(s.eigvecs)
         d = np.asarray(s.eigvals)
-        resid = _np_kernel(Q, Q, g) - phi @ phi.T
+        resid = _np_kernel(Q, Q, g, **kw) - phi @ phi.T
         return resid + lam / float(s.num_train) + lam * (psi / (d + lam)) @ psi.T
     X = np.asarray(s.masks)
-    g, lam = float(s.gamma[0]), float(s.ridge[0])
-    Ai = np.linalg.inv(_np_kernel(X, X, g) + lam * np.eye(len(X)))
+    Ai = np.linalg.inv(_np_kernel(X, X, g, **kw) + lam * np.eye(len(X)))
     one = np.ones(len(X))
-    ks = _np_kernel(Q, X, g)
+    ks = _np_kernel(Q, X, g, **kw)
     u = 1 - ks @ Ai @ one
-    return _np_kernel(Q, Q, g) - ks @ Ai @ ks.T + np.outer(u, u) / (one @ Ai @ one)
+    return _np_kernel(Q, Q, g, **kw) - ks @ Ai @ ks.T + np.outer(u, u) / (one @ Ai @ one)
 
 
 def _coverage(key):
@@ -152,7 +156,7 @@ def test_select_masks_equals_refits_and_vmaps(x64):
     masks, y = _data(seed=3)
     rng = np.random.default_rng(0)
     pool = (rng.random((30, K)) < 0.5).astype(np.float64)
-    s = _fk(masks, y, gamma=0.3, ridge=0.1)
+    s = _fk(masks, y, kernel="rbf", gamma=0.3, ridge=0.1)
     for criterion in ("variance", "integrated"):
         picked = np.asarray(
             jax.jit(lambda s_, c: ka.select_masks(jax.random.key(0), s_, 3, candidates=c, criterion=criterion))(s, pool)
