@@ -67,7 +67,7 @@ class RLConfig:
     num_cheap_masks: int = 512
     num_heldout_masks: int = 64
     densities: tuple = (0.3, 0.5, 0.7)
-    proj_dim: Optional[int] = None
+    proj_dim: Optional[int] = 512
     eval_starts: int = 16
     num_random: int = 4
     mask_seed: int = 1234

@@ -59,6 +59,7 @@ class MT10Config:
     proj_dim: Optional[int] = 512
     eval_episodes: int = 1
     num_random: int = 2
+    mask_seed: int = 1234
 
     @classmethod
     def quick(cls, **kw) -> "MT10Config":
@@ -111,7 +112,9 @@ def make_envs(names, seed: int = 0) -> dict:
 def _policy(name: str):
     from metaworld import policies
 
-    cls = "Sawyer" + "".join(p.capitalize() for p in name.replace("-v3", "").split("-")) + "V3Policy"
+    special = {"peg-insert-side-v3": "SawyerPegInsertionSideV3Policy"}
+    cls = special.get(name) or (
+        "Sawyer" + "".join(p.capitalize() for p in name.replace("-v3", "").split("-")) + "V3Policy")
     return getattr(policies, cls)()
 
 
