@@ -76,9 +76,9 @@ def default_tasks() -> tuple[TaskSet, tuple[int, ...]]:
 def env_step(pos: jax.Array, action: jax.Array, goal: jax.Array) -> tuple[jax.Array, jax.Array]:
     """One step for one agent: ``(next_pos [2], reward [])``.
 
-    >>> p, r = env_step(jnp.zeros(2), jnp.array([1.0, 0.0]), jnp.array([0.2, 0.0]))
+    >>> p, r = env_step(jnp.zeros(2), jnp.array([1.0, 0.0]), jnp.array([0.2, 1.0]))
     >>> [round(v, 3) for v in p.tolist()], round(float(r), 3)
-    ([0.2, 0.0], 0.0)
+    ([0.2, 0.0], -1.0)
     """
     nxt = jnp.clip(pos + STEP * jnp.clip(action, -1.0, 1.0), -BOUND, BOUND)
     return nxt, -jnp.linalg.norm(nxt - goal)
