@@ -42,6 +42,8 @@ def _run_rl(args) -> int:
         kw["num_train_masks"] = args.masks
     if args.heldout_masks is not None:
         kw["num_heldout_masks"] = args.heldout_masks
+    if args.kernel is not None:
+        kw["kernel"] = args.kernel
     cfg = RLConfig(**kw)
     out = args.out or os.path.abspath(time.strftime("kernattr-out-%Y%m%d-%H%M%S"))
     t = time.perf_counter()
@@ -65,6 +67,8 @@ def add_rl(psub: argparse._SubParsersAction) -> None:
                    help="masks with real labels for kernel_real/datamodels (default 64)")
     p.add_argument("--heldout-masks", type=_positive_int, default=None,
                    help="held-out masks for LDS (default 64)")
+    p.add_argument("--kernel", choices=("rbf", "linear+rbf", "polynomial", "linear"), default=None,
+                   help="kernel of the kernel surrogates (default rbf)")
     _common(p)
     p.set_defaults(func=_run_rl)
 

@@ -60,6 +60,7 @@ class MT10Config:
     eval_episodes: int = 1
     num_random: int = 2
     mask_seed: int = 1234
+    kernel: str = "rbf"
 
     @classmethod
     def quick(cls, **kw) -> "MT10Config":
@@ -283,7 +284,7 @@ def run_mt10(cfg: MT10Config, *, out: Optional[str] = None, progress: bool = Tru
     preds, predictors = {}, {}
     for name, m, y in (("kernel", est_masks[:n_est], Fh_tr), ("linear", est_masks[:n_est], Fh_tr),
                        ("kernel_real", masks["train"], R_tr), ("datamodels", masks["train"], R_tr)):
-        s = (ka.fit_kernel(jnp.asarray(m), jnp.asarray(y), per_target=True)
+        s = (ka.fit_kernel(jnp.asarray(m), jnp.asarray(y), per_target=True, kernel=cfg.kernel)
              if name.startswith("kernel") else ka.fit_linear(jnp.asarray(m), jnp.asarray(y),
                                                              ridge=1e-3))
         predictors[name] = (lambda s: lambda mm: ka.predict(s, jnp.asarray(mm)))(s)
