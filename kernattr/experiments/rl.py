@@ -307,7 +307,11 @@ def baseline_scores(cfg: RLConfig, feats: Features, num_tasks: int) -> dict:
 
 
 def all_masks_with(target: int, num_tasks: int) -> np.ndarray:
-    """``[2^(K-1), K]`` every mask that contains ``target``."""
+    """``[2^(K-1), K]`` every mask that contains ``target``.
+
+    >>> all_masks_with(0, 3).tolist()
+    [[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [1.0, 0.0, 1.0], [1.0, 1.0, 1.0]]
+    """
     others = [k for k in range(num_tasks) if k != target]
     grid = ((np.arange(2 ** len(others))[:, None] >> np.arange(len(others))[None]) & 1)
     masks = np.zeros((len(grid), num_tasks), np.float32)
@@ -317,14 +321,22 @@ def all_masks_with(target: int, num_tasks: int) -> np.ndarray:
 
 
 def select(predict_fn, target_col: int, target_task: int, num_tasks: int) -> np.ndarray:
-    """The mask containing the target that ``predict_fn(masks) [m, T]`` rates best."""
+    """The mask containing the target that ``predict_fn(masks) [m, T]`` rates best.
+
+    >>> select(lambda m: m @ np.array([[1.0], [-1.0], [2.0]]), 0, 0, 3).tolist()
+    [1.0, 0.0, 1.0]
+    """
     cand = all_masks_with(target_task, num_tasks)
     pred = np.asarray(predict_fn(cand))[:, target_col]
     return cand[int(np.argmax(pred))]
 
 
 def select_additive(scores: np.ndarray, target_col: int, target_task: int) -> np.ndarray:
-    """Target plus every task with a positive additive score (influence, TracIn)."""
+    """Target plus every task with a positive additive score (influence, TracIn).
+
+    >>> select_additive(np.array([[-1.0], [0.5], [-2.0]]), 0, 0).tolist()
+    [1.0, 1.0, 0.0]
+    """
     mask = (scores[:, target_col] > 0).astype(np.float32)
     mask[target_task] = 1.0
     return mask
