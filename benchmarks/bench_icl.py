@@ -77,10 +77,11 @@ def main(argv=None):
         tay, m, qx, a, num_classes=p, order=cfg.taylor_order, diagonal=cfg.taylor_diagonal)
     _, t_quad, _ = timed(quad, tay, masks)
     spearman = float(ka.lds(Fh, F).mean)
+    num_params = sum(x.size for x in jax.tree.leaves(trained.params))
     rel = float(jnp.mean(jnp.abs(Fh - F) / jnp.abs(F)))
     print(f"ICL estimator benchmark: {m} random {k}-subsets of K={K} candidates, "
           f"T={cfg.num_queries} queries, p={p}, float32, {jax.device_count()} x "
-          f"{jax.devices()[0].platform}, params={sum(x.size for x in jax.tree.leaves(trained.params))}")
+          f"{jax.devices()[0].platform}, params={num_params}")
     print(f"  forward passes (real labels):      {t_real:8.3f} s  "
           f"({1e6 * t_real / m:8.1f} us/subset; compile {c_real:.1f} s)")
     print(f"  estimated labels (Hessian + forms): {t_est:8.3f} s  "

@@ -162,17 +162,22 @@ def test_gradient_alignment_shape_and_sign(trained, problem):
 def test_kernel_subset_search_matches_predict():
     masks = ka.sample_subsets(jax.random.key(0), num_tasks=7, num_subsets=40, size=3)
     y = jnp.stack([masks[:, 0] * masks[:, 1] - masks[:, 2], masks[:, 3]], axis=1)
-    s = ka.fit_kernel(masks, y, gamma=0.3, ridge=1e-2)
     subsets = jnp.asarray(icl.all_subsets(7, 3))
+    check_search(ka.fit_kernel(masks, y, kernel="rbf", gamma=0.3, ridge=1e-2), subsets)
+    check_search(ka.fit_kernel(masks, y, kernel="linear+rbf", gamma=0.3, mix=0.5, ridge=1e-2),
+                 subsets)
+    with pytest.raises(ValueError, match="RBF"):
+        icl.kernel_subset_search(ka.fit_kernel(masks, y, kernel="linear", ridge=1.0), subsets)
+    assert icl.all_subsets(50, 4).shape == (230300, 4)
+
+
+def check_search(s, subsets):
     pred, best = jax.jit(functools.partial(icl.kernel_subset_search, chunk_size=8))(s, subsets)
-    full = jnp.zeros((subsets.shape[0], 7)).at[jnp.arange(subsets.shape[0])[:, None],
-                                                 subsets].set(1.0)
+    rows = jnp.arange(subsets.shape[0])[:, None]
+    full = jnp.zeros((subsets.shape[0], 7)).at[rows, subsets].set(1.0)
     ref = jnp.mean(ka.predict(s, full), axis=1)
     np.testing.assert_allclose(pred, ref, atol=1e-5)
     assert int(best) == int(jnp.argmin(ref))
-    assert icl.all_subsets(50, 4).shape == (230300, 4)
-    with pytest.raises(ValueError, match="RBF"):
-        icl.kernel_subset_search(ka.fit_kernel(masks, y, kernel="linear", ridge=1.0), subsets)
 
 
 def test_run_icl_tiny(tmp_path, trained, cache_dir):

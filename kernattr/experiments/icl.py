@@ -38,7 +38,8 @@ import kernattr as ka
 from . import icl_estimator as est
 from .icl_model import KINDS, ICLConfig, cached_icl_model, icl_curve, make_icl_problem, query_losses
 
-METHODS = ("kernel", "kernel_real", "linear", "datamodels", "influence")
+METHODS = ("kernel", "kernel_real", "linear", "datamodels", "influence", "kernel_real_few",
+           "multifidelity")
 SELECTORS = ("random", "linear", "influence", "kernel", "kernel_real", "datamodels", "oracle")
 
 
@@ -51,7 +52,9 @@ class ICLExperimentConfig:
     ``num_correct``, ``num_noisy`` (the rest other-rule, from ``num_other_rules`` rules),
     ``frequent_fraction`` of queries at ``x*``. Masks: ``num_train_masks``,
     ``num_heldout_masks``. Estimator: ``anchor_mass`` (total weight of the uniform anchor),
-    ``taylor_order``, ``taylor_diagonal``. Influence: ``proj_dim``. Oracle: ``num_oracle``
+    ``taylor_order``, ``taylor_diagonal``. ``num_real_few``: real labels given to the
+    ``kernel_real_few`` and ``multifidelity`` methods (the first training masks; the latter also
+    gets the estimated labels of all of them). Influence: ``proj_dim``. Oracle: ``num_oracle``
     random subsets scored by real forward passes. ``num_resamples`` bootstrap replicates.
     """
 
@@ -67,6 +70,7 @@ class ICLExperimentConfig:
     frequent_fraction: float = 0.5
     num_train_masks: int = 1000
     num_heldout_masks: int = 200
+    num_real_few: int = 100
     anchor_mass: float = 8.0
     taylor_order: int = 2
     taylor_diagonal: bool = False
@@ -92,6 +96,7 @@ def tiny_config(seed: int = 0) -> ICLExperimentConfig:
                         max_demos=6),
         num_candidates=16, num_queries=6, num_rules=2, num_frequent=3, num_correct=4,
         num_noisy=3, num_other_rules=2, num_train_masks=120, num_heldout_masks=60,
+        num_real_few=30,
         anchor_mass=4.0, proj_dim=32, num_oracle=300, num_resamples=100, seed=seed)
 
 
@@ -107,14 +112,16 @@ def all_subsets(num_candidates: int, size: int) -> np.ndarray:
 
 def kernel_subset_search(surrogate: ka.KernelSurrogate, subsets: jax.Array, *,
                          chunk_size: int = 8192) -> tuple[jax.Array, jax.Array]:
-    """Mean-over-targets prediction of an RBF kernel surrogate on every subset, by gathers.
+    """Mean-over-targets prediction of a kernel surrogate on every subset, by gathers.
 
-    For a subset ``S`` given by its indices, the Hamming distance to centre ``i`` is
-    ``|S| + n_i − 2 Σ_{j∈S} c_ij``: the inner products are sums of ``|S|`` columns of the centre
-    matrix, so no ``[m', K]`` mask matrix is formed. Needs ``spec.shared_gamma`` (one bandwidth).
+    For a subset ``S`` given by its indices, the inner product with centre ``i`` is
+    ``Σ_{j∈S} c_ij`` (a sum of ``|S|`` columns of the centre matrix) and the Hamming distance
+    ``|S| + n_i − 2·inner``, so no ``[m', K]`` mask matrix is formed. Supports ``"rbf"`` and
+    ``"linear+rbf"`` (``mix·inner/linear_scale + (1 − mix)·exp(−γ·Hamming)``) with one shared
+    ``(gamma, mix)``.
 
     Args:
-      surrogate: an RBF :class:`kernattr.KernelSurrogate` with a shared bandwidth.
+      surrogate: a :class:`kernattr.KernelSurrogate` (``"rbf"`` or ``"linear+rbf"``, shared).
       subsets: ``[n, k]`` candidate indices.
       chunk_size: subsets per ``lax.map`` batch.
 
@@ -127,19 +134,24 @@ def kernel_subset_search(surrogate: ka.KernelSurrogate, subsets: jax.Array, *,
     >>> all_subsets(5, 2)[int(best)].tolist()
     [1, 2]
     """
-    if surrogate.spec.kernel != "rbf" or not surrogate.spec.shared_gamma:
-        raise ValueError("`surrogate` must be an RBF kernel surrogate with one shared bandwidth.")
+    spec = surrogate.spec
+    if spec.kernel not in ("rbf", "linear+rbf") or not spec.shared_gamma:
+        raise ValueError("`surrogate` must be an RBF or linear+RBF kernel surrogate with one "
+                         "shared (gamma, mix); fit it with per_target=False.")
     centres = surrogate.masks
     ct = centres.T  # [K, m]
     n_i = jnp.sum(centres, axis=1)
     alpha = jnp.mean(surrogate.dual_coef, axis=1)
     b = jnp.mean(surrogate.intercept)
     g = surrogate.gamma[0]
+    mix = surrogate.mix[0] if spec.kernel == "linear+rbf" else 0.0
+    scale = surrogate.linear_scale
     k = subsets.shape[1]
 
     def one(idx):
         inner = jnp.sum(ct[idx], axis=0)  # [m]
-        return jnp.exp(-g * (k + n_i - 2.0 * inner)) @ alpha + b
+        kern = (1.0 - mix) * jnp.exp(-g * (k + n_i - 2.0 * inner)) + mix * inner / scale
+        return kern @ alpha + b
 
     pred = jax.lax.map(one, subsets, batch_size=chunk_size)
     return pred, jnp.argmin(pred)
@@ -200,6 +212,7 @@ class _Compiled:
             key, apply_fn, params, c, dx, dy, q, a, anchor, p=p, dim=cfg.proj_dim))
         self.fit_kernel = jax.jit(lambda m, y: ka.fit_kernel(m, y))
         self.fit_linear = jax.jit(lambda m, y: ka.fit_linear(m, y, ridge=1e-3))
+        self.fit_mf = jax.jit(lambda cm, cy, rm, ry: ka.fit_multifidelity(cm, cy, rm, ry))
         self.search = jax.jit(kernel_subset_search)
 
 
@@ -257,6 +270,11 @@ def attribution_for_rule(cfg: ICLExperimentConfig, fns: _Compiled, masks: dict,
         "kernel_real": fns.fit_kernel(jnp.asarray(masks["train"]), jnp.asarray(F_tr)),
         "datamodels": fns.fit_linear(jnp.asarray(masks["train"]), jnp.asarray(F_tr)),
     }
+    few = cfg.num_real_few
+    tr_few, F_few = jnp.asarray(masks["train"][:few]), jnp.asarray(F_tr[:few])
+    sur["kernel_real_few"] = fns.fit_kernel(tr_few, F_few)
+    sur["multifidelity"] = fns.fit_mf(jnp.asarray(masks["train"]), jnp.asarray(Fh_tr), tr_few,
+                                      F_few)
     preds = {n: np.asarray(ka.predict(s, jnp.asarray(masks["heldout"]))) for n, s in sur.items()}
     infl = np.asarray(fns.influence(jax.random.fold_in(key, 1), c, jnp.asarray(prob.demo_x),
                                     jnp.asarray(prob.demo_y), q, a))  # [K, T]
@@ -277,7 +295,7 @@ def attribution_for_rule(cfg: ICLExperimentConfig, fns: _Compiled, masks: dict,
 
     loo_real = per_candidate(diff_real)  # [K, T]
     loo = {}
-    for n in ("kernel", "kernel_real"):
+    for n in ("kernel", "kernel_real", "kernel_real_few", "multifidelity"):
         pd = np.asarray(ka.predict(sur[n], jnp.asarray(drop)))
         loo[n] = per_candidate(preds[n][rows] - pd)
     loo["linear"] = np.asarray(sur["linear"].coef)
@@ -319,7 +337,8 @@ def attribution_for_rule(cfg: ICLExperimentConfig, fns: _Compiled, masks: dict,
                 choice_kinds={n: [KINDS[prob.kinds[i]] for i in v] for n, v in choice.items()},
                 second_differences=cats, times=times, num_real=n_real,
                 gamma=float(np.asarray(sur["kernel"].gamma)[0]),
-                ridge=float(np.asarray(sur["kernel"].ridge)[0]))
+                ridge=float(np.asarray(sur["kernel"].ridge)[0]),
+                mix=float(np.asarray(sur["kernel"].mix)[0]))
 
 
 def _interval(res) -> dict:
@@ -342,7 +361,8 @@ def aggregate(cfg: ICLExperimentConfig, per_rule: list, curve: np.ndarray, timin
     paired_fn = jax.jit(lambda x, y, z: ka.paired_lds_interval(key, x, y, z, num_resamples=B))
     paired, lds = {}, {}
     for first, other in (("kernel", "linear"), ("kernel", "influence"), ("kernel", "datamodels"),
-                         ("kernel", "kernel_real"), ("kernel_real", "datamodels")):
+                         ("kernel", "kernel_real"), ("kernel_real", "datamodels"),
+                         ("multifidelity", "kernel_real_few"), ("multifidelity", "kernel")):
         res = paired_fn(preds[first], preds[other], actual)
         paired[f"{first}-{other}"] = [float(res.mean), float(res.low), float(res.high)]
         lds.setdefault(first, _interval(res.a))
@@ -394,7 +414,8 @@ def aggregate(cfg: ICLExperimentConfig, per_rule: list, curve: np.ndarray, timin
         "second_differences": {c: {"mean": float(np.mean(v)), "std": float(np.std(v)),
                                    "count": len(v)} for c, v in sorted(cats.items())},
         "kernel_selection": {"gamma": [r["gamma"] for r in per_rule],
-                             "ridge": [r["ridge"] for r in per_rule]},
+                             "ridge": [r["ridge"] for r in per_rule],
+                             "mix": [r["mix"] for r in per_rule]},
         "timings": timing,
         "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
     }

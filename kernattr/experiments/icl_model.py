@@ -116,7 +116,8 @@ class ICLConfig:
                 f"`d_model` ({self.d_model}) must be divisible by `num_heads` ({self.num_heads})."
             )
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ValueError(f"`learning_rate` must be positive and finite, got {self.learning_rate}.")
+            raise ValueError(
+                f"`learning_rate` must be positive and finite, got {self.learning_rate}.")
 
     @property
     def vocab_size(self) -> int:
@@ -207,7 +208,8 @@ class ICLTransformer(nnx.Module):
     def __init__(self, *, vocab_size: int, num_classes: int, d_model: int = 64,
                  num_heads: int = 4, num_layers: int = 2, d_mlp: int = 256, rngs: nnx.Rngs):
         if d_model % num_heads:
-            raise ValueError(f"`d_model` ({d_model}) must be divisible by `num_heads` ({num_heads}).")
+            raise ValueError(
+                f"`d_model` ({d_model}) must be divisible by `num_heads` ({num_heads}).")
         self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
         self.blocks = nnx.List(
             [_Block(d_model, num_heads, d_mlp, rngs=rngs) for _ in range(num_layers)]
@@ -246,7 +248,7 @@ class ICLTransformer(nnx.Module):
 # -------------------------------------------------------------------------------------- data
 def make_prompt_batch(key: jax.Array, *, p: int, batch_size: int, max_demos: int,
                       label_noise: float):
-    """Random training prompts: ``(tokens [B, L], weights [B, L], answers [B])``, ``L = max_demos+1``.
+    """Random training prompts ``(tokens [B, L], weights [B, L], answers [B])``, ``L = max_demos+1``.
 
     Each row: a random rule ``(a, b)``, ``k ~ U{0..max_demos}`` demonstrations with random inputs
     (the first ``k`` slots, weight 1; the others weight 0), labels corrupted with probability
