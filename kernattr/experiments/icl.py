@@ -68,7 +68,7 @@ class ICLExperimentConfig:
     num_noisy: int = 10
     num_other_rules: int = 3
     frequent_fraction: float = 0.5
-    num_train_masks: int = 1000
+    num_train_masks: int = 500
     num_heldout_masks: int = 200
     num_real_few: int = 100
     anchor_mass: float = 8.0

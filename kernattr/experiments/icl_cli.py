@@ -62,7 +62,7 @@ def add_icl(psub: argparse._SubParsersAction) -> None:
     p.add_argument("--rules", type=_positive_int, default=None,
                    help="number of target rules (default 10)")
     p.add_argument("--masks", type=_positive_int, default=None,
-                   help="surrogate-training 4-shot prompts (default 1000)")
+                   help="surrogate-training 4-shot prompts (default 500)")
     p.add_argument("--heldout-masks", type=_positive_int, default=None,
                    help="held-out prompts for LDS (default 200)")
     p.add_argument("--oracle", type=_positive_int, default=None,
