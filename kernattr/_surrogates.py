@@ -602,6 +602,9 @@ def fit_kernel(
     per_target: bool = False,
     fit_intercept: bool = True,
     throw: bool = True,
+    num_landmarks: int | None = None,
+    key: jax.Array | None = None,
+    solver: str = "direct",
 ) -> KernelSurrogate:
     """Kernel ridge regression on masks, with closed-form leave-one-out selection of its settings.
 
@@ -671,9 +674,21 @@ def fit_kernel(
         ``ridge`` raises from the compiled program (a concrete one raises at once); with
         ``throw=False`` such grid points get ``cv_error = inf`` and, if nothing valid is left,
         ``dual_coef`` and ``intercept`` are NaN.
+      num_landmarks: large ``m``: with ``L = num_landmarks`` (and ``key``) the Nyström path
+        :func:`kernattr.fit_nystrom` is taken (``O(m L²)`` time, memory independent of ``m``,
+        masks may be sharded; selection by closed-form LOO in the Nyström feature space) and a
+        :class:`~kernattr.NystromSurrogate` is returned, which ``predict`` and every
+        attribution accept.
+      key: typed PRNG key drawing the landmarks (required with ``num_landmarks``).
+      solver: ``"direct"`` (default; eigendecomposition, or Nyström with ``num_landmarks``) or
+        ``"cg"``: the exact model on all ``m`` masks solved by Nyström-preconditioned
+        matrix-free CG at the pair chosen by the Nyström LOO (:func:`kernattr.fit_kernel_cg`;
+        needs ``num_landmarks`` and ``key``). The large-``m`` paths select one grid point for
+        all targets with ``select="mse"`` and an intercept.
 
     Returns:
-      :class:`KernelSurrogate`.
+      :class:`KernelSurrogate` (:class:`~kernattr.NystromSurrogate` with ``num_landmarks`` and
+      the direct solver).
 
     >>> import jax, jax.numpy as jnp
     >>> masks = jax.random.bernoulli(jax.random.key(0), 0.5, (64, 6)).astype(jnp.float32)
@@ -684,6 +699,13 @@ def fit_kernel(
     """
     _check_kernel_config(kernel, degree, coef0)
     _check_select(select)
+    if solver not in ("direct", "cg"):
+        raise ValueError(f"`solver` must be 'direct' or 'cg', got {solver!r}.")
+    if num_landmarks is not None or solver == "cg":
+        return _fit_large(masks, y, kernel=kernel, gamma=gamma, ridge=ridge, mix=mix, degree=degree,
+                          coef0=coef0, select=select, per_target=per_target,
+                          fit_intercept=fit_intercept, throw=throw, num_landmarks=num_landmarks,
+                          key=key, solver=solver)
     masks = _checks.check_masks(masks)
     y, _ = _checks.check_labels(y, masks.shape[0])
     dtype = jnp.result_type(masks.dtype, y.dtype)
@@ -795,6 +817,26 @@ def fit_kernel(
         cv_spearman=rho.reshape(num_g, num_w, num_r, t),
         spec=spec,
     )
+
+
+def _fit_large(masks, y, *, num_landmarks, key, solver, select, per_target, fit_intercept, **kw):
+    """The ``num_landmarks=`` / ``solver="cg"`` paths of :func:`fit_kernel`."""
+    from ._cg import fit_kernel_cg  # noqa: PLC0415 (they build on this module)
+    from ._nystrom import fit_nystrom  # noqa: PLC0415
+
+    if num_landmarks is None or key is None:
+        raise ValueError(
+            "the Nyström and CG paths need `num_landmarks=L` and `key=jax.random.key(seed)` "
+            "(the landmarks are drawn with the key)."
+        )
+    if select != "mse" or per_target or not fit_intercept:
+        raise ValueError(
+            "with `num_landmarks` (or solver='cg') the selection is select='mse', one grid point "
+            "for all targets, with an intercept; drop select/per_target/fit_intercept."
+        )
+    if solver == "cg":
+        return fit_kernel_cg(key, masks, y, num_landmarks=num_landmarks, **kw)
+    return fit_nystrom(key, masks, y, num_landmarks=num_landmarks, **kw)
 
 
 # --------------------------------------------------------------------------------------------

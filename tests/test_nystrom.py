@@ -145,3 +145,23 @@ def test_bad_input():
         jax.block_until_ready(f(masks, y, 0.5, jnp.nan))
     with pytest.raises(Exception, match="non-finite"):
         jax.block_until_ready(f(masks, y.at[0, 0].set(jnp.nan), 0.5, 0.1))
+
+
+def test_fit_kernel_dispatches_to_nystrom_and_cg(x64):
+    masks, y = _data(m=40, k=6, t=1, seed=8)
+    key = jax.random.key(4)
+    kw = dict(kernel="rbf", gamma=0.4, ridge=0.1)
+    via = jax.jit(lambda x, yy: ka.fit_kernel(x, yy, num_landmarks=10, key=key, **kw))(masks, y)
+    direct = _ny(key, masks, y, num_landmarks=10, **kw)
+    assert isinstance(via, ka.NystromSurrogate)
+    np.testing.assert_allclose(via.surrogate.dual_coef, direct.surrogate.dual_coef, rtol=1e-10, atol=1e-12)
+    cg = jax.jit(lambda x, yy: ka.fit_kernel(x, yy, num_landmarks=10, key=key, solver="cg", **kw))(masks, y)
+    exact = jax.jit(lambda x, yy: ka.fit_kernel(x, yy, **kw))(masks, y)
+    assert isinstance(cg, ka.KernelSurrogate)
+    np.testing.assert_allclose(cg.dual_coef, exact.dual_coef, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="key"):
+        ka.fit_kernel(masks, y, num_landmarks=10)
+    with pytest.raises(ValueError, match="per_target"):
+        ka.fit_kernel(masks, y, num_landmarks=10, key=key, per_target=True)
+    with pytest.raises(ValueError, match="solver"):
+        ka.fit_kernel(masks, y, solver="lu")

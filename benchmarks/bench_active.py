@@ -1,0 +1,116 @@
+"""Benchmark: retrains saved by active mask selection (``ka.select_masks``) vs random masks.
+
+On synthetic games (``ka.synthetic_game``, interaction kind) the "real retrain" of a mask is a
+noisy evaluation of the game. Random arm: Bernoulli(1/2) masks. Active arm: the same first
+``--start`` random masks, then rounds of ``--batch`` masks chosen by ``ka.select_masks``
+(integrated-variance criterion over a 2,048-mask Bernoulli(1/2) pool, fantasised updates) from
+the current surrogate, refitted (``ka.fit_kernel``, default linear+rbf kernel and grids) after
+each round. Both arms are scored by held-out LDS against noisy retrains of 1,000 Bernoulli(1/2)
+masks, averaged over seeds. Printed: the LDS curves, random's LDS at ``--budget`` retrains, the
+number of retrains at which the active curve first reaches it (linear interpolation), and the
+ratio (target <= 0.7, i.e. <= 280 at 400); the noise ceiling; a plot if ``--plot`` is given.
+
+    nice -n 10 python benchmarks/bench_active.py --plot /work/notes/active.png
+    python benchmarks/bench_active.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--K", type=int, default=30)
+    p.add_argument("--T", type=int, default=8)
+    p.add_argument("--noise", type=float, default=0.1)
+    p.add_argument("--start", type=int, default=100)
+    p.add_argument("--batch", type=int, default=50)
+    p.add_argument("--budget", type=int, default=400)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--candidates", type=int, default=2048)
+    p.add_argument("--criterion", default="integrated")
+    p.add_argument("--plot", default=None)
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.K, a.T, a.start, a.batch, a.budget, a.seeds, a.candidates = 10, 2, 40, 20, 80, 1, 256
+
+    import kernattr as ka
+
+    sizes = list(range(a.start, a.budget + 1, a.batch))
+    print(
+        f"sizes: K={a.K} T={a.T} noise={a.noise} start={a.start} batch={a.batch} budget={a.budget} "
+        f"seeds={a.seeds} pool={a.candidates} criterion={a.criterion}  devices={jax.device_count()}  "
+        f"cpus={os.cpu_count()}  load(1m)={os.getloadavg()[0]:.1f}"
+    )
+    fit = jax.jit(lambda x, yy: ka.fit_kernel(x, yy))
+    select = jax.jit(lambda k, s: ka.select_masks(k, s, a.batch, num_candidates=a.candidates, criterion=a.criterion))
+    rand, act, ceil = np.zeros((a.seeds, len(sizes))), np.zeros((a.seeds, len(sizes))), []
+    for seed in range(a.seeds):
+        kg, km, ky, kt, kyt, kyt2, ks = jax.random.split(jax.random.key(seed), 7)
+        game = ka.synthetic_game(kg, num_tasks=a.K, num_targets=a.T, noise=a.noise)
+        test = ka.sample_subsets(kt, num_tasks=a.K, num_subsets=1000, p=0.5)
+        y_test = game.evaluate(test, kyt)
+        ceil.append(float(ka.lds(game.evaluate(test, kyt2), y_test).mean))
+        pool = ka.sample_subsets(km, num_tasks=a.K, num_subsets=a.budget, p=0.5)
+        y_pool = game.evaluate(pool, ky)
+        for i, n in enumerate(sizes):
+            rand[seed, i] = float(ka.lds(ka.predict(fit(pool[:n], y_pool[:n]), test), y_test).mean)
+        x, yy = pool[: a.start], y_pool[: a.start]
+        for i, n in enumerate(sizes):
+            s = fit(x, yy)
+            act[seed, i] = float(ka.lds(ka.predict(s, test), y_test).mean)
+            if n < a.budget:
+                new = select(jax.random.fold_in(ks, i), s)
+                x = jnp.concatenate([x, new])
+                yy = jnp.concatenate([yy, game.evaluate(new, jax.random.fold_in(ky, 1000 + i))])
+        print(f"seed {seed}: random {np.round(rand[seed], 4).tolist()}  active {np.round(act[seed], 4).tolist()}")
+    r, ac = rand.mean(0), act.mean(0)
+    print("retrains:", sizes)
+    print("random LDS (mean over seeds):", np.round(r, 4).tolist())
+    print("active LDS (mean over seeds):", np.round(ac, 4).tolist())
+    target = r[-1]
+    reach = None
+    for i, n in enumerate(sizes):
+        if ac[i] >= target:
+            if i == 0:
+                reach = float(n)
+            else:
+                frac = (target - ac[i - 1]) / max(ac[i] - ac[i - 1], 1e-12)
+                reach = sizes[i - 1] + frac * (n - sizes[i - 1])
+            break
+    print(f"noise ceiling (mean): {np.mean(ceil):.4f}")
+    if reach is None:
+        print(f"RATIO active never reached random's LDS at {a.budget} ({target:.4f}) within {a.budget} retrains (target <= 0.7)")
+    else:
+        print(f"RATIO retrains for active to reach random's LDS at {a.budget} ({target:.4f}): {reach:.0f} "
+              f"= {reach / a.budget:.2f} of random's (target <= 0.70)")
+    if a.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(sizes, r, "o-", label="random Bernoulli(1/2)")
+        ax.plot(sizes, ac, "s-", label=f"select_masks ({a.criterion})")
+        ax.axhline(np.mean(ceil), ls=":", c="gray", label="noise ceiling")
+        ax.set_xlabel("real retrains (masks)")
+        ax.set_ylabel("held-out LDS")
+        ax.set_title(f"synthetic games K={a.K}, T={a.T}, {a.seeds} seeds")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(a.plot, dpi=120)
+        print(f"plot: {a.plot}")
+    return 0 if np.all(np.isfinite(ac)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
