@@ -27,6 +27,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 import kernattr as ka
+from _timing import time_compiled
 from kernattr._losses import task_weights
 
 
@@ -85,16 +86,8 @@ def time_solver(train, target, masks, ridge, solver, chunk, repeats, labels_only
     if labels_only:
         fn = jax.jit(lambda tr, tg, mk, r: ka.estimate_subset_labels(tr, tg, mk, ridge=r, **kw))
     args = (train, target, masks, jnp.float32(ridge))
-    t0 = time.perf_counter()
-    compiled = fn.lower(*args).compile()
-    compile_s = time.perf_counter() - t0
-    jax.block_until_ready(compiled(*args))  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    return diag(*args), compile_s, min(times), diag
+    compile_s, best_s, _ = time_compiled(fn, *args, repeats=repeats)
+    return diag(*args), compile_s, best_s, diag
 
 
 def rel_dev(a, b):

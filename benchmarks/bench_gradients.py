@@ -105,6 +105,7 @@ def jax_worker(cfg: dict, kind: str, out: str, jl_avg: bool) -> None:
     import jax.numpy as jnp
 
     import kernattr as ka
+    from _timing import time_compiled
 
     H, L = cfg["heads"], cfg["seq"]
 
@@ -139,15 +140,7 @@ def jax_worker(cfg: dict, kind: str, out: str, jl_avg: bool) -> None:
     proj = ka.make_projector(jax.random.key(0), params, dim=cfg["d"], kind=kind)
     fn = jax.jit(lambda p, x, pr: ka.projected_gradients(apply_fn, p, x, pr, chunk_size=cfg["chunk"]))
     rss_setup = peak_rss_mb()
-    t0 = time.perf_counter()
-    compiled = fn.lower(params, inputs, proj).compile()
-    compile_s = time.perf_counter() - t0
-    compiled(params, inputs, proj).block_until_ready()  # warm-up
-    times = []
-    for _ in range(cfg["reps"]):
-        t0 = time.perf_counter()
-        G = compiled(params, inputs, proj).block_until_ready()
-        times.append(time.perf_counter() - t0)
+    compile_s, best_s, G = time_compiled(fn, params, inputs, proj, repeats=cfg["reps"])
     rss = peak_rss_mb()
     ok = bool(np.all(np.isfinite(np.asarray(G))))
     # JL accuracy on a sample: exact per-example gradients (flattened) vs projected
@@ -166,7 +159,7 @@ def jax_worker(cfg: dict, kind: str, out: str, jl_avg: bool) -> None:
             errs.append(gram_errors(np.asarray(jax.jit(ka.project)(pr, exact)), flat))
         avg[k2] = np.mean(errs, axis=0).tolist()
     json.dump(dict(
-        side=f"jax-{kind}", examples_per_s=cfg["n"] / min(times), compile_s=compile_s,
+        side=f"jax-{kind}", examples_per_s=cfg["n"] / best_s, compile_s=compile_s,
         peak_rss_mb=rss, setup_rss_mb=rss_setup, jl_rel_err=fro, jl_entry_err=entry, jl_avg=avg,
         exact_gram=(flat.astype(np.float64) @ flat.T.astype(np.float64)).tolist(), finite=ok,
         num_params=int(flat.shape[1]), devices=jax.device_count(), platform=jax.devices()[0].platform,

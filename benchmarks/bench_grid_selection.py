@@ -28,6 +28,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import time_compiled
 
 
 def synthetic_game(rng, masks, num_targets, noise=0.1):
@@ -97,16 +98,7 @@ def main(argv=None) -> int:
     # ---- kernattr: closed-form LOO-CV, jitted
     fit = jax.jit(lambda x, yy, g, r: ka.fit_kernel(x, yy, kernel="rbf", gamma=g, ridge=r))
     args = (jnp.asarray(masks), jnp.asarray(y), jnp.asarray(gammas), jnp.asarray(ridges))
-    t0 = time.perf_counter()
-    compiled = fit.lower(*args).compile()
-    t_compile = time.perf_counter() - t0
-    jax.block_until_ready(compiled(*args))  # warm-up
-    times = []
-    for _ in range(2 if not a.smoke else 1):
-        t0 = time.perf_counter()
-        s = jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    t_ka = min(times)
+    t_compile, t_ka, s = time_compiled(fit, *args, repeats=2 if not a.smoke else 1)
     err_ka = nmse(jax.jit(ka.predict)(s, test_masks), test_y)
     print(
         f"kernattr LOO-CV   : {t_ka:8.2f} s (compile {t_compile:.2f} s apart)  chosen gamma={float(s.gamma[0]):.4g} "

@@ -17,6 +17,7 @@ import sys
 import time
 
 import jax
+from _timing import best_time
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -56,12 +57,8 @@ def make_problem(p: int, num_tasks: int, hidden: int, seed: int = 0):
 
 
 def timed(fn, *args, repeats: int):
-    out = jax.block_until_ready(fn(*args))
-    best = np.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
+    """(output, best seconds) of ``fn(*args)`` after a warm-up (:func:`_timing.best_time`)."""
+    _, best, out = best_time(fn, *args, repeats=repeats)
     return out, best
 
 

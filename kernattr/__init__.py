@@ -1,7 +1,11 @@
 """kernattr: task attribution with kernel surrogate models in JAX.
 
-See README.md for a tour and DESIGN.md (shared/) for the method.
+Subsets of tasks are 0/1 masks; a surrogate fitted on (mask, measured metric) pairs predicts
+the metric of any subset and gives attributions (leave-one-out, exact Shapley, interactions).
+See README.md for a tour.
 """
+
+from importlib import metadata as _metadata
 
 # --- subsets (_subsets.py)
 from ._subsets import PairMasks as PairMasks
@@ -88,7 +92,10 @@ from ._baselines import influence_scores as influence_scores
 from ._baselines import tracin_scores as tracin_scores
 from ._baselines import trak_scores as trak_scores
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("kernattr")
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AttributionIntervals",

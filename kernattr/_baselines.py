@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks
-from ._estimation import _check_feature_pair, _check_task_ids
+from ._estimation import check_feature_pair
 from ._features import GradientFeatures
 from ._losses import check_loss_metric, example_loss, example_metric
 
@@ -54,9 +54,10 @@ def _num_tasks(task_ids: jax.Array, num_tasks: Optional[int]) -> int:
 def _prepare(train: Any, target: Any, loss: str, metric: str, num_tasks: Optional[int]):
     """Validated features; returns (G [n,C,d], f0 [n,C], y [n], tid [n], counts [K], Gt, ft, yt, K)."""
     check_loss_metric(loss, metric)
-    (G, f0, y, tid), (Gt, ft, yt) = _check_feature_pair(train, target, loss)
+    (G, f0, y, tid), (Gt, ft, yt) = check_feature_pair(train, target, loss)
     K = _num_tasks(tid, num_tasks)
-    counts = _check_task_ids(tid, K, "train").astype(G.dtype)
+    counts = _checks.check_task_ids(tid, num_tasks=K, nonempty=True, name="train.task_ids")[1]
+    counts = counts.astype(G.dtype)
     return G, f0, y, tid, counts, Gt, ft, yt, K
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "check_masks",
     "check_rank",
     "check_same_rows",
+    "check_task_ids",
     "error_if",
     "is_concrete",
     "num_examples",
@@ -188,6 +189,61 @@ def check_hyperparameter(
         bad = "negative, NaN or inf" if allow_zero else "negative, zero, NaN or inf"
         error_if(arr, ~ok, msg + f", got {{count}} invalid value(s) ({bad}).")
     return ok
+
+
+def check_task_ids(
+    task_ids: Any,
+    *,
+    num_tasks: int | None = None,
+    num_examples: int | None = None,
+    nonempty: bool = False,
+    name: str = "task_ids",
+) -> tuple[jax.Array, jax.Array | None]:
+    """Integer task ids ``[n]`` (the task of every example), checked eagerly and under ``jit``.
+
+    Static: an integer 1-D array of ``num_examples`` entries (when given). Values: in
+    ``0..num_tasks-1`` (only ``>= 0`` without ``num_tasks``) and, with ``nonempty``, every task
+    has at least one example.
+
+    Returns:
+      ``(task_ids, counts)``: ``counts [K]`` int32 examples per task (``None`` without
+      ``num_tasks``).
+    """
+    if isinstance(task_ids, (str, bytes)) or task_ids is None:
+        raise TypeError(f"`{name}` must be an integer array [n], got {task_ids!r}.")
+    task_ids = jnp.asarray(task_ids)
+    if not jnp.issubdtype(task_ids.dtype, jnp.integer):
+        raise TypeError(
+            f"`{name}` must have an integer dtype (task index of each example, in 0..K-1), "
+            f"got {task_ids.dtype}."
+        )
+    check_rank(task_ids, 1, name, "[n] (one task id per example)")
+    if num_examples is not None and task_ids.shape[0] != num_examples:
+        raise ValueError(
+            f"`{name}` has {task_ids.shape[0]} entries but there are {num_examples} examples."
+        )
+    if num_tasks is None:
+        error_if(
+            task_ids,
+            task_ids < 0,
+            f"`{name}` has {{count}} negative entries; task ids must be in 0..K-1.",
+        )
+        return task_ids, None
+    error_if(
+        task_ids,
+        (task_ids < 0) | (task_ids >= num_tasks),
+        f"`{name}` has {{count}} entries outside 0..{num_tasks - 1} (K={num_tasks} mask "
+        "columns); ids must index the mask columns.",
+    )
+    counts = jnp.zeros((num_tasks,), jnp.int32).at[task_ids].add(1, mode="drop")
+    if nonempty:
+        error_if(
+            counts,
+            counts == 0,
+            f"{{count}} of the K={num_tasks} tasks have no examples in `{name}`; every mask "
+            "column needs at least one training example (drop the empty tasks from the masks).",
+        )
+    return task_ids, counts
 
 
 def num_examples(tree: Any, name: str = "inputs", allow_empty: bool = False) -> int:

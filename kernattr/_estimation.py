@@ -240,7 +240,7 @@ def _check_features(
 
 
 
-def _check_feature_pair(train: Any, target: Any, loss: str):
+def check_feature_pair(train: Any, target: Any, loss: str):
     """Validated ``(g, f0, y, t)`` of ``train`` and ``(gt, ft, yt)`` of ``target``, which must come
     from the same projector (same per-example shape ``[C, d]``) and share a dtype."""
     g, f0, y, t = _check_features(train, "train", loss, train=True)
@@ -256,24 +256,6 @@ def _check_feature_pair(train: Any, target: Any, loss: str):
             f"`target.grads` ({gt.dtype}) and `train.grads` ({g.dtype}) must share a dtype."
         )
     return (g, f0, y, t), (gt, ft, yt)
-
-
-def _check_task_ids(task_ids: jax.Array, num_tasks: int, name: str) -> jax.Array:
-    """Counts per task ``[K]``; task ids must lie in ``0..K-1`` and every task be non-empty."""
-    _checks.error_if(
-        task_ids,
-        (task_ids < 0) | (task_ids >= num_tasks),
-        f"`{name}.task_ids` must lie in 0..{num_tasks - 1} (K={num_tasks} mask columns); "
-        "{count} examples are out of range.",
-    )
-    counts = jnp.zeros((num_tasks,), jnp.int32).at[task_ids].add(1, mode="drop")
-    _checks.error_if(
-        counts,
-        counts == 0,
-        f"{{count}} of the K={num_tasks} tasks have no examples in `{name}.task_ids`; every mask "
-        "column needs at least one training example (drop the empty tasks from the masks).",
-    )
-    return counts
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -755,7 +737,8 @@ def estimate_subsets(
         ``P⁻¹ ∇L(θ)`` with ``P`` the preconditioner, or its last full Newton step is within
         ``tol`` of ``θ``, in the Euclidean norm or in the norm of the data Hessian (the model's
         outputs on the training examples, blind to directions the features do not span, such
-        as those of a projection wider than the gradients' rank): a relative accuracy of ``θ``. Default ``1e-4`` in float32 (whose
+        as those of a projection wider than the gradients' rank): a relative accuracy of
+        ``θ``. Default ``1e-4`` in float32 (whose
         gradients stall near ``1e-5`` relative at ``n`` of about 1e4) and ``1e-10`` in float64.
       throw: raise ``ValueError`` (under ``jit`` through a host callback) when a mask's system is
         singular (e.g. ``ridge=0`` with rank-deficient statistics), a result is not finite, or
@@ -854,7 +837,7 @@ def _estimate(
         raise ValueError(f"`mask_chunk_size` must be a positive int or None, got {mask_chunk_size!r}.")
     if not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
         raise ValueError(f"`max_iter` must be a positive int, got {max_iter!r}.")
-    (g, f0, y, t), (gt, ft, yt) = _check_feature_pair(train, target, loss)
+    (g, f0, y, t), (gt, ft, yt) = check_feature_pair(train, target, loss)
     dtype = g.dtype
     masks = _checks.check_masks(masks, "masks")
     num_tasks = masks.shape[1]
@@ -872,7 +855,7 @@ def _estimate(
         tol = 1e-10 if dtype == jnp.float64 else 1e-4
     if not float(tol) > 0:
         raise ValueError(f"`tol` must be > 0, got {tol!r}.")
-    counts = _check_task_ids(t, num_tasks, "train")
+    _, counts = _checks.check_task_ids(t, num_tasks=num_tasks, nonempty=True, name="train.task_ids")
 
     n, c, d = g.shape
     # squared loss: the Hessian is constant, the statistics at 0 are exact everywhere.

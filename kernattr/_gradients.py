@@ -253,23 +253,6 @@ def _check_labels(labels: Any, n: int) -> jax.Array:
     return labels
 
 
-def _check_task_ids(task_ids: Any, n: int, num_tasks: int | None) -> jax.Array:
-    task_ids = jnp.asarray(task_ids)
-    if not jnp.issubdtype(task_ids.dtype, jnp.integer):
-        raise TypeError(f"`task_ids` must be integers in 0..K-1, got dtype {task_ids.dtype}.")
-    _checks.check_rank(task_ids, 1, "task_ids", "[n] (task of each example)")
-    if task_ids.shape[0] != n:
-        raise ValueError(f"`task_ids` has {task_ids.shape[0]} entries but `inputs` has n={n} examples.")
-    if num_tasks is None:
-        bad = task_ids < 0
-        msg = "`task_ids` has {count} negative entries; task ids must be in 0..K-1."
-    else:
-        bad = (task_ids < 0) | (task_ids >= num_tasks)
-        msg = f"`task_ids` has {{count}} entries outside 0..{num_tasks - 1} (num_tasks={num_tasks})."
-    _checks.error_if(task_ids, bad, msg)
-    return task_ids
-
-
 def gradient_features(
     apply_fn: Callable,
     params: Any,
@@ -317,7 +300,7 @@ def gradient_features(
     n = _checks.num_examples(inputs, "inputs")
     labels = _check_labels(labels, n)
     if task_ids is not None:
-        task_ids = _check_task_ids(task_ids, n, num_tasks)
+        task_ids, _ = _checks.check_task_ids(task_ids, num_tasks=num_tasks, num_examples=n)
     elif num_tasks is not None:
         raise ValueError("`num_tasks` was given without `task_ids`.")
     outputs, grads = _compute(apply_fn, params, inputs, projector, chunk_size, method, mesh)

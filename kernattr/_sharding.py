@@ -1,6 +1,6 @@
 """Examples sharded over a ``data`` mesh axis: helpers used by the per-example entry points.
 
-The convention (DESIGN.md, "Scale"): per-example arrays (inputs, labels, task ids, per-example
+The convention: per-example arrays (inputs, labels, task ids, per-example
 results) are split over the leading axis on a mesh axis called ``"data"``; parameters and the
 projector are replicated. :func:`shard_examples` places arrays that way. The per-example entry
 points (:func:`kernattr.projected_gradients`, :func:`kernattr.gradient_features`) then run one

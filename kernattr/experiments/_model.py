@@ -70,8 +70,3 @@ def pretrain(
         jnp.asarray(data.task_ids), ones, loss="softmax", optimizer=opt, num_steps=num_steps,
     )
     return jax.tree.map(lambda x: x[0], stacked)
-
-
-def accuracy(apply_fn: Callable, params: Any, inputs: np.ndarray, labels: np.ndarray) -> float:
-    logits = jax.vmap(apply_fn, in_axes=(None, 0))(params, jnp.asarray(inputs))
-    return float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(labels)))

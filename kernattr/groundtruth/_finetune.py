@@ -1,7 +1,7 @@
 """Real fine-tuning (or retraining) on many task subsets at once, vmapped over masks.
 
-This is the ground truth the estimator and the surrogates are judged against (DESIGN.md,
-"Ground truth by vmap"). One model per mask is trained with an optax optimizer on the
+This is the ground truth the estimator and the surrogates are judged against: real training
+on each mask, made cheap by training many small models at once. One model per mask is trained with an optax optimizer on the
 task-weighted objective of that mask; all masks of a chunk train in one ``jax.vmap``.
 """
 
@@ -24,33 +24,6 @@ PyTree = Any
 
 
 # ----------------------------------------------------------------------------- validation
-
-
-def _check_task_ids(task_ids: Any, n: int, num_tasks: int, name: str = "task_ids") -> jax.Array:
-    if isinstance(task_ids, (str, bytes)) or task_ids is None:
-        raise TypeError(f"`{name}` must be an integer array [n], got {task_ids!r}.")
-    task_ids = jnp.asarray(task_ids)
-    if not jnp.issubdtype(task_ids.dtype, jnp.integer):
-        raise TypeError(
-            f"`{name}` must have an integer dtype (task index of each example), got {task_ids.dtype}."
-        )
-    _checks.check_rank(task_ids, 1, name, "[n] (one task id per example)")
-    if task_ids.shape[0] != n:
-        raise ValueError(f"`{name}` has {task_ids.shape[0]} entries but `inputs` has {n} examples.")
-    _checks.error_if(
-        task_ids,
-        (task_ids < 0) | (task_ids >= num_tasks),
-        f"`{name}` has {{count}} entries outside 0..{num_tasks - 1} "
-        f"(`masks` has {num_tasks} task columns); ids must index the mask columns.",
-    )
-    counts = jnp.zeros((num_tasks,), jnp.int32).at[task_ids].add(1, mode="drop")
-    _checks.error_if(
-        counts,
-        counts == 0,
-        f"{{count}} of the {num_tasks} tasks have no examples in `{name}`; "
-        "drop those mask columns or give every task at least one example.",
-    )
-    return task_ids
 
 
 def _check_labels(labels: Any, n: int, loss: str, name: str = "labels") -> jax.Array:
@@ -180,7 +153,6 @@ def finetune_on_masks(
     init_fn: Optional[Callable[[jax.Array], PyTree]] = None,
     shared_init: bool = True,
     common_random_numbers: bool = True,
-    progress: bool = False,
 ) -> PyTree:
     """Fine-tunes one model per task subset (mask), all masks of a chunk in one ``vmap``.
 
@@ -247,9 +219,6 @@ def finetune_on_masks(
       shared_init: with ``init_fn``, start every mask from the same init (see above).
       common_random_numbers: with ``batch_size``, couple the minibatch draws of all masks (see
         above).
-      progress: show a ``tqdm`` bar over chunks. This runs an eager Python loop over chunks, each
-        compiled once with ``jax.jit`` (the last chunk is padded with all-zero masks); meant for
-        scripts outside ``jit``.
 
     Returns:
       A pytree like ``params0`` whose leaves carry a leading ``[m]`` mask axis: the parameters
@@ -271,7 +240,9 @@ def finetune_on_masks(
     m, num_tasks = masks.shape
     n = num_examples(inputs, "inputs")
     labels = _check_labels(labels, n, loss, "labels")
-    task_ids = _check_task_ids(task_ids, n, num_tasks, "task_ids")
+    task_ids, _ = _checks.check_task_ids(
+        task_ids, num_tasks=num_tasks, num_examples=n, nonempty=True
+    )
     num_steps = check_count(num_steps, "num_steps", minimum=0)
     if batch_size is not None:
         batch_size = check_count(batch_size, "batch_size")
@@ -333,25 +304,10 @@ def finetune_on_masks(
         return train(start, w, s, mask_key)
 
     index = jnp.arange(m)
-    if not progress:
-        if mask_chunk_size is None or mask_chunk_size >= m:
-            return jax.vmap(lambda w, s, j: per_mask((w, s, j)))(weights, masks, index)
-        return jax.lax.map(per_mask, (weights, masks, index), batch_size=mask_chunk_size)
-
-    from tqdm.auto import tqdm
-
-    chunk = m if mask_chunk_size is None else min(mask_chunk_size, m)
-    num_chunks = -(-m // chunk)
-    pad = num_chunks * chunk - m
-    weights_p = jnp.concatenate([weights, jnp.zeros((pad, n), weights.dtype)], axis=0)
-    masks_p = jnp.concatenate([masks, jnp.zeros((pad, num_tasks), masks.dtype)], axis=0)
-    index_p = jnp.arange(num_chunks * chunk)
-    run_chunk = jax.jit(jax.vmap(lambda w, s, j: per_mask((w, s, j))))
-    outs = []
-    for c in tqdm(range(num_chunks), desc="fine-tuning", unit="chunk"):
-        sl = slice(c * chunk, (c + 1) * chunk)
-        outs.append(run_chunk(weights_p[sl], masks_p[sl], index_p[sl]))
-    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=0)[:m], *outs)
+    # No progress bar and no jit here: drivers (experiments, CLI) jit this and show progress.
+    if mask_chunk_size is None or mask_chunk_size >= m:
+        return jax.vmap(lambda w, s, j: per_mask((w, s, j)))(weights, masks, index)
+    return jax.lax.map(per_mask, (weights, masks, index), batch_size=mask_chunk_size)
 
 
 def evaluate_targets(
