@@ -129,7 +129,8 @@ def kernel_subset_search(surrogate: ka.KernelSurrogate, subsets: jax.Array, *,
       ``(pred [n], best)``: the predicted mean over targets, and the index of its minimum.
 
     >>> masks = ka.sample_subsets(jax.random.key(0), num_tasks=5, num_subsets=30, size=2)
-    >>> s = ka.fit_kernel(masks, masks[:, 0] - masks[:, 1], gamma=0.5, ridge=1e-2)
+    >>> s = ka.fit_kernel(masks, masks[:, 0] - masks[:, 1], kernel="rbf", gamma=0.5,
+    ...                  ridge=1e-2)
     >>> pred, best = kernel_subset_search(s, jnp.asarray(all_subsets(5, 2)))
     >>> all_subsets(5, 2)[int(best)].tolist()
     [1, 2]
