@@ -29,7 +29,13 @@ import numpy as np
 from . import _checks
 from ._estimation import check_feature_pair
 from ._features import GradientFeatures
-from ._losses import check_loss_metric, example_loss, example_metric
+from ._losses import (
+    check_loss_metric,
+    curvature_apply,
+    example_loss,
+    example_metric,
+    loss_grad_curvature,
+)
 
 __all__ = ["influence_scores", "trak_scores", "tracin_scores"]
 
@@ -78,14 +84,8 @@ def _metric_grads(Gt, ft, yt, loss, metric):
 
 def _curvature_times(G, f0, y, loss):
     """``h_i G_i`` for every example (``[n, C, d]``): the loss's output Hessian times ``G_i``."""
-    if loss == "squared":
-        return G
-    if loss == "logistic":
-        p = jax.nn.sigmoid(f0)  # [n, 1]
-        return (p * (1.0 - p))[:, :, None] * G
-    p = jax.nn.softmax(f0, axis=1)  # [n, C]; h = diag(p) - p pᵀ
-    pG = jnp.einsum("nc,ncd->nd", p, G)
-    return p[:, :, None] * G - p[:, :, None] * pG[:, None, :]
+    _, state = loss_grad_curvature(f0, y, loss)
+    return curvature_apply(state, G, loss)
 
 
 def _task_sum(values: jax.Array, tid: jax.Array, K: int) -> jax.Array:

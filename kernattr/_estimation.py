@@ -49,7 +49,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from . import _checks
 from ._features import GradientFeatures
-from ._losses import check_loss_metric, example_metric
+from ._losses import (
+    check_loss_metric,
+    curvature_apply,
+    example_metric,
+    loss_grad_curvature,
+    loss_values,
+)
 
 __all__ = ["SubsetEstimates", "estimate_subset_labels", "estimate_subsets"]
 
@@ -85,46 +91,6 @@ class SubsetEstimates(NamedTuple):
     num_iterations: jax.Array
     grad_norm: jax.Array
     num_hvps: jax.Array
-
-
-# ----------------------------------------------------------------------------- loss derivatives
-# All helpers work on outputs Z [n, C, ...] (examples first, outputs second, trailing mask axes)
-# and labels y [n]; they are written with explicit broadcasting (rank promotion raises).
-
-
-def _expand(x: jax.Array, ndim: int) -> jax.Array:
-    return x.reshape(x.shape + (1,) * (ndim - x.ndim))
-
-
-def _loss_values(z: jax.Array, y: jax.Array, loss: str) -> jax.Array:
-    """Per-example loss ``[n, ...]`` of outputs ``z [n, C, ...]``."""
-    if loss == "squared":
-        return 0.5 * jnp.sum((z - _expand(y, z.ndim)) ** 2, axis=1)
-    if loss == "logistic":
-        sign = _expand(2.0 * y - 1.0, z.ndim)
-        return jnp.sum(jax.nn.softplus(-sign * z), axis=1)
-    onehot = _expand(jax.nn.one_hot(y.astype(jnp.int32), z.shape[1], dtype=z.dtype), z.ndim)
-    return jax.nn.logsumexp(z, axis=1) - jnp.sum(onehot * z, axis=1)
-
-
-def _loss_grad_curv(z: jax.Array, y: jax.Array, loss: str) -> tuple[jax.Array, jax.Array]:
-    """Output-space gradient ``[n, C, ...]`` and curvature state (see :func:`_curv_apply`)."""
-    if loss == "squared":
-        return z - _expand(y, z.ndim), jnp.ones_like(z)
-    if loss == "logistic":
-        p = jax.nn.sigmoid(z)
-        return p - _expand(y, z.ndim), p * (1.0 - p)
-    p = jax.nn.softmax(z, axis=1)
-    onehot = _expand(jax.nn.one_hot(y.astype(jnp.int32), z.shape[1], dtype=z.dtype), z.ndim)
-    return p - onehot, p
-
-
-def _curv_apply(state: jax.Array, u: jax.Array, loss: str) -> jax.Array:
-    """Per-example output Hessian times ``u``; ``u [n, C, ...]`` may have more trailing axes."""
-    state = _expand(state, u.ndim)
-    if loss == "softmax":  # H = diag(p) - p pᵀ
-        return state * u - state * jnp.sum(state * u, axis=1, keepdims=True)
-    return state * u
 
 
 # ----------------------------------------------------------------------------- validation
@@ -278,12 +244,12 @@ def _task_statistics(
     ``n C d²`` flops in all, no ``[n, d, d]`` intermediate.
     """
     n, c, d = grads.shape
-    r, state = _loss_grad_curv(outputs, labels, loss)  # [n, C]
+    r, state = loss_grad_curvature(outputs, labels, loss)  # [n, C]
     inv = (1.0 / jnp.maximum(counts, 1)).astype(grads.dtype)[task_ids]  # [n]
     b = jax.ops.segment_sum(
         jnp.einsum("nc,ncd->nd", r * inv[:, None], grads), task_ids, num_segments=num_tasks
     )
-    hg = _curv_apply(state, grads, loss) * inv[:, None, None]  # [n, C, d]
+    hg = curvature_apply(state, grads, loss) * inv[:, None, None]  # [n, C, d]
     rows = max(8, min(256, _STATS_BLOCK // max(1, c * d)))
     order = jnp.argsort(task_ids, stable=True)
     pad = ((0, rows), (0, 0), (0, 0))
@@ -376,7 +342,7 @@ def _outputs_at(grads, outputs, theta):
 
 def _objective(z, labels, weights, theta, ridge, loss):
     """Weighted objective ``[mc]`` at outputs ``z [n, C, mc]`` and ``theta [d, mc]``."""
-    return jnp.sum(weights * _loss_values(z, labels, loss), axis=0) + 0.5 * ridge * jnp.sum(
+    return jnp.sum(weights * loss_values(z, labels, loss), axis=0) + 0.5 * ridge * jnp.sum(
         theta * theta, axis=0
     )
 
@@ -427,7 +393,7 @@ def _solve_chunk(data: _Data, masks, ridge, *, loss, solver, max_iter, tol, diag
             return theta, ok, iters, jnp.zeros((mc,), dtype), hvps
         weights = _example_weights(coef, data.counts, data.task_ids)
         z = _outputs_at(data.grads, data.outputs, theta)
-        r, _ = _loss_grad_curv(z, data.labels, loss)
+        r, _ = loss_grad_curvature(z, data.labels, loss)
         grad = _weighted_grad(data.grads, weights, r) + ridge * theta
         return theta, ok, iters, jnp.linalg.norm(grad, axis=0), hvps
     chol, _, singular = _fast_system(data.a_pre, data.b0, coef, ridge, empty)
@@ -465,7 +431,7 @@ def _newton_cg(
 
     def hvp(state, v):
         u = (gflat @ v).reshape(n, c, mc)
-        return _weighted_grad(grads, weights, _curv_apply(state, u, loss)) + ridge * v
+        return _weighted_grad(grads, weights, curvature_apply(state, u, loss)) + ridge * v
 
     def pcg(state, rhs, active, forcing):
         """Solve H p = rhs per mask to ``||res|| <= forcing ||rhs||`` (frozen when inactive)."""
@@ -537,7 +503,7 @@ def _newton_cg(
         gnorm = jnp.linalg.norm(grad, axis=0)
 
         def newton_cg_step():
-            _, curv = _loss_grad_curv(z, labels, loss)
+            _, curv = loss_grad_curvature(z, labels, loss)
             forcing = jnp.minimum(0.5, jnp.sqrt(gnorm / jnp.maximum(g0norm, tiny)))
             return pcg(curv, -grad, active, forcing)
 
@@ -574,7 +540,7 @@ def _newton_cg(
         theta_new = theta + alpha[None, :] * step
         z_new = z + alpha[None, None, :] * zstep
         f_new = _objective(z_new, labels, weights, theta_new, ridge, loss)
-        r_new, _ = _loss_grad_curv(z_new, labels, loss)
+        r_new, _ = loss_grad_curvature(z_new, labels, loss)
         grad_new = _weighted_grad(grads, weights, r_new) + ridge * theta_new
         # Converged: the estimated distance to the optimum is <= tol relative to θ, or the full
         # Newton step just taken was (the error after it is then far smaller). A failed line
@@ -621,7 +587,7 @@ def _prepare(g, f0, y, t, counts, ridge, *, loss, num_tasks, anchor_steps) -> _D
 
     z0, a0, b0 = stats_at(jnp.zeros((d,), dtype))
     if anchor_steps == 0:
-        zero_loss = _loss_values(f0, y, loss)
+        zero_loss = loss_values(f0, y, loss)
         a0 = _pack(a0)
         return _Data(g, f0, y, t, counts, a0, b0, a0, jnp.zeros((d,), dtype), f0, b0, zero_loss,
                      zero_loss)  # fmt: skip
@@ -643,7 +609,7 @@ def _prepare(g, f0, y, t, counts, ridge, *, loss, num_tasks, anchor_steps) -> _D
     )
     return _Data(
         g, f0, y, t, counts, _pack(a0), b0, _pack(a_bar), theta, z_bar, b_bar,
-        _loss_values(z_bar, y, loss), _loss_values(f0, y, loss),
+        loss_values(z_bar, y, loss), loss_values(f0, y, loss),
     )  # fmt: skip
 
 

@@ -1,9 +1,15 @@
 """Per-example losses and target metrics shared by the estimator and real fine-tuning.
 
-Everything here is written for ONE example and vmapped by callers (STYLE.md). ``out`` is the
+The ``example_*`` functions are written for ONE example and vmapped by callers (the maths
+stays readable and ``vmap`` batches it). ``out`` is the
 model output of that example: a scalar for ``"squared"``/``"logistic"`` (a logit), ``[C]``
 logits for ``"softmax"``. ``label`` is a float target (squared), 0/1 (logistic) or an integer
 class id stored in any dtype (softmax).
+
+The batched :func:`loss_values`, :func:`loss_grad_curvature` and :func:`curvature_apply` are
+each loss's value, output gradient and output-Hessian product on outputs ``[n, C, ...]``
+(trailing mask axes allowed), used by the estimator's solvers and the baselines: adding a loss
+means editing this file.
 """
 
 from __future__ import annotations
@@ -83,3 +89,41 @@ def task_weights(masks: jax.Array, task_ids: jax.Array, num_tasks: int) -> jax.A
     total = jnp.sum(masks, axis=1, keepdims=True)  # [m, 1]
     per_task = per_task / jnp.maximum(total, 1.0)
     return per_task[:, task_ids]
+
+
+def _expand(x: jax.Array, ndim: int) -> jax.Array:
+    return x.reshape(x.shape + (1,) * (ndim - x.ndim))
+
+
+def loss_values(z: jax.Array, y: jax.Array, loss: str) -> jax.Array:
+    """Per-example loss ``[n, ...]`` of outputs ``z [n, C, ...]`` and labels ``y [n]``
+    (the batched :func:`example_loss`)."""
+    if loss == "squared":
+        return 0.5 * jnp.sum((z - _expand(y, z.ndim)) ** 2, axis=1)
+    if loss == "logistic":
+        sign = _expand(2.0 * y - 1.0, z.ndim)
+        return jnp.sum(jax.nn.softplus(-sign * z), axis=1)
+    onehot = _expand(jax.nn.one_hot(y.astype(jnp.int32), z.shape[1], dtype=z.dtype), z.ndim)
+    return jax.nn.logsumexp(z, axis=1) - jnp.sum(onehot * z, axis=1)
+
+
+def loss_grad_curvature(z: jax.Array, y: jax.Array, loss: str) -> tuple[jax.Array, jax.Array]:
+    """Output-space gradient ``[n, C, ...]`` of the loss and its curvature state (what
+    :func:`curvature_apply` needs: ones, ``p (1 - p)`` or the softmax ``p``)."""
+    if loss == "squared":
+        return z - _expand(y, z.ndim), jnp.ones_like(z)
+    if loss == "logistic":
+        p = jax.nn.sigmoid(z)
+        return p - _expand(y, z.ndim), p * (1.0 - p)
+    p = jax.nn.softmax(z, axis=1)
+    onehot = _expand(jax.nn.one_hot(y.astype(jnp.int32), z.shape[1], dtype=z.dtype), z.ndim)
+    return p - onehot, p
+
+
+def curvature_apply(state: jax.Array, u: jax.Array, loss: str) -> jax.Array:
+    """Per-example output Hessian times ``u [n, C, ...]`` (more trailing axes allowed), from the
+    ``state`` of :func:`loss_grad_curvature`; softmax: ``H = diag(p) - p pᵀ``."""
+    state = _expand(state, u.ndim)
+    if loss == "softmax":
+        return state * u - state * jnp.sum(state * u, axis=1, keepdims=True)
+    return state * u
