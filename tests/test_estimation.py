@@ -460,7 +460,7 @@ def test_bad_values():
     _bad(train, target, masks.at[0, 0].set(0.5), r"masks.*0 and 1 \(1 entries")
     _bad(train, target, masks[:, :3], r"task_ids.*0..2")  # wrong K: ids beyond the mask columns
     _bad(train._replace(task_ids=train.task_ids.at[0].set(K + 2)), target, masks,
-         r"task_ids.*1 examples are out of range")  # fmt: skip
+         r"task_ids.*1 entries outside 0..3")  # fmt: skip
     _bad(train._replace(task_ids=train.task_ids.at[0].set(-1)), target, masks, "out of range")
     no_task_2 = jnp.where(train.task_ids == 2, 1, train.task_ids)
     _bad(train._replace(task_ids=no_task_2), target, masks, "1 of the K=4 tasks have no examples")
