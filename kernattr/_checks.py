@@ -232,8 +232,8 @@ def check_task_ids(
     error_if(
         task_ids,
         (task_ids < 0) | (task_ids >= num_tasks),
-        f"`{name}` has {{count}} entries outside 0..{num_tasks - 1} (K={num_tasks} mask "
-        "columns); ids must index the mask columns.",
+        f"`{name}` has {{count}} entries outside 0..{num_tasks - 1} (out of range for the "
+        f"K={num_tasks} mask columns); ids must index the mask columns.",
     )
     counts = jnp.zeros((num_tasks,), jnp.int32).at[task_ids].add(1, mode="drop")
     if nonempty:
