@@ -68,7 +68,7 @@ def add_rl(psub: argparse._SubParsersAction) -> None:
     p.add_argument("--heldout-masks", type=_positive_int, default=None,
                    help="held-out masks for LDS (default 64)")
     p.add_argument("--kernel", choices=("rbf", "linear+rbf", "polynomial", "linear"), default=None,
-                   help="kernel of the kernel surrogates (default rbf)")
+                   help="kernel of the kernel surrogates (default linear+rbf)")
     _common(p)
     p.set_defaults(func=_run_rl)
 
