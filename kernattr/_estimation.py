@@ -29,6 +29,11 @@ Two solvers (``solver=``):
   independently (their iterates are frozen), so a mask's result does not depend on which other
   masks share its chunk, beyond floating-point rounding.
 
+The per-mask linear algebra lives in ``_solver_fast.py`` (packed per-task Hessians, Cholesky
+factors: ``"fast"``/``"anchored"`` and the preconditioner) and ``_solver_newton.py``
+(Newton-CG with line search: ``"exact"``); this module holds the statistics, chunking, sharding
+and the public API.
+
 On CPU, jaxlib's Cholesky goes through the BLAS that scipy ships (OpenBLAS); on a machine with
 more busy threads than cores its threading thrashes, and ``threadpoolctl.threadpool_limits(1)``
 (or ``OPENBLAS_NUM_THREADS=1``) makes the batched factorisations several times faster.
@@ -49,6 +54,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from . import _checks
 from ._features import GradientFeatures
+from ._solver_fast import chol_solve, fast_system, pack
+from ._solver_newton import newton_cg, objective, outputs_at, weighted_grad
 from ._losses import (
     check_loss_metric,
     curvature_apply,
@@ -278,75 +285,6 @@ def _task_statistics(
 # ----------------------------------------------------------------------------- per chunk
 
 
-def _packing(d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Lower-triangle packing of symmetric ``d x d`` matrices (static numpy index arrays).
-
-    Returns ``(rows, cols)`` of the packed entries and ``full [d * d]``, the packed position of
-    every entry of the full matrix (both triangles), so ``packed[..., full]`` unpacks.
-    """
-    rows, cols = np.tril_indices(d)
-    full = np.zeros((d, d), np.int32)
-    full[rows, cols] = np.arange(rows.size)
-    full[cols, rows] = np.arange(rows.size)
-    return rows, cols, full.reshape(-1)
-
-
-def _pack(a: jax.Array) -> jax.Array:
-    """``[K, d, d]`` symmetric -> ``[K, d (d + 1) / 2]`` lower triangles."""
-    rows, cols, _ = _packing(a.shape[-1])
-    return a[:, rows, cols]
-
-
-def _fast_system(a, b, coef, ridge, empty):
-    """Cholesky factors ``[mc, d, d]``, gradients ``[mc, d]`` and a singular flag ``[mc]``.
-
-    ``a [K, d (d + 1) / 2]`` packed per-task Hessians (half the ``K d²`` flops per mask); the
-    system of an empty mask is replaced by the identity (its gradient is zero: ``θ = 0``).
-    """
-    mc = coef.shape[0]
-    d = b.shape[1]
-    rows, cols, full = _packing(d)
-    on_diag = jnp.asarray(rows == cols, a.dtype)
-    hp = coef @ a + ridge * on_diag[None, :]  # [mc, P]
-    hp = jnp.where(empty[:, None], on_diag[None, :], hp)
-    h = hp[:, full].reshape(mc, d, d)
-    g = coef @ b
-    chol = jax.lax.linalg.cholesky(h, symmetrize_input=False)
-    diag = jnp.diagonal(chol, axis1=1, axis2=2)
-    scale = jnp.max(jnp.diagonal(h, axis1=1, axis2=2), axis=1)
-    eps = jnp.finfo(a.dtype).eps
-    singular = ~jnp.all(jnp.isfinite(diag), axis=1) | (
-        jnp.min(diag, axis=1) ** 2 <= 10.0 * d * eps * scale
-    )
-    return chol, g, singular
-
-
-def _chol_solve(chol: jax.Array, rhs: jax.Array) -> jax.Array:
-    """Solve ``L Lᵀ x = rhs`` per mask; ``chol [mc, d, d]``, ``rhs [d, mc]`` -> ``[d, mc]``."""
-    x = jax.scipy.linalg.cho_solve((chol, True), rhs.T[:, :, None])
-    return x[:, :, 0].T
-
-
-def _weighted_grad(grads, weights, r):
-    """``Σ_i w_i G_iᵀ r_i`` for every mask: ``r [n, C, mc]``, weights ``[n, mc]`` -> ``[d, mc]``."""
-    n, c, d = grads.shape
-    wr = (r * weights[:, None, :]).reshape(n * c, -1)
-    return grads.reshape(n * c, d).T @ wr
-
-
-def _outputs_at(grads, outputs, theta):
-    """``f0 + G θ`` for every mask: ``theta [d, mc]`` -> ``[n, C, mc]``."""
-    n, c, d = grads.shape
-    return outputs[:, :, None] + (grads.reshape(n * c, d) @ theta).reshape(n, c, -1)
-
-
-def _objective(z, labels, weights, theta, ridge, loss):
-    """Weighted objective ``[mc]`` at outputs ``z [n, C, mc]`` and ``theta [d, mc]``."""
-    return jnp.sum(weights * loss_values(z, labels, loss), axis=0) + 0.5 * ridge * jnp.sum(
-        theta * theta, axis=0
-    )
-
-
 class _Data(NamedTuple):
     """Everything a chunk of masks needs (replicated across mask shards)."""
 
@@ -380,23 +318,23 @@ def _solve_chunk(data: _Data, masks, ridge, *, loss, solver, max_iter, tol, diag
     coef = masks / jnp.maximum(total, 1.0)[:, None]  # [mc, K]
     if solver in ("fast", "anchored"):
         if solver == "fast":  # one Newton step from θ = 0
-            chol, g0, singular = _fast_system(data.a0, data.b0, coef, ridge, empty)
-            theta = -_chol_solve(chol, g0.T)
+            chol, g0, singular = fast_system(data.a0, data.b0, coef, ridge, empty)
+            theta = -chol_solve(chol, g0.T)
         else:  # one exact Newton step from the anchor θ̄ (its statistics are exact there)
-            chol, g_bar, singular = _fast_system(data.a_pre, data.b_bar, coef, ridge, empty)
+            chol, g_bar, singular = fast_system(data.a_pre, data.b_bar, coef, ridge, empty)
             theta_bar = data.theta_bar[:, None]
-            theta = theta_bar - _chol_solve(chol, g_bar.T + ridge * theta_bar)
+            theta = theta_bar - chol_solve(chol, g_bar.T + ridge * theta_bar)
             theta = jnp.where(empty[None, :], 0.0, theta)
         ok = ~singular & jnp.all(jnp.isfinite(theta), axis=0)
         iters, hvps = jnp.ones((mc,), jnp.int32), jnp.zeros((mc,), jnp.int32)
         if not diagnostics:
             return theta, ok, iters, jnp.zeros((mc,), dtype), hvps
         weights = _example_weights(coef, data.counts, data.task_ids)
-        z = _outputs_at(data.grads, data.outputs, theta)
+        z = outputs_at(data.grads, data.outputs, theta)
         r, _ = loss_grad_curvature(z, data.labels, loss)
-        grad = _weighted_grad(data.grads, weights, r) + ridge * theta
+        grad = weighted_grad(data.grads, weights, r) + ridge * theta
         return theta, ok, iters, jnp.linalg.norm(grad, axis=0), hvps
-    chol, _, singular = _fast_system(data.a_pre, data.b0, coef, ridge, empty)
+    chol, _, singular = fast_system(data.a_pre, data.b0, coef, ridge, empty)
     weights = _example_weights(coef, data.counts, data.task_ids)
     g0 = (coef @ data.b0).T  # [d, mc] gradient at θ = 0
     # Start from the anchor θ̄ when it beats θ = 0 (the same for every mask: no matmul needed).
@@ -407,164 +345,10 @@ def _solve_chunk(data: _Data, masks, ridge, *, loss, solver, max_iter, tol, diag
     theta = jnp.where(use[None, :], data.theta_bar[:, None], 0.0)
     z = jnp.where(use[None, None, :], data.z_bar[:, :, None], data.outputs[:, :, None])
     grad = jnp.where(use[None, :], (coef @ data.b_bar).T + ridge * theta, g0)
-    return _newton_cg(
+    return newton_cg(
         data.grads, data.labels, weights, chol, jnp.linalg.norm(g0, axis=0), singular,
         theta, z, grad, ridge, loss=loss, max_iter=max_iter, tol=tol,
     )  # fmt: skip
-
-
-def _newton_cg(
-    grads, labels, weights, chol, g0norm, singular, theta, z, grad, ridge, *, loss, max_iter, tol
-):
-    """Line-searched inexact Newton, Newton systems by preconditioned CG, batched over masks.
-
-    ``theta [d, mc]``, ``z = f0 + G theta [n, C, mc]`` and ``grad [d, mc]`` are the start;
-    ``chol [mc, d, d]`` the preconditioner's Cholesky factors. Every mask stops on its own (its
-    iterates are frozen), so results do not depend on the other masks of the chunk.
-    """
-    dtype = grads.dtype
-    n, c, d = grads.shape
-    mc = theta.shape[1]
-    max_cg = max(10, min(d, 100))
-    tiny = jnp.finfo(dtype).tiny
-    gflat = grads.reshape(n * c, d)
-
-    def hvp(state, v):
-        u = (gflat @ v).reshape(n, c, mc)
-        return _weighted_grad(grads, weights, curvature_apply(state, u, loss)) + ridge * v
-
-    def pcg(state, rhs, active, forcing):
-        """Solve H p = rhs per mask to ``||res|| <= forcing ||rhs||`` (frozen when inactive)."""
-        target = forcing * jnp.linalg.norm(rhs, axis=0)
-        zr = _chol_solve(chol, rhs)
-        count = jnp.zeros((mc,), jnp.int32)
-        init = (jnp.zeros_like(rhs), rhs, zr, jnp.sum(rhs * zr, axis=0), active, count, 0)
-
-        def cond(cs):
-            return jnp.any(cs[4]) & (cs[6] < max_cg)
-
-        def body(cs):
-            x, res, p, rz, act, count, it = cs
-            hp = hvp(state, p)
-            php = jnp.sum(p * hp, axis=0)
-            alpha = jnp.where(act, rz / jnp.where(php > 0, php, 1.0), 0.0)
-            x = x + alpha[None, :] * p
-            res = res - alpha[None, :] * hp
-            z_new = _chol_solve(chol, res)
-            rz_new = jnp.sum(res * z_new, axis=0)
-            beta = rz_new / jnp.where(rz > 0, rz, 1.0)
-            count = count + act.astype(jnp.int32)
-            act = act & (php > 0) & (jnp.linalg.norm(res, axis=0) > target)
-            p = jnp.where(act[None, :], z_new + beta[None, :] * p, p)
-            return x, res, p, jnp.where(act, rz_new, rz), act, count, it + 1
-
-        out = jax.lax.while_loop(cond, body, init)
-        return out[0], out[5]
-
-    def within_tol(err, theta):
-        """``err`` within ``tol`` of ``θ`` in the Euclidean norm or in the data norm.
-
-        The data norm ``||v||_A = sqrt(vᵀ A v)``, ``A = P - ridge I`` the preconditioner's data
-        part, measures ``v`` through the outputs on the training examples, so it is blind to
-        directions no selected example sees (the null space of the features, present whenever
-        ``d`` exceeds their rank). There a Newton step ``P⁻¹ ∇`` only amplifies the rounding
-        noise of ``∇`` by ``1/ridge``: the Euclidean test alone would then report a converged
-        answer as a failure. ``||Lᵀ v||² = vᵀ P v`` with ``P = L Lᵀ``.
-        """
-
-        def norms(v):
-            lt_v = jnp.einsum("mji,jm->im", chol, v)  # Lᵀ v per mask, [d, mc]
-            e2 = jnp.sum(v * v, axis=0)
-            a2 = jnp.maximum(jnp.sum(lt_v * lt_v, axis=0) - ridge * e2, 0.0)
-            return jnp.sqrt(e2), jnp.sqrt(a2)
-
-        err_e, err_a = norms(err)
-        th_e, th_a = norms(theta)
-        return (err_e <= tol * th_e) | (err_a <= tol * th_a)
-
-    def close_enough(theta, grad):
-        """Estimated distance to the optimum, ``P⁻¹ ∇`` (a preconditioned Newton step, no
-        Hessian-vector product), within ``tol`` of ``θ``; or an exactly zero gradient."""
-        gnorm = jnp.linalg.norm(grad, axis=0)
-        return (gnorm == 0) | within_tol(_chol_solve(chol, grad), theta)
-
-    f = _objective(z, labels, weights, theta, ridge, loss)
-    conv = (g0norm == 0) | close_enough(theta, grad)
-    done = singular | conv
-    zeros = jnp.zeros((mc,), jnp.int32)
-    state0 = (theta, z, f, grad, done, conv, zeros, zeros, 0)
-
-    def cond(st):
-        return jnp.any(~st[4]) & (st[8] < max_iter)
-
-    def body(st):
-        theta, z, f, grad, done, conv, iters, hvps, it = st
-        active = ~done
-        gnorm = jnp.linalg.norm(grad, axis=0)
-
-        def newton_cg_step():
-            _, curv = loss_grad_curvature(z, labels, loss)
-            forcing = jnp.minimum(0.5, jnp.sqrt(gnorm / jnp.maximum(g0norm, tiny)))
-            return pcg(curv, -grad, active, forcing)
-
-        def preconditioner_step():
-            # First iteration: the preconditioner is the exact Hessian at the anchor (and, for
-            # squared loss, everywhere), so its Newton step needs no Hessian-vector product.
-            return -_chol_solve(chol, grad), jnp.zeros((mc,), jnp.int32)
-
-        step, used = jax.lax.cond(it == 0, preconditioner_step, newton_cg_step)
-        zstep = (gflat @ step).reshape(n, c, mc)
-        slope = jnp.sum(grad * step, axis=0)
-        slack = 16.0 * jnp.finfo(dtype).eps * jnp.abs(f)
-
-        def ls_cond(ls):
-            return jnp.any(ls[1]) & (ls[2] < 40)
-
-        def ls_body(ls):
-            alpha, searching, k = ls
-            trial = _objective(
-                z + alpha[None, None, :] * zstep, labels, weights,
-                theta + alpha[None, :] * step, ridge, loss,
-            )  # fmt: skip
-            # The slack absorbs rounding of f: near the optimum the predicted decrease falls below
-            # it, and a strict test would then reject good Newton steps at random.
-            accept = trial <= f + 1e-4 * alpha * slope + slack
-            searching = searching & ~accept
-            return jnp.where(searching, 0.5 * alpha, alpha), searching, k + 1
-
-        alpha, failed, _ = jax.lax.while_loop(
-            ls_cond, ls_body, (jnp.ones((mc,), dtype), active, 0)
-        )
-        upd = active & ~failed
-        alpha = jnp.where(upd, alpha, 0.0)
-        theta_new = theta + alpha[None, :] * step
-        z_new = z + alpha[None, None, :] * zstep
-        f_new = _objective(z_new, labels, weights, theta_new, ridge, loss)
-        r_new, _ = loss_grad_curvature(z_new, labels, loss)
-        grad_new = _weighted_grad(grads, weights, r_new) + ridge * theta_new
-        # Converged: the estimated distance to the optimum is <= tol relative to θ, or the full
-        # Newton step just taken was (the error after it is then far smaller). A failed line
-        # search means nothing better is representable: that mask stops, converged only by
-        # these criteria (float32 gradients stall at a rounding floor of about 1e-5 relative).
-        small_step = (alpha == 1.0) & within_tol(step, theta_new)
-        conv_new = conv | (upd & (close_enough(theta_new, grad_new) | small_step))
-        done_new = done | failed | conv_new
-        return (
-            jnp.where(upd[None, :], theta_new, theta),
-            jnp.where(upd[None, None, :], z_new, z),
-            jnp.where(upd, f_new, f),
-            jnp.where(upd[None, :], grad_new, grad),
-            done_new,
-            conv_new,
-            iters + active.astype(jnp.int32),
-            hvps + used,
-            it + 1,
-        )
-
-    theta, _, _, grad, _, conv, iters, hvps, _ = jax.lax.while_loop(cond, body, state0)
-    gnorm = jnp.linalg.norm(grad, axis=0)
-    ok = ~singular & conv & jnp.all(jnp.isfinite(theta), axis=0)
-    return theta, ok, iters, gnorm, hvps
 
 
 def _prepare(g, f0, y, t, counts, ridge, *, loss, num_tasks, anchor_steps) -> _Data:
@@ -588,7 +372,7 @@ def _prepare(g, f0, y, t, counts, ridge, *, loss, num_tasks, anchor_steps) -> _D
     z0, a0, b0 = stats_at(jnp.zeros((d,), dtype))
     if anchor_steps == 0:
         zero_loss = loss_values(f0, y, loss)
-        a0 = _pack(a0)
+        a0 = pack(a0)
         return _Data(g, f0, y, t, counts, a0, b0, a0, jnp.zeros((d,), dtype), f0, b0, zero_loss,
                      zero_loss)  # fmt: skip
 
@@ -608,7 +392,7 @@ def _prepare(g, f0, y, t, counts, ridge, *, loss, num_tasks, anchor_steps) -> _D
         0, anchor_steps, body, (jnp.zeros((d,), dtype), z0, a0, b0)
     )
     return _Data(
-        g, f0, y, t, counts, _pack(a0), b0, _pack(a_bar), theta, z_bar, b_bar,
+        g, f0, y, t, counts, pack(a0), b0, pack(a_bar), theta, z_bar, b_bar,
         loss_values(z_bar, y, loss), loss_values(f0, y, loss),
     )  # fmt: skip
 
@@ -616,7 +400,7 @@ def _prepare(g, f0, y, t, counts, ridge, *, loss, num_tasks, anchor_steps) -> _D
 def _labels_chunk(target, theta, loss, metric):
     """Target metric ``[mc, T]`` at ``theta [d, mc]``."""
     grads, outputs, labels = target
-    z = _outputs_at(grads, outputs, theta)  # [T, C, mc]
+    z = outputs_at(grads, outputs, theta)  # [T, C, mc]
     per = jax.vmap(
         jax.vmap(partial(example_metric, loss=loss, metric=metric), in_axes=(0, 0)),
         in_axes=(2, None),
