@@ -33,9 +33,10 @@ def test_family_construction(family):
         shift = 0 if family == "redundancy" else (p - 1) // 2
         np.testing.assert_array_equal(lab[part], (lab[base] + shift) % p)
         np.testing.assert_array_equal(fam.designed_pairs, np.stack([np.arange(B), np.arange(B) + B], 1))
-    if family == "additive":  # block and partner split the block's pairs: no duplicates
-        assert len(train_pairs) == len(x)
+    if family == "additive":  # plain blocks; the designed pair: own block + one half a grid away
         np.testing.assert_array_equal(lab, modular_labels("quadratic", p, x, y)[0])
+        np.testing.assert_array_equal(fam.designed_pairs[:, 0], fam.designed_block)
+        np.testing.assert_array_equal(fam.designed_pairs[:, 1], (fam.designed_block + B) % K)
     if family == "xor":  # designed pair of block (i, j): a row-mate and a column-mate
         r, c = d.grid
         for (u, v), b in zip(fam.designed_pairs, fam.designed_block):

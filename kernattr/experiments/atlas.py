@@ -27,6 +27,11 @@ import numpy as np
 from .pipeline import PipelineConfig, demo_config, run_pipeline
 
 
+# Estimator variants (solver, linearization point) compared on the centre's ground truth.
+VARIANTS = (("fast", "W0"), ("anchored", "W0"), ("exact", "W0"), ("fast", "full"),
+            ("exact", "full"))
+
+
 class Cell(NamedTuple):
     """One atlas cell: ``factor`` (what changed), ``value`` (its label) and the overrides of the
     centre configuration."""
@@ -98,11 +103,12 @@ def _summary(res: dict) -> dict:
 
 def run_atlas(centre: PipelineConfig, *, out: str, quick: bool = False,
               cache_dir: Optional[str] = None, progress: bool = True,
-              num_resamples: int = 1000, cells: Optional[list] = None) -> dict:
+              num_resamples: int = 1000, cells: Optional[list] = None,
+              variants=VARIANTS) -> dict:
     """Run every cell (each a cached pipeline run); write ``atlas.json``, ``atlas.md``, ``atlas.png``.
 
     Returns ``{"centre": config dict, "cells": [{"factor", "value", "overrides", ...summary}],
-    "seconds": wall time}``.
+    "estimator_variants": [...] (:func:`estimator_variants` on the centre), "seconds"}``.
     """
     from tqdm.auto import tqdm
 
@@ -120,12 +126,14 @@ def run_atlas(centre: PipelineConfig, *, out: str, quick: bool = False,
                      **_summary(res)})
         with open(os.path.join(out, "atlas.json"), "w") as fh:  # partial results survive
             json.dump({"centre": centre.to_dict(), "cells": rows, "quick": quick}, fh, indent=2)
+    variants = estimator_variants(centre, cache_dir=cache_dir, num_resamples=num_resamples,
+                                  variants=variants)
     atlas = {"centre": centre.to_dict(), "cells": rows, "quick": quick,
-             "seconds": time.perf_counter() - t0}
+             "estimator_variants": variants, "seconds": time.perf_counter() - t0}
     with open(os.path.join(out, "atlas.json"), "w") as fh:
         json.dump(atlas, fh, indent=2)
     with open(os.path.join(out, "atlas.md"), "w") as fh:
-        fh.write(atlas_table(atlas) + "\n")
+        fh.write(atlas_table(atlas) + "\n\n" + variants_table(variants) + "\n")
     write_atlas_figure(atlas, os.path.join(out, "atlas.png"))
     return atlas
 
@@ -166,6 +174,26 @@ def atlas_table(atlas: dict) -> str:
     return "\n".join(lines)
 
 
+def variants_table(rows: list[dict]) -> str:
+    """Markdown table of :func:`estimator_variants`.
+
+    >>> print(variants_table([{"solver": "fast", "linearize_at": "W0", "error": "boom"}]))
+    | solver | linearized at | relative error | / no change | Spearman | kernel (est.) LDS | kernel − influence |
+    |---|---|---|---|---|---|---|
+    | fast | W0 | failed: boom | | | | |
+    """
+    lines = ["| solver | linearized at | relative error | / no change | Spearman | "
+             "kernel (est.) LDS | kernel − influence |", "|" + "---|" * 7]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['solver']} | {r['linearize_at']} | failed: {r['error']} | | | | |")
+            continue
+        lines.append(f"| {r['solver']} | {r['linearize_at']} | {r['relative_error']:.4f} | "
+                     f"{r['ratio_to_no_change']:.2f} | {r['spearman']:.3f} | "
+                     f"{r['kernel_lds']:.3f} | {_fmt(r['kernel-influence'])} |")
+    return "\n".join(lines)
+
+
 def write_atlas_figure(atlas: dict, path: str) -> str:
     """One panel per comparison: the paired LDS difference of every cell with its 95% interval."""
     import matplotlib
@@ -197,8 +225,7 @@ def write_atlas_figure(atlas: dict, path: str) -> str:
 
 
 def estimator_variants(cfg: PipelineConfig, *, cache_dir: Optional[str] = None,
-                       variants=(("fast", "W0"), ("anchored", "W0"), ("exact", "W0"),
-                                 ("fast", "full"), ("exact", "full")),
+                       variants=None,
                        num_resamples: int = 1000) -> list[dict]:
     """The estimator where linearization fails: each ``(solver, linearize_at)`` variant on the
     same real labels (one cached ground truth), with its relative error, ratio to "nothing
@@ -208,6 +235,7 @@ def estimator_variants(cfg: PipelineConfig, *, cache_dir: Optional[str] = None,
     from .pipeline import (estimate_stage, evaluate_stage, features_stage, ground_truth_stage,
                            masks_stage, methods_stage, prepare_stage)
 
+    variants = VARIANTS if variants is None else variants
     cfg = dataclasses.replace(cfg, noise_ceiling=False)
     prep = prepare_stage(cfg)
     masks = masks_stage(cfg, prep)

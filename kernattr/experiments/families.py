@@ -1,10 +1,11 @@
 """Task families whose interactions are built in: the interaction suite.
 
-Every family is modular arithmetic on the ``p × p`` grid (:mod:`kernattr.experiments.modular`),
-cut into ``B`` blocks, with ``K = 2B`` tasks. The first ``B`` tasks are the blocks (their pairs
-minus the held-out targets); task ``B + b`` is the *partner* of block ``b``, and the family says
-what the partner teaches. The designed pairs are ``(b, B + b)``; a target in block ``b`` should
-feel that pair's interaction more than any other pair's.
+Every family is modular arithmetic on the ``p × p`` grid (:mod:`kernattr.experiments.modular`)
+with ``K = 2B`` tasks and one designed pair per block, built to interact on that block's targets
+(a target should feel its block's designed pair more than any other pair). In
+``"redundancy"`` and ``"antagonism"`` the grid has ``B`` blocks: the first ``B`` tasks are the
+blocks (their pairs minus the held-out targets), task ``B + b`` is the *partner* of block ``b``,
+and the designed pairs are ``(b, B + b)``.
 
 * ``"redundancy"``: the partner is a copy of block ``b`` (same inputs, same labels). Either copy
   teaches the block, so their effects saturate (``F(both) ≈ F(one)``): a strong interaction at
@@ -18,10 +19,11 @@ feel that pair's interaction more than any other pair's.
   the blocks of its column band ``j``: one without the other predicts nothing. The designed
   pair of block ``(i, j)`` is ``((i, j + 1), (i + 1, j))`` (a row-mate and a column-mate,
   indices mod the grid), designed to interact on that block's targets.
-* ``"additive"`` (control): the partner is a second, disjoint set of pairs of the quadratic rule
-  drawn from the same block (the block's pairs are split in two halves), so partners teach
-  different pairs of the same region: no designed interaction beyond what any two neighbouring
-  tasks share.
+* ``"additive"`` (control): no partners; ``K = 2B`` blocks of the quadratic grid. The designed
+  pair of block ``b`` is ``(b, b + B mod 2B)``: the target's own block and a block half the grid
+  away, which teaches nothing about it. (Splitting a block's pairs into two tasks is NOT a control:
+  the two halves of one region are near-duplicates, and measured they interact like
+  ``"redundancy"``.)
 
 The base rule is ``"quadratic"`` (``x² + xy + y²``) except for ``"xor"``.
 """
@@ -82,13 +84,16 @@ def make_family_data(
     if family not in FAMILIES:
         raise ValueError(f"`family` must be one of {FAMILIES}, got {family!r}.")
     B = int(num_blocks)
-    if family == "xor":
-        data = make_modular_data(task="xor", p=p, num_tasks=2 * B, num_targets=num_targets,
-                                 seed=seed)
+    if family in ("xor", "additive"):
+        data = make_modular_data(task="xor" if family == "xor" else "quadratic", p=p,
+                                 num_tasks=2 * B, num_targets=num_targets, seed=seed)
         r, c = data.grid
         blocks = np.arange(2 * B)
-        i, j = np.divmod(blocks, c)
-        pairs = np.stack([i * c + (j + 1) % c, ((i + 1) % r) * c + j], axis=1)
+        if family == "xor":
+            i, j = np.divmod(blocks, c)
+            pairs = np.stack([i * c + (j + 1) % c, ((i + 1) % r) * c + j], axis=1)
+        else:
+            pairs = np.stack([blocks, (blocks + B) % (2 * B)], axis=1)
         return FamilyData(data, pairs, blocks, family)
     base = make_modular_data(task="quadratic", p=p, num_tasks=B, num_targets=num_targets,
                              seed=seed)
@@ -100,22 +105,6 @@ def make_family_data(
     elif family == "antagonism":
         plab = ((base.train_labels.astype(np.int64) + (p - 1) // 2) % p).astype(np.int32)
         px, py, pids = x, y, ids + B
-    else:  # additive: split each block's pairs into two halves (block b, partner B + b)
-        rng = np.random.default_rng([seed, 2])
-        half = np.zeros(len(ids), bool)
-        for b in range(B):
-            idx = np.flatnonzero(ids == b)
-            half[rng.permutation(idx)[: len(idx) // 2]] = True
-        if any(not (half & (ids == b)).any() or (half | (ids != b)).all() for b in range(B)):
-            raise ValueError("`additive` needs at least two training pairs per block; lower "
-                             "`num_blocks` or `num_targets`.")
-        keep = ~half
-        data = base._replace(
-            train_inputs=np.concatenate([base.train_inputs[keep], base.train_inputs[half]]),
-            train_labels=np.concatenate([base.train_labels[keep], base.train_labels[half]]),
-            task_ids=np.concatenate([ids[keep], ids[half] + B]).astype(np.int32),
-        )
-        return FamilyData(data, _pairs(B), np.arange(B), family)
     partner = np.stack([px, py, eq, plab], axis=1).astype(np.int32)
     data = base._replace(
         train_inputs=np.concatenate([base.train_inputs, partner]),
