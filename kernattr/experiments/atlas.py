@@ -66,15 +66,17 @@ def atlas_cells(centre: PipelineConfig, quick: bool = False) -> list[Cell]:
     m = centre.num_train_masks
     cells = [Cell("centre", "centre", {})]
     if centre.regime == "finetune":
-        for prox, steps in ((10.0, 40), (1.0, 40), (1.0, 150)):
+        strengths = ((10.0, 40),) if quick else ((10.0, 40), (1.0, 40), (1.0, 150), (0.1, 150))
+        for prox, steps in strengths:
             if (prox, steps) != (centre.prox, centre.finetune_steps):
                 cells.append(Cell("strength", f"prox={prox:g},steps={steps}",
                                   {"prox": prox, "finetune_steps": steps}))
     cells.append(Cell("regime", "scratch" if centre.regime == "finetune" else "finetune",
                       {"regime": "scratch" if centre.regime == "finetune" else "finetune"}))
     for q in (0.5, 0.7, 0.9):
-        cells.append(Cell("density", f"{q:g}", {"densities": (q,)}))
-    fams = ("additive", "redundancy", "antagonism", "xor")
+        if (q,) != tuple(centre.densities):
+            cells.append(Cell("density", f"{q:g}", {"densities": (q,)}))
+    fams = ("redundancy", "antagonism") if quick else ("additive", "redundancy", "antagonism", "xor")
     for fam in fams:
         if fam != centre.family:
             cells.append(Cell("family", fam, {"family": fam, "num_tasks": K + K % 2}))
@@ -83,7 +85,7 @@ def atlas_cells(centre: PipelineConfig, quick: bool = False) -> list[Cell]:
     groups = 48 if quick else 200
     cells.append(Cell("grouping", f"{groups} sample groups",
                       {"family": None, "grouping": "samples", "num_tasks": groups}))
-    for num in ((20, 80) if quick else (50, 200, 400)):
+    for num in ((20,) if quick else (50, 200, 400)):
         if num != m:
             cells.append(Cell("num_masks", str(num), {"num_train_masks": num}))
     return cells

@@ -123,8 +123,10 @@ class PipelineConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-# The headline regime ``kernattr demo`` runs (overrides of PipelineConfig's defaults).
-DEMO = {}
+# The headline regime ``kernattr demo`` runs (overrides of PipelineConfig's defaults): stronger
+# fine-tuning (prox 1, 100 steps) and dense masks (density 0.9), where the regime study measured
+# the kernel's largest advantage over a linear surrogate on real labels.
+DEMO = {"prox": 1.0, "finetune_steps": 100, "densities": (0.9,)}
 
 
 def demo_config(**overrides) -> PipelineConfig:
