@@ -15,7 +15,7 @@ Parameters: eager calls replicate concrete parameters onto the mesh; under ``jit
 uncommitted (plain ``jnp`` arrays) or already replicated on the mesh, since JAX refuses
 arguments committed to different devices.
 
-Two traps handled here (STYLE.md): ``lax.map(batch_size=...)`` over a sharded axis errors
+Two JAX sharding traps are handled here: ``lax.map(batch_size=...)`` over a sharded axis errors
 (Explicit) or silently gathers (Auto), so chunking happens inside ``shard_map``; and gradients
 with respect to parameters that enter ``shard_map`` replicated come out summed over devices, so
 parameters are ``pcast`` to *varying* before differentiation.
