@@ -235,7 +235,7 @@ def check_task_ids(
         f"`{name}` has {{count}} entries outside 0..{num_tasks - 1} (out of range for the "
         f"K={num_tasks} mask columns); ids must index the mask columns.",
     )
-    counts = jnp.zeros((num_tasks,), jnp.int32).at[task_ids].add(1, mode="drop")
+    counts = task_counts(task_ids, num_tasks)
     if nonempty:
         error_if(
             counts,
@@ -244,6 +244,17 @@ def check_task_ids(
             "column needs at least one training example (drop the empty tasks from the masks).",
         )
     return task_ids, counts
+
+
+def task_counts(task_ids: jax.Array, num_tasks: int, dtype: Any = jnp.int32) -> jax.Array:
+    """Examples per task ``[K]`` from task ids ``[n]`` (ids outside ``0..K-1`` are not counted).
+
+    A comparison reduced over the example axis rather than a scatter-add: the scatter fails
+    under ``jit`` when ``task_ids`` is sharded over a mesh axis (jax 0.10), while the reduction
+    stays local to each shard and XLA fuses it (no ``[n, K]`` array is materialized).
+    """
+    hits = task_ids[:, None] == jnp.arange(num_tasks, dtype=task_ids.dtype)[None, :]
+    return jnp.sum(hits, axis=0, dtype=dtype)
 
 
 def num_examples(tree: Any, name: str = "inputs", allow_empty: bool = False) -> int:

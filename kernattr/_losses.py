@@ -19,6 +19,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from kernattr._checks import task_counts
+
 LossName = Literal["squared", "logistic", "softmax"]
 MetricName = Literal["loss", "margin", "output"]
 LOSSES = ("squared", "logistic", "softmax")
@@ -84,7 +86,7 @@ def task_weights(masks: jax.Array, task_ids: jax.Array, num_tasks: int) -> jax.A
     ``w[j, i] = s_j[t_i] / (n_{t_i} · Σ_k s_j[k])``; an all-zero mask gives all-zero weights
     (no training: the model stays at ``W0``). Rows sum to 1 otherwise.
     """
-    counts = jnp.zeros((num_tasks,), masks.dtype).at[task_ids].add(1.0)
+    counts = task_counts(task_ids, num_tasks, masks.dtype)
     per_task = masks / jnp.maximum(counts, 1.0)[None, :]  # [m, K]
     total = jnp.sum(masks, axis=1, keepdims=True)  # [m, 1]
     per_task = per_task / jnp.maximum(total, 1.0)

@@ -76,7 +76,7 @@ def _make_trainer(
     if batch_size is not None:
         # Examples grouped by task: task k occupies order[starts[k] : starts[k] + counts[k]].
         order = jnp.argsort(task_ids, stable=True)
-        counts = jnp.zeros((num_tasks,), jnp.int32).at[task_ids].add(1, mode="drop")
+        counts = _checks.task_counts(task_ids, num_tasks)
         starts = jnp.cumsum(counts) - counts
 
     def draw(mask, key):
