@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from kernattr.experiments import atlas as at
 from kernattr.experiments.pipeline import PipelineConfig
@@ -28,6 +29,7 @@ def test_cells_change_one_factor_each():
         assert cfg != centre
 
 
+@pytest.mark.slow  # ~140 s on 2 cores; `kernattr reproduce atlas --quick` runs the same driver
 def test_run_atlas_tiny(tmp_path):
     centre = PipelineConfig(**TINY)
     cells = [at.Cell("centre", "centre", {})]

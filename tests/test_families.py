@@ -70,6 +70,7 @@ def test_second_differences_oracle():
     assert rep["num_designed"] == 3 and rep["num_other"] == sd.size - 3
 
 
+@pytest.mark.slow  # ~35 s; `kernattr reproduce suite` measures the same second differences
 def test_redundancy_interaction_exists_in_real_training():
     """Retraining from scratch (real NNX transformer, optax) on full, leave-one-out and
     pair-drop masks: the designed (block, copy) pairs interact more than the other pairs."""

@@ -3,11 +3,13 @@
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NB = os.path.join(os.path.dirname(__file__), "..", "notebooks", "icl_selection.ipynb")
 
 
+@pytest.mark.slow  # ~105 s; its run_icl call is test_icl.py::test_run_icl_tiny and `kernattr reproduce icl`
 def test_icl_notebook_executes():
     nb = nbformat.read(NB, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3",
