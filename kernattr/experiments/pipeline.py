@@ -123,10 +123,11 @@ class PipelineConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-# The headline regime ``kernattr demo`` runs (overrides of PipelineConfig's defaults): stronger
-# fine-tuning (prox 1, 100 steps) and dense masks (density 0.9), where the regime study measured
-# the kernel's largest advantage over a linear surrogate on real labels.
-DEMO = {"prox": 1.0, "finetune_steps": 100, "densities": (0.9,)}
+# The headline regime ``kernattr demo`` runs (overrides of PipelineConfig's defaults): strong
+# fine-tuning (prox 0.03, 200 steps) and dense masks (density 0.9), where the regime study measured
+# the kernel's largest advantage over a linear surrogate on real labels (prox 10 / 1 / 0.1 / 0.03
+# at density 0.9: x1.02 / x1.02 / x1.10 / x1.16 LDS; prox 0 overfits and the advantage vanishes).
+DEMO = {"prox": 0.03, "finetune_steps": 200, "densities": (0.9,)}
 
 
 def demo_config(**overrides) -> PipelineConfig:
@@ -672,7 +673,9 @@ def evaluate_stage(cfg: PipelineConfig, masks: MaskSet, gt: GroundTruth, est: Es
                              num_resamples=num_resamples)
         noise = {"lds": float(ci.mean), "lds_ci": _interval(ci),
                  "what": ("LDS between the held-out labels and the same masks retrained with "
-                          + ("another W0 (init seed of pretraining)" if cfg.regime == "finetune"
+                          + ("another W0 (init seed of pretraining); fine-tuning from a fixed W0 "
+                             "is deterministic, so this measures the dependence on W0, not label "
+                             "noise, and is not an upper bound" if cfg.regime == "finetune"
                              else "another initialisation"))}
     inter = None
     if prep.designed is not None and masks.num_designed:
@@ -794,6 +797,6 @@ def format_table(results: dict) -> str:
         lines.append(f"paired {name:<30} {mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
     nc = results.get("noise_ceiling")
     if nc:
-        lines.append(f"noise ceiling (LDS of a retraining with another seed): {nc['lds']:.3f} "
-                     f"[{nc['lds_ci'][0]:.3f}, {nc['lds_ci'][1]:.3f}]")
+        lines.append(f"noise ceiling: {nc['lds']:.3f} [{nc['lds_ci'][0]:.3f}, {nc['lds_ci'][1]:.3f}]"
+                     f" ({nc.get('what', 'LDS of a retraining with another seed')})")
     return "\n".join(lines)

@@ -23,7 +23,9 @@ def write_lds_plot(out, methods: dict, noise_ceiling) -> str:
     ax.bar(x, lds, color="tab:blue", alpha=0.75)
     ax.errorbar(x, lds, yerr=[lds - ci[:, 0], ci[:, 1] - lds], fmt="none", ecolor="k", capsize=3)
     if noise_ceiling:
-        ax.axhline(noise_ceiling["lds"], color="tab:red", ls="--", lw=1, label="noise ceiling")
+        other_w0 = "another W0" in noise_ceiling.get("what", "")
+        ax.axhline(noise_ceiling["lds"], color="tab:red", ls="--", lw=1,
+                   label="retrained from another W0" if other_w0 else "noise ceiling")
         ax.legend(fontsize=7)
     ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
