@@ -72,7 +72,8 @@ def _out_grads(f: jax.Array, y: jax.Array, fn) -> jax.Array:
     return jax.vmap(jax.grad(fn))(f, y)
 
 
-def _loss_grads(G, f0, y, loss):
+def loss_grads(G, f0, y, loss):
+    """``∇_θ loss(f_i, y_i) = r_iᵀ G_i`` for every example: ``[n, d]``."""
     r = _out_grads(f0, y, lambda o, t: example_loss(o, t, loss))  # [n, C]
     return jnp.einsum("nc,ncd->nd", r, G)
 
@@ -181,7 +182,7 @@ def influence_scores(
     w = 1.0 / (K * counts[tid])  # [n]
     hG = _curvature_times(G, f0, y, loss)
     H = jnp.einsum("ncd,nce->de", w[:, None, None] * G, hG)
-    g = _loss_grads(G, f0, y, loss)  # [n, d]
+    g = loss_grads(G, f0, y, loss)  # [n, d]
     gbar_k = _task_sum(g, tid, K) / counts[:, None]  # [K, d]
     gbar = jnp.mean(gbar_k, axis=0)
     if K == 1:
@@ -196,7 +197,7 @@ def influence_scores(
 # ----------------------------------------------------------------------------- TRAK
 
 
-def _trak_features(G, f0, y, loss):
+def trak_features(G, f0, y, loss):
     """TRAK's per-example output-function gradients ``φ_i`` and weights ``Q_i`` with
     ``Q_i φ_i = −g_i``: log-odds of the correct label and ``1 − p`` (logistic/softmax), the output
     and the residual ``y − f`` (squared)."""
@@ -266,7 +267,7 @@ def trak_scores(
     _check_weighting(weighting)
     G, f0, y, tid, counts, Gt, ft, yt, K = _prepare(train, target, loss, metric, num_tasks)
     damping = _check_damping(damping, G.dtype)
-    phi, q = _trak_features(G, f0, y, loss)
+    phi, q = trak_features(G, f0, y, loss)
     omega = _example_weights(tid, counts, K, weighting, G.dtype)
     per_task = _task_sum((omega * q)[:, None] * phi, tid, K)  # [K, d]
     psi = _metric_grads(Gt, ft, yt, loss, metric)  # [T, d]
@@ -328,7 +329,7 @@ def tracin_scores(
     if lr.ndim != 0:
         raise ValueError(f"`learning_rate` must be a scalar, got shape {tuple(lr.shape)}.")
     lr = lr.astype(G.dtype)
-    g = _loss_grads(G, f0, y, loss)
+    g = loss_grads(G, f0, y, loss)
     omega = _example_weights(tid, counts, K, weighting, G.dtype)
     per_task = _task_sum(omega[:, None] * g, tid, K)  # [K, d]
     psi = _metric_grads(Gt, ft, yt, loss, metric)

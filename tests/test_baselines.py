@@ -190,13 +190,13 @@ def test_trak_equals_numpy(x64, loss, weighting):
 
 @pytest.mark.parametrize("loss", ["squared", "logistic", "softmax"])
 def test_trak_weights_times_features_are_minus_loss_gradients(x64, loss):
-    from kernattr._baselines import _loss_grads, _trak_features
-    from kernattr._estimation import _check_features
+    from kernattr._baselines import loss_grads, trak_features
+    from kernattr._estimation import check_feature_pair
 
     train, _ = _features(loss)
-    G, f0, y, _ = _check_features(train, "train", loss, train=True)
-    phi, q = _trak_features(G, f0, y, loss)
-    np.testing.assert_allclose(q[:, None] * phi, -_loss_grads(G, f0, y, loss), rtol=1e-10, atol=1e-12)
+    (G, f0, y, _), _ = check_feature_pair(train, train, loss)
+    phi, q = trak_features(G, f0, y, loss)
+    np.testing.assert_allclose(q[:, None] * phi, -loss_grads(G, f0, y, loss), rtol=1e-10, atol=1e-12)
 
 
 def test_trak_rank_deficient_gram_uses_pseudo_inverse(x64):

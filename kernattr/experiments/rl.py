@@ -33,6 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._losses import task_weights
+from ._rl_common import lds_summary, paired_summary, sac_batch, sac_optimizers
+
 METHODS = ("kernel", "kernel_real", "linear", "datamodels", "influence", "tracin")
 SELECTORS = ("kernel", "kernel_real", "linear", "datamodels", "influence", "tracin")
 
@@ -94,27 +97,6 @@ class Prepared(NamedTuple):
     starts: jax.Array
 
 
-def _batch(data):
-    from kernattr.adapters import Batch
-
-    return Batch(data.obs, data.task, data.action, data.reward, data.next_obs, data.done)
-
-
-def _optimizers(lr: float, steps: int):
-    import optax
-
-    sched = optax.cosine_decay_schedule(lr, steps)
-    return dict(actor_optimizer=optax.adam(sched), critic_optimizer=optax.adam(sched),
-                alpha_optimizer=optax.adam(sched))
-
-
-def _example_weights(masks: jax.Array, task_ids: jax.Array, num_tasks: int) -> jax.Array:
-    """``[m, n]``: each selected task's mean loss counts equally, rows sum to 1 (as the estimator)."""
-    from kernattr._losses import task_weights
-
-    return task_weights(masks, task_ids, num_tasks)
-
-
 def prepare(cfg: RLConfig, seed: int) -> Prepared:
     """Data and ``W0`` for one seed (deterministic from ``seed``)."""
     from kernattr.adapters import make_sac, make_train_step
@@ -127,10 +109,10 @@ def prepare(cfg: RLConfig, seed: int) -> Prepared:
     sac, params = make_sac(jax.random.fold_in(key, 2), obs_dim=2, task_dim=2, act_dim=2,
                            hidden=cfg.hidden)
     K = tasks.descriptor.shape[0]
-    init, step = make_train_step(sac, **_optimizers(cfg.pretrain_lr, cfg.pretrain_steps),
+    init, step = make_train_step(sac, **sac_optimizers(cfg.pretrain_lr, cfg.pretrain_steps),
                                  gamma=cfg.gamma, bc_weight=cfg.bc_weight, q_weight=cfg.q_weight)
-    w = _example_weights(jnp.ones((1, K)), data.task_ids, K)[0]
-    batch = _batch(data)
+    w = task_weights(jnp.ones((1, K)), data.task_ids, K)[0]
+    batch = sac_batch(data)
 
     @jax.jit
     def train(params, key):
@@ -195,10 +177,10 @@ def make_finetune_eval(cfg: RLConfig, prep: Prepared):
 
     sac, params0, data = prep.sac, prep.params0, prep.data
     K = prep.tasks.descriptor.shape[0]
-    init, step = make_train_step(sac, **_optimizers(cfg.finetune_lr, cfg.finetune_steps),
+    init, step = make_train_step(sac, **sac_optimizers(cfg.finetune_lr, cfg.finetune_steps),
                                  gamma=cfg.gamma, bc_weight=cfg.bc_weight, q_weight=cfg.q_weight,
                                  prox=cfg.prox)
-    batch = _batch(data)
+    batch = sac_batch(data)
     tb, owner = target_examples(prep)
     T = len(prep.targets)
     onehot = jax.nn.one_hot(jnp.asarray(owner), T)  # [n_t, T]
@@ -219,7 +201,7 @@ def make_finetune_eval(cfg: RLConfig, prep: Prepared):
 
     @jax.jit
     def run(masks, key):
-        w = _example_weights(masks, data.task_ids, K)
+        w = task_weights(masks, data.task_ids, K)
         return jax.vmap(one, in_axes=(0, None))(w, key)
 
     return run
@@ -257,7 +239,7 @@ def features(cfg: RLConfig, prep: Prepared, seed: int) -> Features:
     kind = "identity" if cfg.proj_dim is None else "rademacher"
     proj = ka.make_projector(jax.random.fold_in(jax.random.key(seed), 5), sel, dim=cfg.proj_dim,
                              kind=kind)
-    batch = _batch(prep.data)
+    batch = sac_batch(prep.data)
     A = prep.sac.act_dim
     tid = jnp.repeat(prep.data.task_ids, A)
     feats = jax.jit(partial(ka.gradient_features, fn, projector=proj, chunk_size=512),
@@ -351,21 +333,6 @@ def _corr(a: np.ndarray, b: np.ndarray, rank: bool) -> float:
     fn = ka.spearman if rank else ka.pearson
     r = np.asarray(fn(jnp.asarray(a), jnp.asarray(b)))
     return float(np.nanmean(r)) if np.isfinite(r).any() else float("nan")
-
-
-def _interval(key, pred, actual) -> dict:
-    import kernattr as ka
-
-    ci = ka.lds_interval(key, jnp.asarray(pred), jnp.asarray(actual), num_resamples=1000)
-    return {"lds": float(ci.mean), "lds_ci": [float(ci.low), float(ci.high)]}
-
-
-def _paired(key, a, b, actual) -> list:
-    import kernattr as ka
-
-    ci = ka.paired_lds_interval(key, jnp.asarray(a), jnp.asarray(b), jnp.asarray(actual),
-                                num_resamples=1000)
-    return [float(ci.mean), float(ci.low), float(ci.high)]
 
 
 def run_seed(cfg: RLConfig, seed: int, masks: dict, *, bar=None) -> dict:
@@ -485,7 +452,7 @@ def run_rl(cfg: RLConfig, *, out: Optional[str] = None, progress: bool = True,
     lds, loo = {}, {}
     for name in METHODS:
         pred = np.concatenate([r["preds"][name] for r in runs], axis=1)
-        lds[name] = _interval(key, pred, R_ho)  # same key: same resamples for every method
+        lds[name] = lds_summary(key, pred, R_ho)  # same key: same resamples for every method
         sc = np.concatenate([r["loos"][name] for r in runs], axis=1)
         lds[name]["lds_per_column"] = np.asarray(
             ka.spearman(jnp.asarray(pred), jnp.asarray(R_ho))).round(4).tolist()
@@ -493,10 +460,10 @@ def run_rl(cfg: RLConfig, *, out: Optional[str] = None, progress: bool = True,
                          loo_spearman=_corr(sc, loo_real, True))
         loo[name] = sc
     P = {n: np.concatenate([r["preds"][n] for r in runs], axis=1) for n in METHODS}
-    paired = {f"kernel-{b}": _paired(key, P["kernel"], P[b], R_ho)
+    paired = {f"kernel-{b}": paired_summary(key, P["kernel"], P[b], R_ho)
               for b in ("influence", "linear", "tracin")}
-    paired["kernel_real-datamodels"] = _paired(key, P["kernel_real"], P["datamodels"], R_ho)
-    ceiling = _interval(key, R_rep, R_ho)
+    paired["kernel_real-datamodels"] = paired_summary(key, P["kernel_real"], P["datamodels"], R_ho)
+    ceiling = lds_summary(key, R_rep, R_ho)
 
     from kernattr.groundtruth import estimator_error
 

@@ -25,7 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .rl import Features, _batch, _example_weights, _interval, _optimizers, _paired
+from .._losses import task_weights
+from ._rl_common import lds_summary, paired_summary, sac_batch, sac_optimizers
+from .rl import Features
 
 MT10 = ("reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3",
         "drawer-close-v3", "button-press-topdown-v3", "peg-insert-side-v3", "window-open-v3",
@@ -176,11 +178,11 @@ class MT10Run:
         obs_dim = int(self.data.obs.shape[1])
         self.sac, params = make_sac(jax.random.fold_in(key, 2), obs_dim=obs_dim, task_dim=self.K,
                                     act_dim=4, hidden=cfg.hidden)
-        init, step = make_train_step(self.sac, **_optimizers(cfg.pretrain_lr, cfg.pretrain_steps),
+        init, step = make_train_step(self.sac, **sac_optimizers(cfg.pretrain_lr, cfg.pretrain_steps),
                                      gamma=cfg.gamma, bc_weight=cfg.bc_weight,
                                      q_weight=cfg.q_weight)
-        batch = _batch(self.data)
-        w = _example_weights(jnp.ones((1, self.K)), self.data.task_ids, self.K)[0]
+        batch = sac_batch(self.data)
+        w = task_weights(jnp.ones((1, self.K)), self.data.task_ids, self.K)[0]
 
         @jax.jit
         def train(params, key):
@@ -188,13 +190,13 @@ class MT10Run:
                 s, batch, w, jax.random.fold_in(key, i))[0], init(params)).params
 
         self.params0 = train(params, jax.random.fold_in(key, 3))
-        finit, fstep = make_train_step(self.sac, **_optimizers(cfg.finetune_lr, cfg.finetune_steps),
+        finit, fstep = make_train_step(self.sac, **sac_optimizers(cfg.finetune_lr, cfg.finetune_steps),
                                        gamma=cfg.gamma, bc_weight=cfg.bc_weight,
                                        q_weight=cfg.q_weight, prox=cfg.prox)
 
         @jax.jit
         def finetune(masks, key):
-            wts = _example_weights(masks, self.data.task_ids, self.K)
+            wts = task_weights(masks, self.data.task_ids, self.K)
 
             def one(w):
                 return jax.lax.fori_loop(0, cfg.finetune_steps, lambda i, s: fstep(
@@ -232,7 +234,7 @@ class MT10Run:
                                  dim=self.cfg.proj_dim, kind=kind)
         feats = jax.jit(partial(ka.gradient_features, fn, projector=proj, chunk_size=512),
                         static_argnames=("num_tasks",))
-        b = _batch(self.data)
+        b = sac_batch(self.data)
         tid = jnp.repeat(self.data.task_ids, 4)
         train = feats(sel, pack_examples(b, output="actor_mean"), actor_mean_labels(b),
                       task_ids=tid, num_tasks=self.K)
@@ -317,10 +319,10 @@ def run_mt10(cfg: MT10Config, *, out: Optional[str] = None, progress: bool = Tru
         sel_S.setdefault(n, np.zeros(T))[j] += s[j]
         counts.setdefault(n, np.zeros(T))[j] += 1
     key_b = jax.random.key(cfg.seed + 99)
-    lds = {n: _interval(key_b, p, R_ho) for n, p in preds.items()}
+    lds = {n: lds_summary(key_b, p, R_ho) for n, p in preds.items()}
     results = {
         "lds": lds,
-        "paired": {f"kernel-{b}": _paired(key_b, preds["kernel"], preds[b], R_ho)
+        "paired": {f"kernel-{b}": paired_summary(key_b, preds["kernel"], preds[b], R_ho)
                    for b in ("influence", "linear")},
         "selection": {n: float((v / counts[n]).mean()) for n, v in sel_R.items()},
         "selection_success": {n: float((v / counts[n]).mean()) for n, v in sel_S.items()},
