@@ -186,3 +186,14 @@ def test_cli_parses_reproduce():
                                       "--tasks", "9", "--masks", "50", "--out", "x"])
     assert (args.task, args.p, args.tasks, args.masks, args.out) == ("addition", 11, 9, 50, "x")
     assert build_parser().parse_args(["demo"]).func.__name__ == "_run_demo"
+
+
+def test_sample_grouping_allows_more_groups_than_grid_blocks():
+    """200 random sample groups at p=17 (more than a 17x17 grid could hold as blocks)."""
+    cfg = pl.PipelineConfig(grouping="samples", num_tasks=200, p=17, num_targets=8)
+    data, fam = pl.make_data(cfg)
+    counts = np.bincount(np.asarray(data.task_ids), minlength=200)
+    assert fam is None and counts.shape == (200,) and counts.min() >= 1
+    assert counts.max() - counts.min() <= 1  # groups as equal as the example count allows
+    with pytest.raises(ValueError, match="sample groups but only"):
+        pl.make_data(pl.PipelineConfig(grouping="samples", num_tasks=10_000, p=17))

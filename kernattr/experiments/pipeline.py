@@ -299,7 +299,9 @@ def make_data(cfg: PipelineConfig):
                                num_targets=cfg.num_targets, seed=cfg.seed)
         data = fam.data
     else:
-        data = make_modular_data(task=cfg.task, p=cfg.p, num_tasks=cfg.num_tasks,
+        # sample groups are drawn below, so the grid is then one block (any K fits)
+        data = make_modular_data(task=cfg.task, p=cfg.p,
+                                 num_tasks=1 if cfg.grouping == "samples" else cfg.num_tasks,
                                  num_targets=cfg.num_targets, train_fraction=cfg.train_fraction,
                                  seed=cfg.seed)
     if cfg.grouping == "samples":
