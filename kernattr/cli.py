@@ -286,7 +286,7 @@ def _run_reproduce_modular(args: argparse.Namespace) -> int:
 
     kw = dict(task=args.task, p=args.p, num_tasks=args.tasks, num_train_masks=args.masks,
               num_heldout_masks=args.heldout_masks, num_targets=args.targets, seed=args.seed,
-              regime=args.regime, proj_dim=args.dim, prox=args.prox)
+              regime=args.regime, proj_dim=args.dim, prox=args.prox, finetune_steps=args.steps)
     kw = {k: v for k, v in kw.items() if v is not None}
     if args.family is not None:
         kw.setdefault("num_tasks", 24)
@@ -309,7 +309,9 @@ def _add_reproduce_modular(psub: argparse._SubParsersAction) -> None:
                    help="held-out target pairs (default 48)")
     m.add_argument("--regime", choices=("finetune", "scratch"), default=None)
     m.add_argument("--prox", type=_nonnegative, default=None,
-                   help="proximal strength = estimator ridge")
+                   help="proximal strength = estimator ridge (default 0.03)")
+    m.add_argument("--steps", type=_positive_int, default=None,
+                   help="fine-tuning steps (default 200)")
     m.add_argument("--dim", type=_positive_int, default=None, help="projection dimension d")
     _experiment_flags(m)
     m.set_defaults(func=_run_reproduce_modular, flags={"prox": "--prox", "ridge": "--prox"})
@@ -321,7 +323,12 @@ def _run_reproduce_atlas(args: argparse.Namespace) -> int:
     out = _out_dir(args.out)
     _compilation_cache(args.cache_dir)
     t = time.perf_counter()
-    atlas = run_atlas(centre_config(args.quick, seed=args.seed), out=out, quick=args.quick,
+    centre = {"seed": args.seed}
+    if args.prox is not None:
+        centre["prox"] = args.prox
+    if args.steps is not None:
+        centre["finetune_steps"] = args.steps
+    atlas = run_atlas(centre_config(args.quick, **centre), out=out, quick=args.quick,
                       cache_dir=args.cache_dir, progress=not args.quiet)
     with open(os.path.join(out, "atlas.md"), encoding="utf-8") as f:
         print(f.read())
@@ -333,6 +340,10 @@ def _run_reproduce_atlas(args: argparse.Namespace) -> int:
 def _add_reproduce_atlas(psub: argparse._SubParsersAction) -> None:
     a = psub.add_parser("atlas", help="regime atlas: one-factor-at-a-time sweep around the demo")
     a.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run, ~minutes)")
+    a.add_argument("--prox", type=_nonnegative, default=None,
+                   help="the centre's proximal pull to W0 (default: the demo's, 0.03)")
+    a.add_argument("--steps", type=_positive_int, default=None,
+                   help="the centre's fine-tuning steps (default: the demo's, 200)")
     _experiment_flags(a)
     a.set_defaults(func=_run_reproduce_atlas)
 

@@ -186,6 +186,13 @@ def test_cli_parses_reproduce():
                                       "--tasks", "9", "--masks", "50", "--out", "x"])
     assert (args.task, args.p, args.tasks, args.masks, args.out) == ("addition", 11, 9, 50, "x")
     assert build_parser().parse_args(["demo"]).func.__name__ == "_run_demo"
+    args = build_parser().parse_args(["reproduce", "modular", "--prox", "0.1", "--steps", "150"])
+    assert (args.prox, args.steps) == (0.1, 150)
+    args = build_parser().parse_args(["reproduce", "atlas", "--prox", "1", "--steps", "100"])
+    assert (args.prox, args.steps, args.quick) == (1.0, 100, False)
+    for bad in (["--steps", "0"], ["--prox", "-1"], ["--prox", "nan"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["reproduce", "atlas", *bad])
 
 
 def test_sample_grouping_allows_more_groups_than_grid_blocks():
