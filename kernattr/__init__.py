@@ -79,6 +79,7 @@ from ._sharding import shard_examples as shard_examples
 # --- gradients (_gradients.py)
 from ._features import GradientFeatures as GradientFeatures
 from ._gradients import gradient_features as gradient_features
+from ._gradients import gradient_features_fn as gradient_features_fn
 from ._gradients import linearize as linearize
 from ._gradients import projected_gradients as projected_gradients
 
@@ -130,6 +131,7 @@ __all__ = [
     "fit_linear",
     "fit_multifidelity",
     "gradient_features",
+    "gradient_features_fn",
     "group_masks",
     "influence_scores",
     "interaction_scores",

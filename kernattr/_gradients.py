@@ -316,3 +316,52 @@ def gradient_features(
             "check the model/inputs of those examples or pass throw=False.",
         )
     return GradientFeatures(grads=grads, outputs=outputs, labels=labels, task_ids=task_ids)
+
+
+def gradient_features_fn(
+    apply_fn: Callable,
+    projector: Projector,
+    *,
+    num_tasks: int | None = None,
+    chunk_size: int | None = None,
+    method: Literal["vjp", "jvp"] = "vjp",
+    mesh: Any = None,
+    throw: bool = True,
+) -> Callable[..., GradientFeatures]:
+    """Configure :func:`gradient_features` once; returns a pure function of arrays only.
+
+    The configuration (model, projector, chunking, method) is checked here, eagerly, so the
+    returned ``features(params, inputs, labels, task_ids=None) -> GradientFeatures`` can be
+    passed to ``jax.jit`` directly (no ``functools.partial``) and reused for many parameter
+    values; its array arguments are checked on every call, eagerly and under ``jit``, exactly
+    as in :func:`gradient_features`.
+
+    Args:
+      apply_fn: ``apply_fn(params, x)`` -> scalar or ``[C]`` for ONE example.
+      projector: a :class:`kernattr.Projector` (:func:`kernattr.make_projector`).
+      num_tasks, chunk_size, method, mesh, throw: as in :func:`gradient_features`.
+
+    Returns:
+      ``features(params, inputs [n, ...], labels [n], task_ids [n] | None)`` ->
+      ``GradientFeatures(grads [n, d] | [n, C, d], outputs [n] | [n, C], labels [n], task_ids)``.
+
+    >>> import jax, jax.numpy as jnp, kernattr as ka
+    >>> f = lambda p, x: x @ p["w"]
+    >>> params = {"w": jnp.ones(3)}
+    >>> proj = ka.make_projector(jax.random.key(0), params, kind="identity", dim=None)
+    >>> features = jax.jit(ka.gradient_features_fn(f, proj))
+    >>> features(params, jnp.eye(3), jnp.zeros(3)).grads.shape
+    (3, 3)
+    """
+    if not callable(apply_fn):
+        raise TypeError(f"`apply_fn` must be callable apply_fn(params, x), got {apply_fn!r}.")
+    _check_config(projector, chunk_size, method)
+    if num_tasks is not None:
+        num_tasks = _checks.check_count(num_tasks, "num_tasks")
+
+    def features(params: Any, inputs: Any, labels: Any, task_ids: Any = None) -> GradientFeatures:
+        return gradient_features(apply_fn, params, inputs, labels, projector, task_ids=task_ids,
+                                 num_tasks=num_tasks, chunk_size=chunk_size, method=method,
+                                 mesh=mesh, throw=throw)
+
+    return features

@@ -17,6 +17,7 @@ from ._compare import estimator_error as estimator_error
 from ._finetune import FinetuneLabels as FinetuneLabels
 from ._finetune import evaluate_targets as evaluate_targets
 from ._finetune import finetune_labels as finetune_labels
+from ._finetune import finetune_fn as finetune_fn
 from ._finetune import finetune_on_masks as finetune_on_masks
 
 __all__ = [
@@ -27,5 +28,6 @@ __all__ = [
     "estimator_error",
     "evaluate_targets",
     "finetune_labels",
+    "finetune_fn",
     "finetune_on_masks",
 ]

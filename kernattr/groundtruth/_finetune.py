@@ -446,3 +446,71 @@ def finetune_labels(
     else:
         F0 = jnp.full((F.shape[1],), jnp.nan, F.dtype)
     return FinetuneLabels(labels=F, base=F0, params=stacked if return_params else None)
+
+
+def finetune_fn(
+    apply_fn: Callable,
+    *,
+    loss: str,
+    optimizer: optax.GradientTransformation,
+    num_steps: int,
+    batch_size: Optional[int] = None,
+    prox: float = 0.0,
+    mask_chunk_size: Optional[int] = None,
+    init_fn: Optional[Callable[[jax.Array], PyTree]] = None,
+    shared_init: bool = True,
+    common_random_numbers: bool = True,
+) -> Callable[..., PyTree]:
+    """Configure :func:`finetune_on_masks` once; returns a pure function of arrays only.
+
+    The training configuration (model, loss, optimizer, steps, batching, proximal strength) is
+    checked here, eagerly, so the returned
+    ``train(params0, inputs, labels, task_ids, masks, key=None) -> params [m, ...]`` can be
+    passed to ``jax.jit`` directly and reused for many masks, data sets or starting points; its
+    array arguments are checked on every call, as in :func:`finetune_on_masks`.
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> scalar or [C]`` for ONE unbatched example.
+      loss, optimizer, num_steps, batch_size, prox, mask_chunk_size, init_fn, shared_init,
+        common_random_numbers: as in :func:`finetune_on_masks`.
+
+    Returns:
+      ``train(params0, inputs [n, ...], labels [n], task_ids [n], masks [m, K], key=None)`` ->
+      a pytree like ``params0`` with a leading ``[m]`` mask axis on every leaf.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from kernattr.groundtruth import finetune_fn
+      >>> train = jax.jit(finetune_fn(lambda w, x: x @ w, loss="squared",
+      ...                             optimizer=optax.sgd(0.1), num_steps=10))
+      >>> x = jnp.ones((4, 2)); y = jnp.arange(4.0); t = jnp.array([0, 0, 1, 1])
+      >>> train(jnp.zeros(2), x, y, t, jnp.array([[1.0, 1.0], [1.0, 0.0]])).shape
+      (2, 2)
+    """
+    check_loss_metric(loss)
+    if not callable(apply_fn):
+        raise TypeError(f"`apply_fn` must be callable apply_fn(params, x), got {apply_fn!r}.")
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            f"`optimizer` must be an optax.GradientTransformation (e.g. optax.adam(1e-3)), got {optimizer!r}."
+        )
+    num_steps = check_count(num_steps, "num_steps", minimum=0)
+    if batch_size is not None:
+        batch_size = check_count(batch_size, "batch_size")
+    if mask_chunk_size is not None:
+        mask_chunk_size = check_count(mask_chunk_size, "mask_chunk_size")
+    if init_fn is not None and not callable(init_fn):
+        raise TypeError(f"`init_fn` must be callable init_fn(key) -> params, got {init_fn!r}.")
+    if isinstance(prox, (str, bytes)) or prox is None:
+        raise TypeError(f"`prox` must be a float >= 0, got {prox!r}.")
+    _checks.check_hyperparameter(prox, "prox", allow_zero=True)
+
+    def train(params0: PyTree, inputs: PyTree, labels: Any, task_ids: Any, masks: Any,
+              key: Optional[jax.Array] = None) -> PyTree:
+        return finetune_on_masks(apply_fn, params0, inputs, labels, task_ids, masks, loss=loss,
+                                 optimizer=optimizer, num_steps=num_steps, batch_size=batch_size,
+                                 key=key, prox=prox, mask_chunk_size=mask_chunk_size,
+                                 init_fn=init_fn, shared_init=shared_init,
+                                 common_random_numbers=common_random_numbers)
+
+    return train
