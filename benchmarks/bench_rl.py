@@ -73,17 +73,19 @@ def bench_env(num_envs: int, horizon: int, repeats: int) -> dict:
 def bench_finetune(num_masks: int, steps: int, hidden: int, repeats: int) -> dict:
     import kernattr as ka
     from kernattr.adapters import make_train_step
+    from kernattr._losses import task_weights
     from kernattr.experiments import rl
+    from kernattr.experiments._rl_common import sac_batch, sac_optimizers
 
     cfg = rl.RLConfig(hidden=(hidden, hidden), pretrain_steps=5, finetune_steps=steps)
     prep = rl.prepare(cfg, 0)
     K = prep.tasks.goal.shape[0]
     masks = jnp.asarray(ka.sample_subsets(jax.random.key(1), num_tasks=K, num_subsets=num_masks,
                                           p=0.5))
-    init, step = make_train_step(prep.sac, **rl._optimizers(cfg.finetune_lr, steps),
+    init, step = make_train_step(prep.sac, **sac_optimizers(cfg.finetune_lr, steps),
                                  bc_weight=1.0, q_weight=0.1, prox=1.0)
-    batch = rl._batch(prep.data)
-    W = rl._example_weights(masks, prep.data.task_ids, K)
+    batch = sac_batch(prep.data)
+    W = task_weights(masks, prep.data.task_ids, K)
     key = jax.random.key(2)
 
     def one(w):
