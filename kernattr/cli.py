@@ -323,11 +323,8 @@ def _run_reproduce_atlas(args: argparse.Namespace) -> int:
     out = _out_dir(args.out)
     _compilation_cache(args.cache_dir)
     t = time.perf_counter()
-    centre = {"seed": args.seed}
-    if args.prox is not None:
-        centre["prox"] = args.prox
-    if args.steps is not None:
-        centre["finetune_steps"] = args.steps
+    centre = dict(seed=args.seed, prox=args.prox, finetune_steps=args.steps)
+    centre = {k: v for k, v in centre.items() if v is not None}
     atlas = run_atlas(centre_config(args.quick, **centre), out=out, quick=args.quick,
                       cache_dir=args.cache_dir, progress=not args.quiet)
     with open(os.path.join(out, "atlas.md"), encoding="utf-8") as f:

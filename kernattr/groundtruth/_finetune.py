@@ -135,6 +135,30 @@ def _make_trainer(
     return train
 
 
+def _check_training_config(apply_fn, optimizer, num_steps, batch_size, mask_chunk_size, init_fn,
+                           prox):
+    """The training configuration shared by :func:`finetune_on_masks` and :func:`finetune_fn`
+    (everything but the loss and the arrays); returns the checked ``(num_steps, batch_size,
+    mask_chunk_size)``."""
+    num_steps = check_count(num_steps, "num_steps", minimum=0)
+    if batch_size is not None:
+        batch_size = check_count(batch_size, "batch_size")
+    if mask_chunk_size is not None:
+        mask_chunk_size = check_count(mask_chunk_size, "mask_chunk_size")
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            f"`optimizer` must be an optax.GradientTransformation (e.g. optax.adam(1e-3)), got {optimizer!r}."
+        )
+    if not callable(apply_fn):
+        raise TypeError(f"`apply_fn` must be callable apply_fn(params, x), got {apply_fn!r}.")
+    if init_fn is not None and not callable(init_fn):
+        raise TypeError(f"`init_fn` must be callable init_fn(key) -> params, got {init_fn!r}.")
+    if isinstance(prox, (str, bytes)) or prox is None:
+        raise TypeError(f"`prox` must be a float >= 0, got {prox!r}.")
+    _checks.check_hyperparameter(prox, "prox", allow_zero=True)
+    return num_steps, batch_size, mask_chunk_size
+
+
 def finetune_on_masks(
     apply_fn: Callable,
     params0: PyTree,
@@ -243,24 +267,11 @@ def finetune_on_masks(
     task_ids, _ = _checks.check_task_ids(
         task_ids, num_tasks=num_tasks, num_examples=n, nonempty=True
     )
-    num_steps = check_count(num_steps, "num_steps", minimum=0)
-    if batch_size is not None:
-        batch_size = check_count(batch_size, "batch_size")
-    if mask_chunk_size is not None:
-        mask_chunk_size = check_count(mask_chunk_size, "mask_chunk_size")
-    if not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(
-            f"`optimizer` must be an optax.GradientTransformation (e.g. optax.adam(1e-3)), got {optimizer!r}."
-        )
-    if not callable(apply_fn):
-        raise TypeError(f"`apply_fn` must be callable apply_fn(params, x), got {apply_fn!r}.")
-    if init_fn is not None and not callable(init_fn):
-        raise TypeError(f"`init_fn` must be callable init_fn(key) -> params, got {init_fn!r}.")
+    num_steps, batch_size, mask_chunk_size = _check_training_config(
+        apply_fn, optimizer, num_steps, batch_size, mask_chunk_size, init_fn, prox
+    )
     if init_fn is None and params0 is None:
         raise ValueError("`params0` is None: pass the parameters to fine-tune, or `init_fn`.")
-    if isinstance(prox, (str, bytes)) or prox is None:
-        raise TypeError(f"`prox` must be a float >= 0, got {prox!r}.")
-    _checks.check_hyperparameter(prox, "prox", allow_zero=True)
     if (batch_size is not None or init_fn is not None) and key is None:
         raise ValueError(
             "`key` is required when `batch_size` (minibatch draws) or `init_fn` (random init) is given; "
@@ -488,22 +499,9 @@ def finetune_fn(
       (2, 2)
     """
     check_loss_metric(loss)
-    if not callable(apply_fn):
-        raise TypeError(f"`apply_fn` must be callable apply_fn(params, x), got {apply_fn!r}.")
-    if not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(
-            f"`optimizer` must be an optax.GradientTransformation (e.g. optax.adam(1e-3)), got {optimizer!r}."
-        )
-    num_steps = check_count(num_steps, "num_steps", minimum=0)
-    if batch_size is not None:
-        batch_size = check_count(batch_size, "batch_size")
-    if mask_chunk_size is not None:
-        mask_chunk_size = check_count(mask_chunk_size, "mask_chunk_size")
-    if init_fn is not None and not callable(init_fn):
-        raise TypeError(f"`init_fn` must be callable init_fn(key) -> params, got {init_fn!r}.")
-    if isinstance(prox, (str, bytes)) or prox is None:
-        raise TypeError(f"`prox` must be a float >= 0, got {prox!r}.")
-    _checks.check_hyperparameter(prox, "prox", allow_zero=True)
+    num_steps, batch_size, mask_chunk_size = _check_training_config(
+        apply_fn, optimizer, num_steps, batch_size, mask_chunk_size, init_fn, prox
+    )
 
     def train(params0: PyTree, inputs: PyTree, labels: Any, task_ids: Any, masks: Any,
               key: Optional[jax.Array] = None) -> PyTree:
