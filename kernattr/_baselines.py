@@ -35,6 +35,7 @@ from ._losses import (
     example_loss,
     example_metric,
     loss_grad_curvature,
+    per_task_weights,
 )
 
 __all__ = ["influence_scores", "trak_scores", "tracin_scores"]
@@ -121,7 +122,7 @@ def _check_weighting(weighting: str) -> None:
 def _example_weights(tid, counts, K, weighting, dtype):
     if weighting == "sum":
         return jnp.ones(tid.shape, dtype)
-    return 1.0 / (K * counts[tid])
+    return per_task_weights(jnp.full((1, K), 1.0 / K, dtype), counts, tid)[0]
 
 
 # ----------------------------------------------------------------------------- influence
@@ -179,7 +180,7 @@ def influence_scores(
     """
     G, f0, y, tid, counts, Gt, ft, yt, K = _prepare(train, target, loss, metric, num_tasks)
     damping = _check_damping(damping, G.dtype)
-    w = 1.0 / (K * counts[tid])  # [n]
+    w = _example_weights(tid, counts, K, "task", G.dtype)  # [n]
     hG = _curvature_times(G, f0, y, loss)
     H = jnp.einsum("ncd,nce->de", w[:, None, None] * G, hG)
     g = loss_grads(G, f0, y, loss)  # [n, d]

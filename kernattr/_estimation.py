@@ -62,6 +62,7 @@ from ._losses import (
     example_metric,
     loss_grad_curvature,
     loss_values,
+    per_task_weights,
 )
 
 __all__ = ["SubsetEstimates", "estimate_subset_labels", "estimate_subsets"]
@@ -252,7 +253,7 @@ def _task_statistics(
     """
     n, c, d = grads.shape
     r, state = loss_grad_curvature(outputs, labels, loss)  # [n, C]
-    inv = (1.0 / jnp.maximum(counts, 1)).astype(grads.dtype)[task_ids]  # [n]
+    inv = per_task_weights(jnp.ones((1, num_tasks), grads.dtype), counts, task_ids)[0]  # [n]
     b = jax.ops.segment_sum(
         jnp.einsum("nc,ncd->nd", r * inv[:, None], grads), task_ids, num_segments=num_tasks
     )
@@ -304,11 +305,6 @@ class _Data(NamedTuple):
     loss_zero: jax.Array  # [n] per-example loss at θ = 0
 
 
-def _example_weights(coef, counts, task_ids):
-    """``w [n, mc]`` from task coefficients ``coef [mc, K]`` (= :func:`task_weights`, transposed)."""
-    return (coef / counts.astype(coef.dtype)[None, :])[:, task_ids].T
-
-
 def _solve_chunk(data: _Data, masks, ridge, *, loss, solver, max_iter, tol, diagnostics):
     """Solve every mask of a chunk ``[mc, K]``; returns ``theta [d, mc]`` and diagnostics."""
     dtype = data.grads.dtype
@@ -329,13 +325,13 @@ def _solve_chunk(data: _Data, masks, ridge, *, loss, solver, max_iter, tol, diag
         iters, hvps = jnp.ones((mc,), jnp.int32), jnp.zeros((mc,), jnp.int32)
         if not diagnostics:
             return theta, ok, iters, jnp.zeros((mc,), dtype), hvps
-        weights = _example_weights(coef, data.counts, data.task_ids)
+        weights = per_task_weights(coef, data.counts, data.task_ids).T
         z = outputs_at(data.grads, data.outputs, theta)
         r, _ = loss_grad_curvature(z, data.labels, loss)
         grad = weighted_grad(data.grads, weights, r) + ridge * theta
         return theta, ok, iters, jnp.linalg.norm(grad, axis=0), hvps
     chol, _, singular = fast_system(data.a_pre, data.b0, coef, ridge, empty)
-    weights = _example_weights(coef, data.counts, data.task_ids)
+    weights = per_task_weights(coef, data.counts, data.task_ids).T
     g0 = (coef @ data.b0).T  # [d, mc] gradient at θ = 0
     # Start from the anchor θ̄ when it beats θ = 0 (the same for every mask: no matmul needed).
     sq = jnp.sum(data.theta_bar**2)

@@ -80,17 +80,27 @@ def example_metric(out: jax.Array, label: jax.Array, loss: str, metric: str) -> 
     raise ValueError(f"`metric` must be one of {METRICS}, got {metric!r}.")
 
 
+def per_task_weights(coef: jax.Array, counts: jax.Array, task_ids: jax.Array) -> jax.Array:
+    """Per-example weights ``[m, n]`` from per-task coefficients ``coef [m, K]``.
+
+    ``w[j, i] = coef[j, t_i] / n_{t_i}``: task ``k`` has total weight ``coef[j, k]``, spread evenly
+    over its ``n_k = counts[k]`` examples (an empty task counts as one example, so its weight is 0
+    rather than NaN). The one home of this formula: fine-tuning, the estimator and the baselines
+    all weight examples through it.
+    """
+    counts = jnp.maximum(counts, 1).astype(coef.dtype)
+    return (coef / counts[None, :])[:, task_ids]
+
+
 def task_weights(masks: jax.Array, task_ids: jax.Array, num_tasks: int) -> jax.Array:
     """Per-example weights ``[m, n]`` so each selected task's MEAN loss counts equally.
 
     ``w[j, i] = s_j[t_i] / (n_{t_i} · Σ_k s_j[k])``; an all-zero mask gives all-zero weights
     (no training: the model stays at ``W0``). Rows sum to 1 otherwise.
     """
-    counts = task_counts(task_ids, num_tasks, masks.dtype)
-    per_task = masks / jnp.maximum(counts, 1.0)[None, :]  # [m, K]
     total = jnp.sum(masks, axis=1, keepdims=True)  # [m, 1]
-    per_task = per_task / jnp.maximum(total, 1.0)
-    return per_task[:, task_ids]
+    per_example = per_task_weights(masks, task_counts(task_ids, num_tasks), task_ids)
+    return per_example / jnp.maximum(total, 1.0)
 
 
 def _expand(x: jax.Array, ndim: int) -> jax.Array:
