@@ -43,11 +43,13 @@ from ._uncertainty import select_masks as select_masks
 
 # --- metrics (_metrics.py)
 from ._metrics import BootstrapInterval as BootstrapInterval
+from ._metrics import EstimatorError as EstimatorError
 from ._metrics import LDSInterval as LDSInterval
 from ._metrics import LDSResult as LDSResult
 from ._metrics import PairedLDSInterval as PairedLDSInterval
 from ._metrics import bootstrap_indices as bootstrap_indices
 from ._metrics import bootstrap_interval as bootstrap_interval
+from ._metrics import estimator_error as estimator_error
 from ._metrics import lds as lds
 from ._metrics import lds_interval as lds_interval
 from ._metrics import paired_lds_interval as paired_lds_interval
@@ -109,6 +111,7 @@ __all__ = [
     "select_masks",
     "solve_kernel_cg",
     "BootstrapInterval",
+    "EstimatorError",
     "GradientFeatures",
     "KernelSurrogate",
     "LDSInterval",
@@ -127,6 +130,7 @@ __all__ = [
     "data_mesh",
     "estimate_subset_labels",
     "estimate_subsets",
+    "estimator_error",
     "fit_kernel",
     "fit_linear",
     "fit_multifidelity",

@@ -1,5 +1,8 @@
 """Tests for kernattr.groundtruth: real fine-tuning on many masks, target evaluation, error stats."""
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +10,7 @@ import optax
 import pytest
 import scipy.stats
 
+import kernattr as ka
 import kernattr.groundtruth as gt
 
 K = 3
@@ -271,6 +275,26 @@ def test_estimator_error_against_numpy_and_scipy():
     assert no_f0.no_change_relative_error is None and no_f0.change_captured is None
     exact = gt.estimator_error(F, F, F0=F0)
     assert float(exact.relative_error) == 0.0 and float(exact.spearman) == pytest.approx(1.0)
+
+
+def test_estimator_error_is_the_metric_without_optax_and_agrees_with_relative_error():
+    # One definition: the optax-free metric in kernattr, re-exported by kernattr.groundtruth.
+    assert gt.estimator_error is ka.estimator_error and gt.EstimatorError is ka.EstimatorError
+    code = "import sys, kernattr as ka; ka.estimator_error([[1.0], [2.0]], [[1.0], [2.5]]); print('optax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    # Element-wise statistics are relative_error's ratios with the real zeros left out; the
+    # headline is relative_error of the per-mask means (errors of opposite sign cancel there).
+    F = np.array([[1.0, 2.0], [0.0, 4.0], [2.0, 2.0]])
+    F_hat = np.array([[1.5, 1.5], [0.5, 4.0], [2.0, 3.0]])
+    err = jax.jit(ka.estimator_error)(F_hat, F)
+    rel = np.asarray(ka.relative_error(F_hat, F))
+    assert np.isinf(rel[1, 0])
+    np.testing.assert_allclose(err.elementwise_mean, np.mean(rel[F != 0]), rtol=1e-6)
+    np.testing.assert_allclose(
+        err.relative_error, np.mean(np.asarray(ka.relative_error(F_hat.mean(1), F.mean(1)))), rtol=1e-6
+    )
+    assert float(err.relative_error_per_mask[0]) == 0.0  # +0.5 and -0.5 cancel in the mean
 
 
 def test_estimator_error_bad_input():
