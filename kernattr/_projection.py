@@ -28,6 +28,11 @@ Kinds (all scaled so that ``E[P Pᵀ] = I``, i.e. ``E[<Pᵀu, Pᵀv>] = <u, v>``
 
 A *parameter filter* selects the leaves that are projected (and, in :mod:`kernattr._gradients`,
 differentiated); the other leaves are held fixed and do not count in ``D``.
+
+Names: ``__all__`` is the public API (re-exported by :mod:`kernattr`). :func:`columns`,
+:func:`make_plan`, :func:`apply_flat` and :func:`check_tree` are the package-internal interface
+that :mod:`kernattr._gradients` builds on (so they carry no underscore: no underscored name is
+imported across files); every other helper here is private to this module and underscored.
 """
 
 from __future__ import annotations

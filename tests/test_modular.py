@@ -144,6 +144,7 @@ def test_results_schema(tiny_run):
         assert lo <= hi
     nc = saved["noise_ceiling"]
     assert -1.0 <= nc["lds"] <= 1.0 and nc["lds_ci"][0] <= nc["lds"] <= nc["lds_ci"][1]
+    assert nc["kind"] == ("w0" if saved["config"]["regime"] == "finetune" else "init")
     assert saved["sizes"]["num_real_few"] == 12  # min(num_real_few, num_train_masks)
     for path in saved["plots"].values():
         assert os.path.getsize(path) > 1000

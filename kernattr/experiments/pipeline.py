@@ -674,6 +674,9 @@ def evaluate_stage(cfg: PipelineConfig, masks: MaskSet, gt: GroundTruth, est: Es
         ci = ka.lds_interval(key, jnp.asarray(gt.heldout_repeat), actual,
                              num_resamples=num_resamples)
         noise = {"lds": float(ci.mean), "lds_ci": _interval(ci),
+                 # what differs between the two labelings: "w0" (fine-tuning from a fixed W0 is
+                 # deterministic, so only W0 is redrawn) or "init" (retraining from scratch)
+                 "kind": "w0" if cfg.regime == "finetune" else "init",
                  "what": ("LDS between the held-out labels and the same masks retrained with "
                           + ("another W0 (init seed of pretraining); fine-tuning from a fixed W0 "
                              "is deterministic, so this measures the dependence on W0, not label "

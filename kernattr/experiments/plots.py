@@ -7,6 +7,17 @@ import os
 import numpy as np
 
 
+def save_figure(fig, out: str, name: str, dpi: int = 110) -> str:
+    """Lays out ``fig``, writes it to ``out/name`` as PNG, closes it and returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = os.path.join(out, name)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def write_lds_plot(out, methods: dict, noise_ceiling) -> str:
     """``lds.png``: each method's held-out LDS with its 95% bootstrap interval, and the noise
     ceiling (LDS of a retraining with another seed) as a dashed line."""
@@ -23,18 +34,14 @@ def write_lds_plot(out, methods: dict, noise_ceiling) -> str:
     ax.bar(x, lds, color="tab:blue", alpha=0.75)
     ax.errorbar(x, lds, yerr=[lds - ci[:, 0], ci[:, 1] - lds], fmt="none", ecolor="k", capsize=3)
     if noise_ceiling:
-        other_w0 = "another W0" in noise_ceiling.get("what", "")
+        other_w0 = noise_ceiling.get("kind") == "w0"
         ax.axhline(noise_ceiling["lds"], color="tab:red", ls="--", lw=1,
                    label="retrained from another W0" if other_w0 else "noise ceiling")
         ax.legend(fontsize=7)
     ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("held-out LDS (95% CI)")
-    fig.tight_layout()
-    path = os.path.join(out, "lds.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out, "lds.png", dpi=100)
 
 
 def write_plots(out, *, masks, F_ho, preds, loos, loo_real, interactions, task, grid) -> dict:
@@ -62,10 +69,7 @@ def write_plots(out, *, masks, F_ho, preds, loos, loo_real, interactions, task, 
         ax.set_xlabel("real mean target loss (held-out mask)")
     axes[0][0].set_ylabel("surrogate prediction")
     fig.suptitle(f"{task}: held-out masks")
-    fig.tight_layout()
-    paths["heldout"] = os.path.join(out, "heldout.png")
-    fig.savefig(paths["heldout"], dpi=110)
-    plt.close(fig)
+    paths["heldout"] = save_figure(fig, out, "heldout.png")
 
     K = loo_real.shape[0]
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * K), 3.6))
@@ -78,10 +82,7 @@ def write_plots(out, *, masks, F_ho, preds, loos, loo_real, interactions, task, 
     ax.set_xlabel("task (grid block)")
     ax.set_ylabel("LOO effect F(all) − F(all − k)\n(mean over targets, scaled)")
     ax.legend(fontsize=7, ncol=len(keys))
-    fig.tight_layout()
-    paths["task_scores"] = os.path.join(out, "task_scores.png")
-    fig.savefig(paths["task_scores"], dpi=110)
-    plt.close(fig)
+    paths["task_scores"] = save_figure(fig, out, "task_scores.png")
 
     mat = interactions.mean(axis=-1)
     fig, ax = plt.subplots(figsize=(4.8, 4.2))
@@ -91,8 +92,5 @@ def write_plots(out, *, masks, F_ho, preds, loos, loo_real, interactions, task, 
     ax.set_title(f"kernel surrogate interactions ({grid[0]}x{grid[1]} blocks)")
     ax.set_xlabel("task")
     ax.set_ylabel("task")
-    fig.tight_layout()
-    paths["interactions"] = os.path.join(out, "interactions.png")
-    fig.savefig(paths["interactions"], dpi=110)
-    plt.close(fig)
+    paths["interactions"] = save_figure(fig, out, "interactions.png")
     return paths

@@ -35,6 +35,7 @@ import numpy as np
 
 from .._losses import task_weights
 from ._rl_common import lds_summary, paired_summary, sac_batch, sac_optimizers
+from .plots import save_figure
 
 METHODS = ("kernel", "kernel_real", "linear", "datamodels", "influence", "tracin")
 SELECTORS = ("kernel", "kernel_real", "linear", "datamodels", "influence", "tracin")
@@ -537,11 +538,7 @@ def write_rl_plots(out: str, interactions: np.ndarray, names, targets, per: dict
         ax.set_title(f"target {names[targets[j]]}", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle("pairwise interactions (kernel surrogate, estimated labels)")
-    fig.tight_layout()
-    path = os.path.join(out, "interactions.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    files.append(path)
+    files.append(save_figure(fig, out, "interactions.png"))
 
     order = sorted(per, key=lambda n: per[n].mean())
     fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -551,11 +548,7 @@ def write_rl_plots(out: str, interactions: np.ndarray, names, targets, per: dict
         ax.plot(per[n].ravel(), np.full(per[n].size, i), "k.", ms=3)
     ax.set_yticks(range(len(order)), order)
     ax.set_xlabel("target return (mean reward per step; dots: each target x seed)")
-    fig.tight_layout()
-    path = os.path.join(out, "selection.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    files.append(path)
+    files.append(save_figure(fig, out, "selection.png"))
     return files
 
 

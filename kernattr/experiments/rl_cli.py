@@ -44,11 +44,15 @@ def _run_rl(args) -> int:
         kw["num_heldout_masks"] = args.heldout_masks
     if args.kernel is not None:
         kw["kernel"] = args.kernel
-    cfg = RLConfig(**kw)
+    return _run_and_report(run_rl, format_table, RLConfig(**kw), args)
+
+
+def _run_and_report(run, format_fn, cfg, args) -> int:
+    """Runs ``run(cfg, out=...)``, prints its table and where ``results.json`` went."""
     out = args.out or os.path.abspath(time.strftime("kernattr-out-%Y%m%d-%H%M%S"))
     t = time.perf_counter()
-    res = run_rl(cfg, out=out, progress=not args.quiet, plots=not args.no_plots)
-    print(format_table(res))
+    res = run(cfg, out=out, progress=not args.quiet, plots=not args.no_plots)
+    print(format_fn(res))
     print(f"wrote {os.path.join(out, 'results.json')} in {time.perf_counter() - t:.1f}s")
     return 0
 
@@ -82,12 +86,7 @@ def _run_mt10(args) -> int:
     from .rl_mt10 import MT10Config, format_mt10, run_mt10
 
     cfg = MT10Config.quick(seed=args.seed) if args.quick else MT10Config(seed=args.seed)
-    out = args.out or os.path.abspath(time.strftime("kernattr-out-%Y%m%d-%H%M%S"))
-    t = time.perf_counter()
-    res = run_mt10(cfg, out=out, progress=not args.quiet, plots=not args.no_plots)
-    print(format_mt10(res))
-    print(f"wrote {os.path.join(out, 'results.json')} in {time.perf_counter() - t:.1f}s")
-    return 0
+    return _run_and_report(run_mt10, format_mt10, cfg, args)
 
 
 def add_mt10(psub: argparse._SubParsersAction) -> None:
