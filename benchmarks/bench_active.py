@@ -6,9 +6,10 @@ noisy evaluation of the game. Random arm: Bernoulli(1/2) masks. Active arm: the 
 (integrated-variance criterion over a 2,048-mask Bernoulli(1/2) pool, fantasised updates) from
 the current surrogate, refitted (``ka.fit_kernel``, default linear+rbf kernel and grids) after
 each round. Both arms are scored by held-out LDS against noisy retrains of 1,000 Bernoulli(1/2)
-masks, averaged over seeds. Printed: the LDS curves, random's LDS at ``--budget`` retrains, the
-number of retrains at which the active curve first reaches it (linear interpolation), and the
-ratio (target <= 0.7, i.e. <= 280 at 400); the noise ceiling; a plot if ``--plot`` is given.
+masks, averaged over seeds. Printed: the LDS curves, the active - random LDS difference per size with a 95% t-interval over
+seeds, per seed the retrains at which active reaches that seed's random LDS at ``--budget``,
+random's mean LDS at ``--budget`` retrains, the number of retrains at which the mean active curve
+first reaches it (linear interpolation), and the ratio (target <= 0.7, i.e. <= 280 at 400); the noise ceiling; a plot if ``--plot`` is given.
 
     nice -n 10 python benchmarks/bench_active.py --plot /work/notes/active.png
     python benchmarks/bench_active.py --smoke
@@ -23,6 +24,23 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def t_quantile(n: int) -> float:
+    """0.975 quantile of Student's t with ``n - 1`` degrees of freedom (n seeds; table, 1.96 beyond)."""
+    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+    return table.get(n - 1, 2.228 if n - 1 < 20 else 1.96)
+
+
+def reach_of(sizes, curve, target):
+    """Retrains at which ``curve`` first reaches ``target`` (linear interpolation), or None."""
+    for i, n in enumerate(sizes):
+        if curve[i] >= target:
+            if i == 0:
+                return float(n)
+            frac = (target - curve[i - 1]) / max(curve[i] - curve[i - 1], 1e-12)
+            return sizes[i - 1] + frac * (n - sizes[i - 1])
+    return None
 
 
 def main(argv=None) -> int:
@@ -76,16 +94,16 @@ def main(argv=None) -> int:
     print("retrains:", sizes)
     print("random LDS (mean over seeds):", np.round(r, 4).tolist())
     print("active LDS (mean over seeds):", np.round(ac, 4).tolist())
+    diff = act - rand
+    half = t_quantile(a.seeds) * diff.std(0, ddof=1) / np.sqrt(a.seeds) if a.seeds > 1 else np.full(len(sizes), np.nan)
+    print("active - random LDS per size, mean [95% t-interval over seeds]:",
+          [f"{d:+.4f} [{d - h:+.4f}, {d + h:+.4f}]" if np.isfinite(h) else f"{d:+.4f} (1 seed)"
+           for d, h in zip(diff.mean(0), half)])
+    reach_seed = [reach_of(sizes, act[s_], rand[s_, -1]) for s_ in range(a.seeds)]
+    print(f"per seed: retrains for active to reach that seed's random LDS at {a.budget}: "
+          f"{[None if v is None else round(v) for v in reach_seed]}")
     target = r[-1]
-    reach = None
-    for i, n in enumerate(sizes):
-        if ac[i] >= target:
-            if i == 0:
-                reach = float(n)
-            else:
-                frac = (target - ac[i - 1]) / max(ac[i] - ac[i - 1], 1e-12)
-                reach = sizes[i - 1] + frac * (n - sizes[i - 1])
-            break
+    reach = reach_of(sizes, ac, target)
     print(f"noise ceiling (mean): {np.mean(ceil):.4f}")
     if reach is None:
         print(f"RATIO active never reached random's LDS at {a.budget} ({target:.4f}) within {a.budget} retrains (target <= 0.7)")
