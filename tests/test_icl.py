@@ -199,3 +199,54 @@ def test_run_icl_tiny(tmp_path, trained, cache_dir):
     assert (tmp_path / "results.json").exists() and (tmp_path / "selection.png").exists()
     assert len(res["icl_curve"]) == TINY.max_demos + 1
     print(icl.format_table(res))
+
+
+def test_interactions_exact_up_to_two_shots_and_jit(trained, problem):
+    """The interaction expansion reproduces every 0/1/2-shot prompt exactly (real forward)."""
+    allq = P * P + jnp.arange(P)
+    inter = jax.jit(lambda c: est.prompt_interactions(trained.apply_fn, trained.params, c, allq,
+                                                      chunk_size=8))(problem.candidates)
+    assert inter.pair.shape == (8, 8, P, P)
+    np.testing.assert_allclose(inter.pair, jnp.swapaxes(inter.pair, 0, 1))
+    np.testing.assert_array_equal(inter.pair[jnp.arange(8), jnp.arange(8)], 0.0)
+    pairs = jnp.asarray(list(itertools.combinations(range(8), 2)))
+    masks2 = jnp.zeros((len(pairs), 8)).at[jnp.arange(len(pairs))[:, None], pairs].set(1.0)
+    args = (trained.apply_fn, trained.params, problem.candidates, problem.queries,
+            problem.answers)
+    real2 = im.query_losses(*args, masks2, size=2)
+    qx, ans = jnp.asarray(problem.query_x), jnp.asarray(problem.answers)
+    fn = jax.jit(functools.partial(est.interaction_query_losses, size=2))
+    np.testing.assert_allclose(fn(inter, masks2, qx, ans), real2, atol=1e-4)
+    real1 = im.query_losses(*args, jnp.eye(8), size=1)
+    np.testing.assert_allclose(est.interaction_query_losses(inter, jnp.eye(8), qx, ans, size=1),
+                               real1, atol=1e-4)
+    # 4-shot: gather path == dense path, and it differs from the real label (not exact there)
+    masks4 = ka.sample_subsets(jax.random.key(4), num_tasks=8, num_subsets=12, size=4)
+    gathered = est.interaction_query_losses(inter, masks4, qx, ans, size=4)
+    dense = est.interaction_query_losses(inter, masks4, qx, ans)
+    np.testing.assert_allclose(gathered, dense, rtol=1e-4, atol=1e-4)
+    assert float(jnp.max(jnp.abs(gathered - im.query_losses(*args, masks4, size=4)))) > 1e-3
+
+
+def test_interactions_truncate_the_moebius_expansion():
+    """On a known set function: pairs exact, the triple interaction is what is dropped."""
+    v = jnp.array([1.0, 2.0, 3.0, 5.0])
+
+    def f(params, tokens, weights, q):  # f(S) = Σ v_i + Σ_{i<j} v_i v_j + 7·[3 items]
+        s = tokens[:-q] * weights[:-q]
+        n = jnp.sum(weights[:-q])
+        out = jnp.sum(s) + 0.5 * (jnp.sum(s) ** 2 - jnp.sum(s ** 2)) + 7.0 * (n >= 3)
+        return jnp.full((q, 1), out)
+
+    inter = est.prompt_interactions(f, None, v, jnp.zeros(1))
+    np.testing.assert_allclose(inter.main[:, 0, 0], v)
+    np.testing.assert_allclose(inter.pair[0, 3, 0, 0], 5.0)
+    got = est.interaction_logits(inter, jnp.array([[0, 1, 3], [1, 2, 3]]))[:, 0, 0]
+    np.testing.assert_allclose(got, [8.0 + 17.0, 10.0 + 31.0])  # the 7 of the triple is missing
+    with pytest.raises(ValueError, match="subsets"):
+        est.interaction_logits(inter, jnp.ones((2, 3)))
+    with pytest.raises(ValueError, match="candidates"):
+        est.prompt_interactions(f, None, jnp.ones((2, 2)), jnp.zeros(1))
+    with pytest.raises(ValueError, match="masks"):
+        est.subset_indices(jnp.ones((2, 3)), 4)
+    assert est.subset_indices(jnp.array([[0.0, 1.0, 1.0]]), 2).tolist() == [[1, 2]]

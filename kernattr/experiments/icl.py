@@ -9,8 +9,9 @@ Stages (each a function returning plain data; :func:`run_icl` chains them):
    ``K = 50`` candidates and ``T`` queries (:func:`make_icl_problem`); fixed-size masks of 4
    candidates (training and held-out, the same index sets for every rule); real labels = the
    per-query loss of each 4-shot prompt (one forward pass each, vmapped); estimated labels =
-   the Taylor expansion of the query logits in the soft inclusion weights
-   (:mod:`kernattr.experiments.icl_estimator`); surrogates: kernel and linear on estimated
+   the second-order interaction expansion of the query logits from every 0-, 1- and 2-shot
+   prompt (or, ``estimator="taylor"``, their Taylor expansion in the soft inclusion weights;
+   :mod:`kernattr.experiments.icl_estimator`); surrogates: kernel and linear on estimated
    labels, kernel and linear (datamodels) on real labels; influence-style gradient-alignment
    scores; leave-one-out effects; selection of 4 demonstrations by each method, scored by a real
    forward pass; real pairwise second differences of the demonstrations.
@@ -51,10 +52,16 @@ class ICLExperimentConfig:
     (T), ``subset_size`` (4), ``num_rules`` target rules, candidate mix ``num_frequent``,
     ``num_correct``, ``num_noisy`` (the rest other-rule, from ``num_other_rules`` rules),
     ``frequent_fraction`` of queries at ``x*``. Masks: ``num_train_masks``,
-    ``num_heldout_masks``. Estimator: ``anchor_mass`` (total weight of the uniform anchor),
-    ``taylor_order``, ``taylor_diagonal``. ``num_real_few``: real labels given to the
+    ``num_heldout_masks``. Estimator: ``estimator`` — ``"interactions"`` (default: exact
+    second-order interaction expansion of the logits from every 0-, 1- and 2-shot prompt,
+    :func:`~kernattr.experiments.icl_estimator.prompt_interactions`) or ``"taylor"`` (the
+    gradient Taylor expansion at a uniform soft prompt of total weight ``anchor_mass``, with
+    ``taylor_order``, ``taylor_diagonal``); ``anchor_mass`` is also the soft context of the
+    influence scores. ``num_real_few``: real labels given to the
     ``kernel_real_few`` and ``multifidelity`` methods (the first training masks; the latter also
-    gets the estimated labels of all of them). Influence: ``proj_dim``. Oracle: ``num_oracle``
+    gets the estimated labels of all of them, and its residual kernel takes the ``kernel``
+    surrogate's ``(gamma, mix)``; with the full default grid ``ka.fit_multifidelity`` did not
+    return on the interaction labels). Influence: ``proj_dim``. Oracle: ``num_oracle``
     random subsets scored by real forward passes. ``num_resamples`` bootstrap replicates.
     """
 
@@ -71,6 +78,7 @@ class ICLExperimentConfig:
     num_train_masks: int = 500
     num_heldout_masks: int = 200
     num_real_few: int = 100
+    estimator: str = "interactions"
     anchor_mass: float = 8.0
     taylor_order: int = 2
     taylor_diagonal: bool = False
@@ -200,20 +208,27 @@ class _Compiled:
                                                                   size=2, chunk_size=256))
         anchor = jnp.full((cfg.num_candidates,), cfg.anchor_mass / cfg.num_candidates)
         allq = p * p + jnp.arange(p)
-
-        def taylor(c):
-            return est.prompt_taylor(est.soft_prompt_logits(apply_fn, params, c, allq), anchor,
-                                     order=cfg.taylor_order)
-
-        self.taylor = jax.jit(taylor)
-        self.estimate = jax.jit(lambda tay, m, qx, a: est.estimate_query_losses(
-            tay, m, qx, a, num_classes=p, order=cfg.taylor_order,
-            diagonal=cfg.taylor_diagonal))
+        if cfg.estimator == "interactions":
+            self.expand = jax.jit(lambda c: est.prompt_interactions(apply_fn, params, c, allq))
+            self.estimate = jax.jit(lambda e, m, qx, a: est.interaction_query_losses(
+                e, m, qx, a, size=k))
+        elif cfg.estimator == "taylor":
+            self.expand = jax.jit(lambda c: est.prompt_taylor(
+                est.soft_prompt_logits(apply_fn, params, c, allq), anchor,
+                order=cfg.taylor_order))
+            self.estimate = jax.jit(lambda tay, m, qx, a: est.estimate_query_losses(
+                tay, m, qx, a, num_classes=p, order=cfg.taylor_order,
+                diagonal=cfg.taylor_diagonal))
+        else:
+            raise ValueError(f"`estimator` must be 'interactions' or 'taylor', got "
+                             f"{cfg.estimator!r}.")
         self.influence = jax.jit(lambda key, c, dx, dy, q, a: est.gradient_alignment_scores(
             key, apply_fn, params, c, dx, dy, q, a, anchor, p=p, dim=cfg.proj_dim))
         self.fit_kernel = jax.jit(lambda m, y: ka.fit_kernel(m, y))
         self.fit_linear = jax.jit(lambda m, y: ka.fit_linear(m, y, ridge=1e-3))
-        self.fit_mf = jax.jit(lambda cm, cy, rm, ry: ka.fit_multifidelity(cm, cy, rm, ry))
+        # the residual kernel takes the cheap surrogate's (gamma, mix); ridge and rho by LOO
+        self.fit_mf = jax.jit(lambda cm, cy, rm, ry, g, w: ka.fit_multifidelity(
+            cm, cy, rm, ry, gamma=g, mix=w))
         self.search = jax.jit(kernel_subset_search)
 
 
@@ -259,10 +274,10 @@ def attribution_for_rule(cfg: ICLExperimentConfig, fns: _Compiled, masks: dict,
     n_real = len(F_tr) + len(F_ho)
 
     t = time.perf_counter()
-    tay = fns.taylor(c)
+    expansion = fns.expand(c)
     qx = jnp.asarray(prob.query_x)
-    Fh_tr = np.asarray(fns.estimate(tay, jnp.asarray(masks["train"]), qx, a))
-    Fh_ho = np.asarray(fns.estimate(tay, jnp.asarray(masks["heldout"]), qx, a))
+    Fh_tr = np.asarray(fns.estimate(expansion, jnp.asarray(masks["train"]), qx, a))
+    Fh_ho = np.asarray(fns.estimate(expansion, jnp.asarray(masks["heldout"]), qx, a))
     times["estimated_labels"] = time.perf_counter() - t
 
     sur = {
@@ -275,7 +290,7 @@ def attribution_for_rule(cfg: ICLExperimentConfig, fns: _Compiled, masks: dict,
     tr_few, F_few = jnp.asarray(masks["train"][:few]), jnp.asarray(F_tr[:few])
     sur["kernel_real_few"] = fns.fit_kernel(tr_few, F_few)
     sur["multifidelity"] = fns.fit_mf(jnp.asarray(masks["train"]), jnp.asarray(Fh_tr), tr_few,
-                                      F_few)
+                                      F_few, sur["kernel"].gamma[0], sur["kernel"].mix[0])
     preds = {n: np.asarray(ka.predict(s, jnp.asarray(masks["heldout"]))) for n, s in sur.items()}
     infl = np.asarray(fns.influence(jax.random.fold_in(key, 1), c, jnp.asarray(prob.demo_x),
                                     jnp.asarray(prob.demo_y), q, a))  # [K, T]
