@@ -10,7 +10,7 @@ labels (default estimator): the exact logits of every 0-, 1- and 2-shot prompt
 Hessian counted in full) is timed alongside for comparison. Compile time is reported apart.
 
     python benchmarks/bench_icl.py            # 10,000 subsets, the experiment's model
-    python benchmarks/bench_icl.py --smoke    # tiny model, 1,000 subsets (seconds)
+    python benchmarks/bench_icl.py --smoke    # tiny model, 1,000 subsets (seconds; no Taylor)
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def main(argv=None):
     print(f"  extrapolated to all C({K},{k}) = {n_all} subsets vs T-query forward: {amort:.1f}x")
     print(f"  accuracy on these subsets (interactions): Spearman (per query, mean) {sp:.3f}, "
           f"mean relative error {rel:.3f}")
-    if not args.no_taylor:
+    if not (args.no_taylor or args.smoke):
         def taylor(anchor):
             fn = est.soft_prompt_logits(apply_fn, params, c, allq)
             return est.prompt_taylor(fn, anchor, order=cfg.taylor_order)
