@@ -51,7 +51,8 @@ def add_icl(psub: argparse._SubParsersAction) -> None:
         description="Train (or load from the cache) a small NNX transformer that learns affine "
                     "rules mod p in context; for each target rule attribute 50 candidate "
                     "demonstrations over 4-shot prompts (real labels = forward passes, estimated "
-                    "labels = Taylor expansion in the demonstrations' inclusion weights), fit "
+                    "labels = second-order interaction expansion from every 0/1/2-shot prompt), "
+                    "fit "
                     "kernel/linear surrogates, compare with gradient alignment, select 4 "
                     "demonstrations by each method; print the table and write results.json "
                     "and plots.")
