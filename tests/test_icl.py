@@ -250,3 +250,17 @@ def test_interactions_truncate_the_moebius_expansion():
     with pytest.raises(ValueError, match="masks"):
         est.subset_indices(jnp.ones((2, 3)), 4)
     assert est.subset_indices(jnp.array([[0.0, 1.0, 1.0]]), 2).tolist() == [[1, 2]]
+
+
+def test_experiment_estimator_choice(trained):
+    cfg = icl.tiny_config()
+    with pytest.raises(ValueError, match="estimator"):
+        icl._Compiled(trained, cfg.__class__(**{**cfg.__dict__, "estimator": "exact"}))
+    for name in ("interactions", "taylor"):
+        fns = icl._Compiled(trained, cfg.__class__(**{**cfg.__dict__, "model": TINY,
+                                                      "num_candidates": 6, "subset_size": 2,
+                                                      "estimator": name}))
+        c = jnp.arange(6, dtype=jnp.int32)
+        masks = jnp.asarray(np.eye(6, dtype=np.float32)[:4] + np.eye(6, dtype=np.float32)[1:5])
+        out = fns.estimate(fns.expand(c), masks, jnp.array([0, 1]), jnp.array([2, 3]))
+        assert out.shape == (4, 2) and bool(jnp.all(jnp.isfinite(out)))
