@@ -510,41 +510,6 @@ def estimate_stage(cfg: PipelineConfig, feats: Features, masks: MaskSet) -> Esti
 # ----------------------------------------------------------------------------------- methods
 
 
-class _Sum(NamedTuple):
-    """Two surrogates added (stand-in until ``kernattr.fit_multifidelity`` is available)."""
-
-    parts: tuple
-
-
-def _fit_multifidelity(cheap_masks, cheap_y, real_masks, real_y, per_target):
-    """``ka.fit_multifidelity`` or, without it, a kernel on the cheap labels plus a kernel on
-    the residual of the real ones."""
-    import kernattr as ka
-
-    if hasattr(ka, "fit_multifidelity"):
-        return ka.fit_multifidelity(cheap_masks, cheap_y, real_masks, real_y,
-                                    per_target=per_target)
-    cheap = ka.fit_kernel(cheap_masks, cheap_y, per_target=per_target)
-    resid = real_y - ka.predict(cheap, real_masks)
-    return _Sum((cheap, ka.fit_kernel(real_masks, resid, per_target=per_target)))
-
-
-def _predict(s, masks):
-    import kernattr as ka
-
-    if isinstance(s, _Sum):
-        return sum(ka.predict(p, masks) for p in s.parts)
-    return ka.predict(s, masks)
-
-
-def _loo(s):
-    import kernattr as ka
-
-    if isinstance(s, _Sum):
-        return sum(ka.loo_scores(p) for p in s.parts)
-    return ka.loo_scores(s)
-
-
 def methods_stage(cfg: PipelineConfig, masks: MaskSet, gt: GroundTruth, est: Estimates,
                   feats: Features) -> MethodOutputs:
     """Stage 6: every method's held-out predictions and task scores (see
@@ -562,8 +527,8 @@ def methods_stage(cfg: PipelineConfig, masks: MaskSet, gt: GroundTruth, est: Est
     def record(name, fit, label_cost):
         ts = time.perf_counter()
         s = fit()
-        pred = np.asarray(_predict(s, ho))
-        loo = np.asarray(_loo(s))
+        pred = np.asarray(ka.predict(s, ho))
+        loo = np.asarray(ka.loo_scores(s))
         fit_s = time.perf_counter() - ts
         out.preds[name], out.loos[name] = pred, loo
         out.fit_seconds[name], out.label_seconds[name] = fit_s, label_cost
@@ -578,8 +543,9 @@ def methods_stage(cfg: PipelineConfig, masks: MaskSet, gt: GroundTruth, est: Est
     record("datamodels", lambda: lin(tr, jnp.asarray(gt.train)), per_gt * n_tr)
     record("kernel_real_few", lambda: kern(tr[:few], jnp.asarray(gt.train[:few])), per_gt * few)
     record("multifidelity",
-           lambda: _fit_multifidelity(tr, jnp.asarray(est.train), tr[:few],
-                                      jnp.asarray(gt.train[:few]), cfg.kernel_per_target),
+           lambda: ka.fit_multifidelity(tr, jnp.asarray(est.train), tr[:few],
+                                        jnp.asarray(gt.train[:few]),
+                                        per_target=cfg.kernel_per_target),
            per_est * n_tr + per_gt * few)
 
     damping = est.ridge if cfg.damping is None else cfg.damping
