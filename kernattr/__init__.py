@@ -22,12 +22,14 @@ from ._surrogates import fit_linear as fit_linear
 from ._surrogates import predict as predict
 from ._multifidelity import fit_multifidelity as fit_multifidelity
 
-# --- large-m surrogates (_nystrom.py, _cg.py)
+# --- large-m surrogates (_nystrom.py, _cg.py, _quadratic.py)
 from ._nystrom import NystromSurrogate as NystromSurrogate
 from ._nystrom import fit_nystrom as fit_nystrom
 from ._cg import CGResult as CGResult
 from ._cg import fit_kernel_cg as fit_kernel_cg
 from ._cg import solve_kernel_cg as solve_kernel_cg
+from ._quadratic import QuadraticSurrogate as QuadraticSurrogate
+from ._quadratic import fit_quadratic as fit_quadratic
 
 # --- attribution (_attribution.py)
 from ._attribution import banzhaf_values as banzhaf_values
@@ -104,9 +106,11 @@ __all__ = [
     "AttributionIntervals",
     "CGResult",
     "NystromSurrogate",
+    "QuadraticSurrogate",
     "attribution_intervals",
     "fit_kernel_cg",
     "fit_nystrom",
+    "fit_quadratic",
     "posterior_variance",
     "select_masks",
     "solve_kernel_cg",

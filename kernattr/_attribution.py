@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._nystrom import NystromSurrogate
+from ._quadratic import QuadraticSurrogate
 from ._surrogates import (
     KernelSurrogate,
     LinearSurrogate,
@@ -51,8 +52,8 @@ def _check_surrogate(s) -> None:
     if not isinstance(s, (LinearSurrogate, KernelSurrogate, MultiFidelitySurrogate)):
         raise TypeError(
             "`surrogate` must be a LinearSurrogate (fit_linear), KernelSurrogate (fit_kernel), "
-            "NystromSurrogate (fit_nystrom) or MultiFidelitySurrogate (fit_multifidelity), got "
-            f"{type(s).__name__}."
+            "NystromSurrogate (fit_nystrom), QuadraticSurrogate (fit_quadratic) or "
+            f"MultiFidelitySurrogate (fit_multifidelity), got {type(s).__name__}."
         )
 
 
@@ -60,12 +61,19 @@ def _num_tasks(s) -> int:
     return s.coef.shape[0] if isinstance(s, LinearSurrogate) else s.masks.shape[1]
 
 
-def _dispatch(surrogate, kernel_fn, linear_fn):
+def _dispatch(surrogate, kernel_fn, linear_fn, pair_weight=None):
     """``linear_fn(coef)`` for a linear surrogate; for a kernel surrogate the sum over its exact
     split (:func:`split_linear_part`) into a linear part and a single-kernel part. A Nyström
-    surrogate is read through its landmark-form kernel surrogate (exact for it)."""
+    surrogate is read through its landmark-form kernel surrogate (exact for it). A pairwise
+    surrogate ``sᵀa + Σ_{j<k} B_jk s_j s_k`` gives ``linear_fn(a + pair_weight·Σ_j B_kj)`` (each
+    score credits task ``k`` with that share of its pair terms), or ``B`` for interactions
+    (``pair_weight=None``)."""
     if isinstance(surrogate, NystromSurrogate):
         surrogate = surrogate.surrogate
+    if isinstance(surrogate, QuadraticSurrogate):
+        if pair_weight is None:
+            return surrogate.pairwise
+        return linear_fn(surrogate.linear + pair_weight * jnp.sum(surrogate.pairwise, axis=1))
     _check_surrogate(surrogate)
     if isinstance(surrogate, LinearSurrogate):
         return linear_fn(surrogate.coef)
@@ -104,7 +112,7 @@ def loo_scores(
     >>> loo_scores(LinearSurrogate(jnp.array([[1.0], [-2.0]]), jnp.array([0.0]))).tolist()
     [[1.0], [-2.0]]
     """
-    return _dispatch(surrogate, _loo_kernel, lambda coef: coef)
+    return _dispatch(surrogate, _loo_kernel, lambda coef: coef, pair_weight=1.0)
 
 
 def _loo_kernel(s: KernelSurrogate) -> jax.Array:
@@ -171,7 +179,7 @@ def shapley_values(
     >>> shapley_values(s).shape
     (5, 1)
     """
-    return _dispatch(surrogate, _shapley_kernel, lambda coef: coef)
+    return _dispatch(surrogate, _shapley_kernel, lambda coef: coef, pair_weight=0.5)
 
 
 def _shapley_kernel(s: KernelSurrogate) -> jax.Array:
@@ -215,7 +223,7 @@ def banzhaf_values(
     >>> banzhaf_values(fit_kernel(masks, masks[:, 0], gamma=0.2, ridge=0.1)).shape
     (5, 1)
     """
-    return _dispatch(surrogate, _banzhaf_kernel, lambda coef: coef)
+    return _dispatch(surrogate, _banzhaf_kernel, lambda coef: coef, pair_weight=0.5)
 
 
 def _banzhaf_kernel(s: KernelSurrogate) -> jax.Array:

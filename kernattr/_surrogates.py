@@ -897,7 +897,8 @@ def predict(
     """Surrogate predictions at new masks.
 
     Args:
-      surrogate: a :class:`LinearSurrogate`, :class:`KernelSurrogate` or
+      surrogate: a :class:`LinearSurrogate`, :class:`KernelSurrogate`,
+        :class:`~kernattr.NystromSurrogate`, :class:`~kernattr.QuadraticSurrogate` or
         :class:`MultiFidelitySurrogate`.
       masks: ``[m', K]`` 0/1 masks (``K`` must match the surrogate).
 
@@ -910,9 +911,14 @@ def predict(
     [[3.5], [2.5]]
     """
     from ._nystrom import NystromSurrogate  # noqa: PLC0415 (it builds on this module)
+    from ._quadratic import QuadraticSurrogate, quadratic_predict  # noqa: PLC0415 (same)
 
     if isinstance(surrogate, NystromSurrogate):
         surrogate = surrogate.surrogate
+    if isinstance(surrogate, QuadraticSurrogate):
+        masks = _checks.check_masks(masks, num_tasks=surrogate.linear.shape[0])
+        masks = masks.astype(jnp.result_type(masks.dtype, surrogate.linear.dtype))
+        return quadratic_predict(surrogate, masks)
     if isinstance(surrogate, LinearSurrogate):
         masks = _checks.check_masks(masks, num_tasks=surrogate.coef.shape[0])
         masks = masks.astype(jnp.result_type(masks.dtype, surrogate.coef.dtype))
@@ -927,6 +933,6 @@ def predict(
         return surrogate.rho[None, :] * kernel_predict(surrogate.cheap, masks) + kernel_predict(
             surrogate.residual, masks)
     raise TypeError(
-        "`surrogate` must be a LinearSurrogate, KernelSurrogate, NystromSurrogate or "
-        f"MultiFidelitySurrogate, got {type(surrogate).__name__}."
+        "`surrogate` must be a LinearSurrogate, KernelSurrogate, NystromSurrogate, "
+        f"QuadraticSurrogate or MultiFidelitySurrogate, got {type(surrogate).__name__}."
     )

@@ -1,0 +1,193 @@
+"""Pairwise (degree <= 2 Walsh) surrogate: oracles are a numpy ridge regression on the explicit
+features with brute-force leave-one-out refits, the exact RBF kernel fit at K = 2 (where degree
+<= 2 is the whole Walsh basis), enumeration of all 2^K masks for the attributions, and the
+single-device fit for the sharded one (8 fake CPU devices)."""
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernattr as ka
+
+_fit = jax.jit(ka.fit_quadratic, static_argnames=("block_size", "throw"))
+
+
+def _data(m=40, k=5, t=2, seed=0):
+    rng = np.random.default_rng(seed)
+    masks = (rng.random((m, k)) < 0.5).astype(np.float64)
+    w = rng.normal(size=(k, t))
+    y = masks @ w + 2.0 * masks[:, :1] * masks[:, 1:2] + 0.1 * rng.normal(size=(m, t))
+    if k >= 4:
+        y = y - masks[:, 2:3] * masks[:, 3:4]
+    return jnp.asarray(masks), jnp.asarray(y)
+
+
+def _features(masks, ratio):
+    """numpy Walsh features scaled by the prior standard deviations."""
+    masks = np.asarray(masks, np.float64)
+    k = masks.shape[1]
+    c = 2.0 * masks - 1.0
+    iu, ju = np.triu_indices(k, 1)
+    x = np.concatenate([c, c[:, iu] * c[:, ju]], axis=1)
+    p = len(iu)
+    v = np.concatenate([np.ones(k), ratio * np.ones(p)]) / (k + ratio * p)
+    return x * np.sqrt(v)
+
+
+def _ridge(x, y, lam):
+    """Ridge with an unpenalised intercept: (b, w)."""
+    xm, ym = x.mean(0), y.mean(0)
+    xc = x - xm
+    w = np.linalg.solve(xc.T @ xc + lam * np.eye(x.shape[1]), xc.T @ (y - ym))
+    return ym - xm @ w, w
+
+
+def test_matches_numpy_ridge_and_brute_force_loo(x64):
+    masks, y = _data()
+    ratios, ridges = jnp.array([0.0, 0.05, 0.5]), jnp.array([1e-2, 0.3])
+    s = _fit(masks, y, ratio=ratios, ridge=ridges, block_size=7)  # several blocks, a padded one
+    m = masks.shape[0]
+    yn = np.asarray(y)
+    # leave-one-out MSE / variance at every grid point, by m refits each
+    for qi, q in enumerate(np.asarray(ratios)):
+        x = _features(masks, q)
+        for ri, lam in enumerate(np.asarray(ridges)):
+            err = np.zeros(yn.shape[1])
+            for i in range(m):
+                keep = np.arange(m) != i
+                b, w = _ridge(x[keep], yn[keep], lam)
+                err += (yn[i] - b - x[i] @ w) ** 2
+            want = err / m / yn.var(0)
+            np.testing.assert_allclose(s.cv_error[qi, ri], want, rtol=1e-7)
+    # the chosen point's fit, evaluated on fresh masks through ka.predict
+    q, lam = float(s.ratio[0]), float(s.ridge[0])
+    assert q in np.asarray(ratios).tolist() and lam in np.asarray(ridges).tolist()
+    best = np.unravel_index(np.argmin(np.asarray(s.cv_error).mean(-1)), s.cv_error.shape[:2])
+    assert (ratios[best[0]], ridges[best[1]]) == (q, lam)
+    b, w = _ridge(_features(masks, q), yn, lam)
+    new = np.asarray(list(itertools.product([0.0, 1.0], repeat=5)))
+    np.testing.assert_allclose(ka.predict(s, new), b + _features(new, q) @ w, rtol=1e-8, atol=1e-9)
+
+
+def test_equals_exact_rbf_kernel_fit_when_degree_two_is_everything(x64):
+    """At K = 2 the Walsh functions of degree <= 2 are all of them: the truncated kernel is the
+    RBF kernel without its constant (absorbed by the intercept), rescaled to unit diagonal."""
+    masks, y = _data(m=30, k=2, t=3, seed=4)
+    gamma, lam = 0.7, 0.2
+    a = (1.0 + math.exp(-gamma)) / 2.0
+    quad = ka.fit_quadratic(masks, y, ratio=math.tanh(gamma / 2.0), ridge=lam)
+    kern = ka.fit_kernel(masks, y, kernel="rbf", gamma=gamma, ridge=lam * (1.0 - a * a))
+    grid = jnp.asarray(list(itertools.product([0.0, 1.0], repeat=2)))
+    np.testing.assert_allclose(ka.predict(quad, grid), ka.predict(kern, grid), rtol=1e-9, atol=1e-10)
+    for fn in (ka.loo_scores, ka.shapley_values, ka.banzhaf_values, ka.interaction_scores):
+        np.testing.assert_allclose(fn(quad), fn(kern), rtol=1e-8, atol=1e-9)
+
+
+def _enumerate(s, k):
+    """Attributions of the surrogate game by enumerating all 2^K masks (numpy)."""
+    grid = np.asarray(list(itertools.product([0, 1], repeat=k)), np.float64)
+    val = {tuple(r.astype(int)): v for r, v in zip(grid, np.asarray(ka.predict(s, grid)))}
+    full = (1,) * k
+
+    def drop(*ks):
+        return tuple(0 if i in ks else 1 for i in range(k))
+
+    loo = np.stack([val[full] - val[drop(j)] for j in range(k)])
+    shap, banz = np.zeros_like(loo), np.zeros_like(loo)
+    for j in range(k):
+        for r in grid:
+            if r[j]:
+                continue
+            n = int(r.sum())
+            without = tuple(r.astype(int))
+            with_j = tuple(int(v) if i != j else 1 for i, v in enumerate(without))
+            gain = val[with_j] - val[without]
+            shap[j] += math.factorial(n) * math.factorial(k - n - 1) / math.factorial(k) * gain
+            banz[j] += gain / 2 ** (k - 1)
+    inter = np.zeros((k, k) + loo.shape[1:])
+    for i in range(k):
+        for j in range(k):
+            if i != j:
+                inter[i, j] = val[full] - val[drop(i)] - val[drop(j)] + val[drop(i, j)]
+    return loo, shap, banz, inter
+
+
+def test_attributions_equal_enumeration_and_run_under_jit(x64):
+    masks, y = _data(m=60, k=5, t=2, seed=2)
+    s = ka.fit_quadratic(masks, y, ratio=0.3, ridge=0.05)
+    loo, shap, banz, inter = _enumerate(s, 5)
+    for fn, want in ((ka.loo_scores, loo), (ka.shapley_values, shap), (ka.banzhaf_values, banz),
+                     (ka.interaction_scores, inter)):
+        np.testing.assert_allclose(fn(s), want, rtol=1e-9, atol=1e-10)
+        np.testing.assert_allclose(jax.jit(fn)(s), want, rtol=1e-9, atol=1e-10)
+    # efficiency: Shapley values sum to g(1) - g(0)
+    ends = ka.predict(s, jnp.stack([jnp.ones(5), jnp.zeros(5)]))
+    np.testing.assert_allclose(shap.sum(0), ends[0] - ends[1], rtol=1e-9)
+    # the designed interaction is found: task 0 x 1 synergy, 2 x 3 antagonism
+    assert float(s.pairwise[0, 1, 0]) > 1.0 and float(s.pairwise[2, 3, 0]) < -0.5
+
+
+def test_jit_equals_eager_and_recovers_a_pairwise_game():
+    game = ka.synthetic_game(jax.random.key(3), num_tasks=10, num_targets=2, kind="interaction", noise=0.0)
+    tr = ka.sample_subsets(jax.random.key(4), num_tasks=10, num_subsets=400, p=0.5)
+    te = ka.sample_subsets(jax.random.key(5), num_tasks=10, num_subsets=200, p=0.5)
+    y_tr, y_te = game.evaluate(tr, jax.random.key(6)), game.evaluate(te, jax.random.key(7))
+    eager = ka.fit_quadratic(tr, y_tr)
+    jitted = jax.jit(ka.fit_quadratic)(tr, y_tr)
+    for a, b in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(jitted)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    quad = float(ka.lds(ka.predict(eager, te), y_te).mean)
+    lin = float(ka.lds(ka.predict(ka.fit_linear(tr, y_tr), te), y_te).mean)
+    assert float(eager.ratio[0]) > 0 and quad > lin + 0.05, (quad, lin)
+
+
+def test_sharded_equals_single_device(x64):
+    masks, y = _data(m=64, k=6, t=2, seed=7)
+    kw = dict(ratio=jnp.array([0.0, 0.1, 1.0]), ridge=jnp.array([1e-2, 1.0]), block_size=3)
+    ref = _fit(masks, y, **kw)
+    ms, ys = ka.shard_examples((masks, y), ka.data_mesh())
+    got = _fit(ms, ys, **kw)
+    assert ms.sharding.spec[0] == "data" and len(ms.addressable_shards) == 8
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-9)
+
+
+def test_bad_input():
+    masks, y = _data(m=20, k=5, t=1)
+    masks, y = masks.astype(jnp.float32), y.astype(jnp.float32)
+    with pytest.raises(ValueError, match="ratio"):
+        ka.fit_quadratic(masks, y, ratio=-0.1)
+    with pytest.raises(ValueError, match="ridge"):
+        ka.fit_quadratic(masks, y, ridge=jnp.array([0.1, jnp.inf]))
+    with pytest.raises(ValueError, match="0 and 1"):
+        ka.fit_quadratic(masks.at[0, 0].set(0.5), y)
+    with pytest.raises(ValueError, match="rows"):
+        ka.fit_quadratic(masks, y[:-1])
+    with pytest.raises(ValueError, match="non-finite"):
+        ka.fit_quadratic(masks, y.at[3, 0].set(jnp.nan))
+    with pytest.raises(ValueError, match="at most 200 tasks"):
+        ka.fit_quadratic(jnp.zeros((4, 201)), jnp.zeros(4))
+    # 20 masks, 15 features, ratio 0 leaves the pair block without prior: ridge 0 is singular
+    with pytest.raises(ValueError, match="ridge` too small"):
+        ka.fit_quadratic(masks, y, ratio=0.0, ridge=0.0)
+    s = ka.fit_quadratic(masks, y, ratio=0.0, ridge=0.0, throw=False)
+    assert np.isinf(s.cv_error).all() and np.isnan(s.linear).all()
+    with pytest.raises(TypeError, match="QuadraticSurrogate"):
+        ka.shapley_values(object())
+    s = ka.fit_quadratic(masks, y, ridge=1.0)
+    with pytest.raises(ValueError, match="5"):
+        ka.predict(s, jnp.ones((2, 4)))
+    # traced bad values are errors under jit too, never numbers
+    f = jax.jit(lambda x, yy, q, r: ka.fit_quadratic(x, yy, ratio=q, ridge=r))
+    with pytest.raises(Exception, match="ratio"):
+        jax.block_until_ready(f(masks, y, -0.5, 0.1))
+    with pytest.raises(Exception, match="ridge"):
+        jax.block_until_ready(f(masks, y, 0.5, jnp.nan))
+    with pytest.raises(Exception, match="non-finite"):
+        jax.block_until_ready(f(masks, y.at[0, 0].set(jnp.nan), 0.5, 0.1))
+    with pytest.raises(Exception, match="ratio"):
+        jax.block_until_ready(jax.vmap(lambda q: f(masks, y, q, 0.1).linear)(jnp.array([0.1, -1.0])))
