@@ -129,7 +129,7 @@ def test_results_schema(tiny_run):
         assert np.isfinite(saved["estimator"][key])
     assert set(saved["methods"]) == {"kernel", "linear", "kernel_real", "datamodels",
                                      "influence", "trak", "tracin", "kernel_real_few",
-                                     "multifidelity"}
+                                     "multifidelity", "quadratic_real"}
     for m in saved["methods"].values():
         assert {"lds", "lds_ci", "loo_pearson", "loo_spearman", "seconds"} <= set(m)
         assert -1.0 <= m["lds"] <= 1.0 and m["seconds"] > 0
@@ -160,6 +160,10 @@ def test_results_consistent_with_saved_predictions(tiny_run):
     # the noise ceiling is the LDS of the repeat retraining against the labels
     nc = float(ka.lds(jnp.asarray(z["actual_heldout_repeat"]), jnp.asarray(actual)).mean)
     np.testing.assert_allclose(nc, res["noise_ceiling"]["lds"], atol=1e-6)
+    # quadratic_real is ka.fit_quadratic on every training mask's real labels
+    quad = ka.fit_quadratic(jnp.asarray(z["train_masks"]), jnp.asarray(z["actual_train"]))
+    np.testing.assert_allclose(np.asarray(ka.predict(quad, jnp.asarray(z["heldout_masks"]))),
+                               z["pred_quadratic_real"], rtol=1e-4, atol=1e-5)
     # kernel_real_few is a kernel on the first num_real_few real labels only
     few = ka.fit_kernel(jnp.asarray(z["train_masks"][:12]), jnp.asarray(z["actual_train"][:12]),
                         per_target=True)

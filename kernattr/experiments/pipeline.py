@@ -19,7 +19,8 @@ A run is a sequence of named stages, each a function returning a NamedTuple:
 5. :func:`estimate_stage`: the task-weighted GLM per mask (``ridge = prox`` unless set),
    float64.
 6. :func:`methods_stage`: ``kernel`` / ``linear`` surrogates on estimated labels,
-   ``kernel_real`` / ``datamodels`` on real labels, ``kernel_real_few`` on the first
+   ``kernel_real`` / ``datamodels`` / ``quadratic_real`` (:func:`kernattr.fit_quadratic`, every
+   pairwise interaction and no higher order) on real labels, ``kernel_real_few`` on the first
    ``num_real_few`` real labels, ``multifidelity`` (those real labels plus every estimated
    label, :func:`kernattr.fit_multifidelity`), ``influence``, ``trak``, ``tracin``.
 7. :func:`evaluate_stage`: LDS with 95% bootstrap intervals over held-out masks, paired
@@ -45,7 +46,8 @@ import numpy as np
 CACHE_VERSION = "modular-gt-v2"
 # Paired comparisons reported in results.json: (a, b) means LDS(a) - LDS(b).
 PAIRED = (("kernel_real", "datamodels"), ("kernel", "influence"), ("kernel", "linear"),
-          ("multifidelity", "kernel_real_few"), ("multifidelity", "kernel"))
+          ("multifidelity", "kernel_real_few"), ("multifidelity", "kernel"),
+          ("quadratic_real", "kernel_real"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -541,6 +543,7 @@ def methods_stage(cfg: PipelineConfig, masks: MaskSet, gt: GroundTruth, est: Est
     record("linear", lambda: lin(tr, jnp.asarray(est.train)), per_est * n_tr)
     record("kernel_real", lambda: kern(tr, jnp.asarray(gt.train)), per_gt * n_tr)
     record("datamodels", lambda: lin(tr, jnp.asarray(gt.train)), per_gt * n_tr)
+    record("quadratic_real", lambda: ka.fit_quadratic(tr, jnp.asarray(gt.train)), per_gt * n_tr)
     record("kernel_real_few", lambda: kern(tr[:few], jnp.asarray(gt.train[:few])), per_gt * few)
     record("multifidelity",
            lambda: ka.fit_multifidelity(tr, jnp.asarray(est.train), tr[:few],
