@@ -171,10 +171,15 @@ def _print_report(rep: dict, source: str, split: str) -> None:
         print(f"  note: {' and '.join(k['at_grid_edge'])} chosen at the edge of the grid; "
               "consider widening it (--gamma / --ridge)")
     print(f"{'surrogate':<10} {'held-out LDS':>13} {'normalized error':>17}")
-    for name in ("linear", "kernel"):
-        r = rep[name]
-        print(f"{name:<10} {r['lds']:>13.4f} {r['normalized_error']:>17.4f}")
+    for name in ("linear", "kernel", "quadratic"):
+        r = rep.get(name)
+        if r is not None:
+            print(f"{name:<10} {r['lds']:>13.4f} {r['normalized_error']:>17.4f}")
     print(f"LDS ratio kernel/linear: {rep['lds_ratio_kernel_over_linear']:.3f}")
+    if rep.get("quadratic") is not None:
+        q = rep["quadratic"]
+        print(f"  (quadratic: every pairwise interaction, no higher order; ratio={q['ratio']:.3g} "
+              f"ridge={q['ridge']:.3g} by LOO-CV)")
     for name, rows in rep["top_tasks"].items():
         label = {"loo": "leave-one-out", "shapley": "Shapley"}[name]
         print(f"top tasks by {label} score (kernel surrogate, mean over targets):")

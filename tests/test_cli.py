@@ -49,14 +49,15 @@ def test_fit_json_matches_library(tmp_path, capsys):
     def oracle(tr, ytr, te, yte):
         lin = ka.fit_linear(tr, ytr)
         ker = ka.fit_kernel(tr, ytr, gamma=np.array([0.1, 0.4]), ridge=np.array([0.01, 1.0]))
+        quad = ka.fit_quadratic(tr, ytr)
         figs = {}
-        for name, sur in (("linear", lin), ("kernel", ker)):
+        for name, sur in (("linear", lin), ("kernel", ker), ("quadratic", quad)):
             pred = ka.predict(sur, te)
             figs[name] = (ka.lds(pred, yte), ka.normalized_error(pred, yte))
         return ker, figs, ka.loo_scores(ker), ka.shapley_values(ker)
 
     ker, figs, loo_kt, shap_kt = oracle(*data)
-    for name in ("linear", "kernel"):
+    for name in ("linear", "kernel", "quadratic"):
         res, ne = figs[name]
         np.testing.assert_allclose(rep[name]["lds"], float(res.mean), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(rep[name]["lds_per_target"], res.per_target, atol=1e-4)

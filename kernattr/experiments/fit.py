@@ -20,6 +20,7 @@ import numpy as np
 from .._attribution import loo_scores, shapley_values
 from .._loaders import SubsetData
 from .._metrics import lds, normalized_error
+from .._quadratic import MAX_TASKS, fit_quadratic
 from .._surrogates import fit_kernel, fit_linear, predict
 
 __all__ = ["Split", "fit_report", "json_safe", "split_heldout"]
@@ -103,8 +104,10 @@ def _compiled(kernel, per_target, gamma, ridge, linear_ridge, mix=None, select="
     def fit(masks, y):
         # Grids as numpy constants in the masks' dtype (concrete at trace time).
         kw = {k: np.asarray(v, masks.dtype) for k, v in grids.items()}
+        quad = fit_quadratic(masks, y) if masks.shape[1] <= MAX_TASKS else None
         return (fit_linear(masks, y, ridge=linear_ridge),
-                fit_kernel(masks, y, kernel=kernel, per_target=per_target, select=select, **kw))
+                fit_kernel(masks, y, kernel=kernel, per_target=per_target, select=select, **kw),
+                quad)
 
     def evaluate(sur, masks, y):
         pred = predict(sur, masks)
@@ -121,9 +124,10 @@ def fit_report(data: SubsetData, *, kernel: str = "linear+rbf", gamma=None, ridg
                per_target: bool = False, top: int = 5, lower_is_better: bool = False) -> dict:
     """All figures of ``kernattr fit`` for a :class:`kernattr.SubsetData` with a test part.
 
-    Fits :func:`kernattr.fit_linear` and :func:`kernattr.fit_kernel` (jit-compiled here, as a
-    driver) on the training rows and evaluates on the test rows. Task scores are averaged over
-    targets before ranking.
+    Fits :func:`kernattr.fit_linear`, :func:`kernattr.fit_kernel` and, for ``K <= 200`` tasks,
+    :func:`kernattr.fit_quadratic` (every pairwise interaction, no higher order; its default grid)
+    (jit-compiled here, as a driver) on the training rows and evaluates on the test rows. Task
+    scores come from the kernel surrogate, averaged over targets before ranking.
 
     Args:
       data: ``train_masks [m, K]``, ``train_labels [m, T]``, ``test_masks [m', K]``,
@@ -139,9 +143,10 @@ def fit_report(data: SubsetData, *, kernel: str = "linear+rbf", gamma=None, ridg
       lower_is_better: the scores are losses: rank tasks by most negative effect.
 
     Returns:
-      A JSON-ready dict: ``data``, ``linear`` and ``kernel`` (``lds``, ``lds_per_target``,
-      ``normalized_error``, ...), ``lds_ratio_kernel_over_linear``, ``task_scores`` and
-      ``top_tasks`` (``loo``, ``shapley``).
+      A JSON-ready dict: ``data``, ``linear``, ``kernel`` and ``quadratic`` (``lds``,
+      ``lds_per_target``, ``normalized_error``, ...; ``quadratic`` is ``None`` above 200 tasks),
+      ``lds_ratio_kernel_over_linear``, ``task_scores`` and ``top_tasks`` (``loo``,
+      ``shapley``).
 
     >>> import jax, kernattr as ka
     >>> m = ka.sample_subsets(jax.random.key(0), num_tasks=4, num_subsets=40, p=0.5)
@@ -163,7 +168,7 @@ def fit_report(data: SubsetData, *, kernel: str = "linear+rbf", gamma=None, ridg
         None if mix is None else tuple(float(w) for w in np.ravel(mix)),
         select,
     )
-    lin, ker = fit(tr_m, tr_y)
+    lin, ker, quad = fit(tr_m, tr_y)
 
     out: dict = {
         "data": {
@@ -174,7 +179,10 @@ def fit_report(data: SubsetData, *, kernel: str = "linear+rbf", gamma=None, ridg
             "dtype": str(tr_m.dtype),
         }
     }
-    for name, sur in (("linear", lin), ("kernel", ker)):
+    out["quadratic"] = None
+    for name, sur in (("linear", lin), ("kernel", ker), ("quadratic", quad)):
+        if sur is None:
+            continue
         res, nerr = evaluate(sur, te_m, te_y)
         out[name] = {
             "lds": float(res.mean),
@@ -193,6 +201,11 @@ def fit_report(data: SubsetData, *, kernel: str = "linear+rbf", gamma=None, ridg
         mix_grid=np.asarray(ker.mix_grid, float).tolist(),
         cv_error=float(jnp.min(jnp.mean(ker.cv_error, axis=-1))),
     )
+    if quad is not None:
+        out["quadratic"].update(
+            ratio=float(quad.ratio[0]), ridge=float(quad.ridge[0]),
+            ratio_grid=np.asarray(quad.ratio_grid, float).tolist(),
+            ridge_grid=np.asarray(quad.ridge_grid, float).tolist())
     edges = []
     for name, grid, chosen in (("gamma", ker.gamma_grid, ker.gamma),
                                ("ridge", ker.ridge_grid, ker.ridge)):
