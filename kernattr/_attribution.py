@@ -22,6 +22,10 @@ are linear in the game, so it suffices to treat one kernel term ``v_i(s) = k(s, 
   of ``s_i`` gets ``(f(n_i) - f(0)) / n_i`` Shapley value; the Banzhaf value is
   ``E_B[f(B+1) - f(B)]``, ``B ~ Binomial(n_i - 1, 1/2)``.
 
+Pairwise surrogates ``g(s) = c + sᵀa + Σ_{j<k} B_jk s_j s_k`` (:func:`kernattr.fit_quadratic`):
+leave-one-out ``a_k + Σ_j B_kj``, Shapley and Banzhaf ``a_k + ½ Σ_j B_kj`` (each pair's term is
+shared equally), interactions ``B``.
+
 Multi-fidelity surrogates ``rho·g_cheap + g_residual`` (:func:`kernattr.fit_multifidelity`):
 every score is linear in the game, so it is ``rho`` times the cheap surrogate's plus the
 residual surrogate's.
@@ -101,7 +105,8 @@ def loo_scores(
     Positive: including task ``k`` (with all others present) raises the target value.
 
     Args:
-      surrogate: a :class:`LinearSurrogate`, :class:`KernelSurrogate` or
+      surrogate: a :class:`LinearSurrogate`, :class:`KernelSurrogate` (or
+        :class:`~kernattr.NystromSurrogate`), :class:`~kernattr.QuadraticSurrogate` or
         :class:`MultiFidelitySurrogate`.
 
     Returns:
@@ -166,7 +171,8 @@ def shapley_values(
     closed forms (module docstring), ``O(m K T + K² T)`` time.
 
     Args:
-      surrogate: a :class:`LinearSurrogate`, :class:`KernelSurrogate` or
+      surrogate: a :class:`LinearSurrogate`, :class:`KernelSurrogate` (or
+        :class:`~kernattr.NystromSurrogate`), :class:`~kernattr.QuadraticSurrogate` or
         :class:`MultiFidelitySurrogate`.
 
     Returns:
@@ -211,7 +217,8 @@ def banzhaf_values(
     Polynomial / linear kernels: exact binomial expectation (module docstring).
 
     Args:
-      surrogate: a :class:`LinearSurrogate`, :class:`KernelSurrogate` or
+      surrogate: a :class:`LinearSurrogate`, :class:`KernelSurrogate` (or
+        :class:`~kernattr.NystromSurrogate`), :class:`~kernattr.QuadraticSurrogate` or
         :class:`MultiFidelitySurrogate`.
 
     Returns:
@@ -267,7 +274,8 @@ def interaction_scores(
     products per target; polynomial / linear kernels: evaluated at the ``K²`` pair masks.
 
     Args:
-      surrogate: a :class:`LinearSurrogate`, :class:`KernelSurrogate` or
+      surrogate: a :class:`LinearSurrogate`, :class:`KernelSurrogate` (or
+        :class:`~kernattr.NystromSurrogate`), :class:`~kernattr.QuadraticSurrogate` or
         :class:`MultiFidelitySurrogate`.
 
     Returns:
