@@ -79,6 +79,15 @@ class QuadraticSurrogate(NamedTuple):
       ridge_grid: ``[R]`` ridges searched.
       cv_error: ``[Q, R, T]`` exact leave-one-out MSE divided by each target's label variance
         (``inf`` where the regularised system is singular).
+      feature_mean: ``[d]`` mean Walsh features ``x̄`` of the training masks (``χ_k`` then
+        ``χ_j χ_k``, ``j < k``).
+      feature_cov: ``[d, d]`` posterior covariance of the Walsh coefficients divided by
+        ``noise_var``: ``D^{1/2} (Φ_cᵀ Φ_c + ridge·I)⁻¹ D^{1/2}`` (``D`` the prior variances,
+        ``Φ_c`` the centred scaled features), used by :func:`kernattr.posterior_variance` and
+        :func:`kernattr.attribution_intervals`.
+      noise_var: ``[T]`` noise variance ``σ_n²`` calibrated on the leave-one-out residuals at the
+        chosen grid point (``mean_i r_i² (1 - H_ii)``); the prior variance is ``σ_n² / ridge``.
+      num_train: scalar, the number of training masks ``m``.
     """
 
     linear: jax.Array
@@ -89,6 +98,10 @@ class QuadraticSurrogate(NamedTuple):
     ratio_grid: jax.Array
     ridge_grid: jax.Array
     cv_error: jax.Array
+    feature_mean: jax.Array
+    feature_cov: jax.Array
+    noise_var: jax.Array
+    num_train: jax.Array
 
 
 def default_ratio_grid() -> np.ndarray:
@@ -232,14 +245,16 @@ def fit_quadratic(
             h = (psi * psi) @ inv_.T + 1.0 / mf  # [B, R]
             pred = jnp.einsum("bd,Rd,dt->Rbt", psi, inv_, z_)
             e = (by - ym[None, :])[None, :, :] - pred
-            r = e / jnp.maximum(1.0 - h, eps).T[:, :, None]
-            return jnp.sum(v[None, :, None] * r * r, axis=1)  # [R, T]
+            one_minus_h = jnp.maximum(1.0 - h, eps).T[:, :, None]
+            r = e / one_minus_h
+            wt = v[None, :, None]
+            return jnp.sum(wt * r * r, axis=1), jnp.sum(wt * e * e / one_minus_h, axis=1)
 
-        sq = accumulate_rows(loo, (xmean, sc, vv, z, inv, y_mean), (masks, y),
-                             block_size=block_size, where=where)
-        return sq, valid
+        sq, noise = accumulate_rows(loo, (xmean, sc, vv, z, inv, y_mean), (masks, y),
+                                    block_size=block_size, where=where)
+        return sq, noise, valid
 
-    sq, valids = jax.lax.map(per_ratio, (ratio_grid, ratio_ok))  # [Q, R, T], [Q, R]
+    sq, noise, valids = jax.lax.map(per_ratio, (ratio_grid, ratio_ok))  # [Q, R, T] x2, [Q, R]
     scale = yc2 / mf
     scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
     cv = sq / mf / scale[None, None, :]
@@ -261,11 +276,13 @@ def fit_quadratic(
     sv, vv = jnp.linalg.eigh(sc[:, None] * gram * sc[None, :])
     sv = jnp.maximum(sv, 0.0)
     inv = jnp.where(sv + lam > 0, 1.0 / jnp.where(sv + lam > 0, sv + lam, 1.0), 0.0)
-    u = sc[:, None] * (vv @ (inv[:, None] * (vv.T @ (sc[:, None] * sy))))  # [d, T] Walsh coefs
+    cov = (sc[:, None] * vv) @ (inv[:, None] * (vv.T * sc[None, :]))  # [d, d]
+    u = cov @ sy  # [d, T] Walsh coefficients
     b = y_mean - xmean @ u
     ok = hyper_ok & valids[qi, ri]
     u = jnp.where(ok, u, jnp.nan)
     b = jnp.where(ok, b, jnp.nan)
+    cov = jnp.where(ok, cov, jnp.nan)
     # χ basis -> mask basis: χ_j χ_k = 4 s_j s_k - 2 s_j - 2 s_k + 1, χ_k = 2 s_k - 1.
     u1, u2 = u[:k], u[k:]
     pair = jnp.zeros((k, k, t), dtype).at[iu, ju].set(4.0 * u2).at[ju, iu].set(4.0 * u2)
@@ -280,7 +297,28 @@ def fit_quadratic(
         ratio_grid=ratio_grid,
         ridge_grid=ridge_grid,
         cv_error=cv,
+        feature_mean=xmean,
+        feature_cov=cov,
+        noise_var=noise[qi, ri] / mf,
+        num_train=mf,
     )
+
+
+def walsh_features(masks: jax.Array) -> jax.Array:
+    """``[m, d]`` Walsh features of validated masks (``χ_k``, then ``χ_j χ_k`` for ``j < k``)."""
+    iu, ju = _pair_index(masks.shape[1])
+    return _walsh_features(masks, iu, ju)
+
+
+def attribution_functionals(num_tasks: int, kind: str, dtype) -> jax.Array:
+    """``[K, d]``: leave-one-out (``kind="loo"``) or Shapley (``"shapley"``) of each Walsh
+    feature. ``χ_j(1) - χ_j(1 - e_k) = 2δ_jk`` and the same for a pair containing ``k``; the
+    Shapley value of ``χ_j`` for ``k`` is ``2δ_jk`` and that of a pair ``χ_i χ_j`` is 0 (its
+    marginal ``±2(2 s_j - 1)`` averages to 0 over orderings)."""
+    iu, ju = _pair_index(num_tasks)
+    eye = jnp.eye(num_tasks, dtype=dtype)
+    pair = eye[:, iu] + eye[:, ju] if kind == "loo" else jnp.zeros((num_tasks, iu.shape[0]), dtype)
+    return 2.0 * jnp.concatenate([eye, pair], axis=1)
 
 
 def quadratic_predict(s: QuadraticSurrogate, masks: jax.Array) -> jax.Array:

@@ -39,6 +39,7 @@ import numpy as np
 from . import _checks
 from ._attribution import loo_scores, shapley_values
 from ._nystrom import NystromSurrogate
+from ._quadratic import QuadraticSurrogate, attribution_functionals, walsh_features
 from ._surrogates import KernelSurrogate, surrogate_gram
 
 __all__ = ["AttributionIntervals", "attribution_intervals", "posterior_variance", "select_masks"]
@@ -190,8 +191,10 @@ def posterior_variance(surrogate: Any, masks: jax.Array, *, include_noise: bool 
     cost one ``m x m`` eigendecomposition; Nyström surrogates ``O(m' L²)``.
 
     Args:
-      surrogate: :class:`~kernattr.KernelSurrogate` (one ``(gamma, ridge)`` for all targets) or
-        :class:`~kernattr.NystromSurrogate`.
+      surrogate: :class:`~kernattr.KernelSurrogate` (one ``(gamma, ridge)`` for all targets),
+        :class:`~kernattr.NystromSurrogate` or :class:`~kernattr.QuadraticSurrogate` (the
+        Bayesian linear model on its Walsh features: ``σ_n² ((x - x̄)ᵀ C (x - x̄) + 1/m)`` with
+        ``C`` its ``feature_cov``).
       masks: ``[m', K]`` 0/1 query masks.
       include_noise: add ``σ_n²``.
 
@@ -204,6 +207,14 @@ def posterior_variance(surrogate: Any, masks: jax.Array, *, include_noise: bool 
     >>> posterior_variance(s, ka.leave_one_out_masks(6)).shape
     (6, 1)
     """
+    if isinstance(surrogate, QuadraticSurrogate):
+        q = surrogate
+        masks = _checks.check_masks(masks, num_tasks=q.linear.shape[0])
+        x = walsh_features(masks.astype(jnp.result_type(masks.dtype, q.linear.dtype)))
+        xc = x - q.feature_mean[None, :]
+        unit = jnp.einsum("md,de,me->m", xc, q.feature_cov, xc) + 1.0 / q.num_train  # [m']
+        var = unit[:, None] * q.noise_var[None, :]
+        return var + q.noise_var[None, :] if include_noise else var
     post = _posterior(surrogate)
     x = _query(masks, post)
     var = _variance(post, x)[:, None] * post.prior_var[None, :]
@@ -236,8 +247,9 @@ def attribution_intervals(surrogate: Any, *, kind: str = "shapley", level: float
     prior term has no closed form here for the polynomial kernel).
 
     Args:
-      surrogate: :class:`~kernattr.KernelSurrogate` (one ``(gamma, ridge)`` for all targets) or
-        :class:`~kernattr.NystromSurrogate`.
+      surrogate: :class:`~kernattr.KernelSurrogate` (one ``(gamma, ridge)`` for all targets),
+        :class:`~kernattr.NystromSurrogate` or :class:`~kernattr.QuadraticSurrogate` (exact
+        functionals of its Walsh features; pair features have Shapley value 0).
       kind: ``"shapley"`` or ``"loo"``.
       level: coverage of the interval, in ``(0, 1)``.
 
@@ -254,6 +266,14 @@ def attribution_intervals(surrogate: Any, *, kind: str = "shapley", level: float
         raise ValueError(f"`kind` must be 'shapley' or 'loo', got {kind!r}.")
     if not (isinstance(level, (float, int)) and 0 < level < 1):
         raise ValueError(f"`level` must be a float in (0, 1), got {level!r}.")
+    z = statistics.NormalDist().inv_cdf(0.5 + level / 2.0)
+    if isinstance(surrogate, QuadraticSurrogate):
+        q = surrogate
+        ell = attribution_functionals(q.linear.shape[0], kind, q.linear.dtype)  # [K, d]
+        unit = jnp.maximum(jnp.einsum("kd,de,ke->k", ell, q.feature_cov, ell), 0.0)
+        std = jnp.sqrt(unit[:, None] * q.noise_var[None, :])
+        value = _functional(kind, q)
+        return AttributionIntervals(value=value, std=std, lower=value - z * std, upper=value + z * std)
     post = _posterior(surrogate)
     spec = post.base.spec
     k = post.base.masks.shape[1]
@@ -299,7 +319,6 @@ def attribution_intervals(surrogate: Any, *, kind: str = "shapley", level: float
     var = jnp.maximum(var, 0.0)
     std = jnp.sqrt(var[:, None] * post.prior_var[None, :])
     value = _functional(kind, base)
-    z = statistics.NormalDist().inv_cdf(0.5 + level / 2.0)
     return AttributionIntervals(value=value, std=std, lower=value - z * std, upper=value + z * std)
 
 

@@ -138,8 +138,10 @@ def test_jit_equals_eager_and_recovers_a_pairwise_game():
     y_tr, y_te = game.evaluate(tr, jax.random.key(6)), game.evaluate(te, jax.random.key(7))
     eager = ka.fit_quadratic(tr, y_tr)
     jitted = jax.jit(ka.fit_quadratic)(tr, y_tr)
-    for a, b in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(jitted)):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    for name in ("linear", "pairwise", "intercept", "ratio", "ridge", "cv_error", "noise_var"):
+        np.testing.assert_allclose(getattr(eager, name), getattr(jitted, name), rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(ka.posterior_variance(eager, te[:20]),
+                               jax.jit(ka.posterior_variance)(jitted, te[:20]), rtol=1e-3, atol=1e-9)
     quad = float(ka.lds(ka.predict(eager, te), y_te).mean)
     lin = float(ka.lds(ka.predict(ka.fit_linear(tr, y_tr), te), y_te).mean)
     assert float(eager.ratio[0]) > 0 and quad > lin + 0.05, (quad, lin)
@@ -191,3 +193,65 @@ def test_bad_input():
         jax.block_until_ready(f(masks, y.at[0, 0].set(jnp.nan), 0.5, 0.1))
     with pytest.raises(Exception, match="ratio"):
         jax.block_until_ready(jax.vmap(lambda q: f(masks, y, q, 0.1).linear)(jnp.array([0.1, -1.0])))
+
+
+def test_posterior_equals_bayesian_linear_regression_and_loo_calibration(x64):
+    """Posterior variance and attribution intervals against a numpy Bayesian linear regression
+    on [1, scaled Walsh features] with a (nearly) flat prior on the intercept; the noise variance
+    against brute-force leave-one-out residuals."""
+    masks, y = _data(m=50, k=5, t=2, seed=9)
+    q, lam = 0.2, 0.05
+    s = ka.fit_quadratic(masks, y, ratio=q, ridge=lam)
+    x = _features(masks, q)
+    z = np.concatenate([np.ones((len(x), 1)), x], axis=1)
+    prec = z.T @ z + np.diag(np.r_[1e-10, lam * np.ones(x.shape[1])])
+    cov = np.linalg.inv(prec)  # times sigma_n^2
+    # noise variance: mean_i r_i^2 (1 - H_ii) with brute-force LOO residuals r_i
+    yn, m = np.asarray(y), len(x)
+    hat = np.einsum("id,de,ie->i", z, cov, z)
+    r = np.stack([yn[i] - (lambda bw: bw[0] + x[i] @ bw[1])(_ridge(np.delete(x, i, 0), np.delete(yn, i, 0), lam))
+                  for i in range(m)])
+    noise = np.mean(r ** 2 * (1.0 - hat)[:, None], axis=0)
+    np.testing.assert_allclose(s.noise_var, noise, rtol=1e-6)
+    grid = np.asarray(list(itertools.product([0.0, 1.0], repeat=5)))
+    zq = np.concatenate([np.ones((len(grid), 1)), _features(grid, q)], axis=1)
+    want = np.einsum("id,de,ie->i", zq, cov, zq)[:, None] * noise[None, :]
+    np.testing.assert_allclose(ka.posterior_variance(s, grid), want, rtol=1e-6)
+    np.testing.assert_allclose(ka.posterior_variance(s, grid, include_noise=True), want + noise, rtol=1e-6)
+    # attribution intervals: the functional applied to the rows of all 2^K masks
+    rows = {tuple(g.astype(int)): zq[i] for i, g in enumerate(grid)}
+    full = (1,) * 5
+    for kind in ("loo", "shapley"):
+        ell = np.zeros((5, zq.shape[1]))
+        for k in range(5):
+            if kind == "loo":
+                ell[k] = rows[full] - rows[tuple(0 if i == k else 1 for i in range(5))]
+                continue
+            for g in grid:
+                if g[k]:
+                    continue
+                n = int(g.sum())
+                w = math.factorial(n) * math.factorial(4 - n) / math.factorial(5)
+                with_k = tuple(1 if i == k else int(v) for i, v in enumerate(g))
+                ell[k] += w * (rows[with_k] - rows[tuple(g.astype(int))])
+        std = np.sqrt(np.einsum("kd,de,ke->k", ell, cov, ell)[:, None] * noise[None, :])
+        iv = ka.attribution_intervals(s, kind=kind, level=0.9)
+        ivj = jax.jit(lambda s_: ka.attribution_intervals(s_, kind=kind, level=0.9))(s)
+        np.testing.assert_allclose(iv.std, std, rtol=1e-6)
+        np.testing.assert_allclose(ivj.std, std, rtol=1e-6)
+        zq90 = 1.6448536269514722
+        np.testing.assert_allclose(iv.upper - iv.value, zq90 * std, rtol=1e-6)
+    with pytest.raises(TypeError, match="NystromSurrogate"):
+        ka.select_masks(jax.random.key(0), s, 3)
+
+
+def test_interval_coverage_on_a_pairwise_game():
+    """95% predictive intervals (include_noise) cover about 95% of fresh noisy labels."""
+    game = ka.synthetic_game(jax.random.key(21), num_tasks=12, num_targets=4, kind="interaction", noise=0.3)
+    tr = ka.sample_subsets(jax.random.key(22), num_tasks=12, num_subsets=300, p=0.5)
+    te = ka.sample_subsets(jax.random.key(23), num_tasks=12, num_subsets=400, p=0.5)
+    s = ka.fit_quadratic(tr, game.evaluate(tr, jax.random.key(24)))
+    y_te = game.evaluate(te, jax.random.key(25))
+    zscore = (y_te - ka.predict(s, te)) / jnp.sqrt(ka.posterior_variance(s, te, include_noise=True))
+    cover = float(jnp.mean(jnp.abs(zscore) <= 1.96))
+    assert 0.90 <= cover <= 0.99, cover
