@@ -210,6 +210,46 @@ def accumulate_rows(fn, replicated: Any, rows: Any, *, block_size: int, where=No
 
 
 # --------------------------------------------------------------------------------------------
+# Ridge regression in a feature space: spectrum and leave-one-out sums (shared with _quadratic)
+# --------------------------------------------------------------------------------------------
+def ridge_spectrum(gram: jax.Array, ridge_grid: jax.Array, ok: jax.Array, zero_ridge_scale: float):
+    """Eigendecomposition of a centred feature Gram matrix for every ridge of a grid.
+
+    Returns ``(s [r], V [r, r], valid [R], inv [R, r])``: eigenvalues clamped at 0, their
+    vectors, whether ``s + ridge`` is safely non-singular (tolerance ``eps·max|s|``, times
+    ``zero_ridge_scale`` for ``ridge = 0``) and ``ok``, and ``1/(s + ridge)`` (0 where invalid).
+    """
+    eps = jnp.finfo(gram.dtype).eps
+    sv, vv = jnp.linalg.eigh(gram)
+    s_max = jnp.max(jnp.abs(sv))
+    sv = jnp.maximum(sv, 0.0)
+    tol = jnp.where(ridge_grid > 0, 1.0, float(zero_ridge_scale)) * eps * s_max
+    valid = (jnp.min(sv) + ridge_grid > tol) & ok  # [R]
+    inv = jnp.where(valid[:, None], 1.0 / (sv[None, :] + ridge_grid[:, None]), 0.0)  # [R, r]
+    return sv, vv, valid, inv
+
+
+def loo_row_sums(psi: jax.Array, yc: jax.Array, inv: jax.Array, z: jax.Array, valid_rows: jax.Array,
+                 num_train: jax.Array):
+    """Leave-one-out sums of ridge regression in a feature space, for one block of rows.
+
+    ``psi [B, r]``: centred features of the rows in the eigenbasis; ``yc [B, T]``: centred labels;
+    ``inv [R, r]``: ``1/(s + ridge)``; ``z [r, T]``: ``Vᵀ Φ_cᵀ y_c``; ``valid_rows [B]``: 1 on real
+    rows. With the hat diagonal ``H_ii = ψ_iᵀ diag(inv) ψ_i + 1/m`` (intercept included) and the
+    in-sample residual ``e_i``, returns ``(Σ r_i², Σ e_i²/(1 - H_ii))``, each ``[R, T]``, with
+    ``r_i = e_i/(1 - H_ii)`` the exact leave-one-out residual.
+    """
+    eps = jnp.finfo(psi.dtype).eps
+    h = (psi * psi) @ inv.T + 1.0 / num_train  # [B, R]
+    pred = jnp.einsum("br,Rr,rt->Rbt", psi, inv, z)  # [R, B, T]
+    e = yc[None, :, :] - pred
+    one_minus_h = jnp.maximum(1.0 - h, eps).T[:, :, None]  # [R, B, 1]
+    r = e / one_minus_h
+    wt = valid_rows[None, :, None]
+    return jnp.sum(wt * r * r, axis=1), jnp.sum(wt * e * e / one_minus_h, axis=1)
+
+
+# --------------------------------------------------------------------------------------------
 # Nyström features
 # --------------------------------------------------------------------------------------------
 def nystrom_map(spec: KernelSpec, landmarks: jax.Array, kp) -> jax.Array:
@@ -321,7 +361,6 @@ def fit_nystrom(
 
     landmarks = draw_landmarks(key, masks, num_landmarks, where)
     y_mean = jnp.mean(y, axis=0)
-    eps = jnp.finfo(dtype).eps
     mf = jnp.asarray(m, dtype)
 
     def per_pair(args):
@@ -345,26 +384,15 @@ def fit_nystrom(
         gram_c = s2 - mf * mean_shift[:, None] * mean_shift[None, :]
         gram_c = 0.5 * (gram_c + gram_c.T)
         phi_yc = sy  # Σ (φ - φ̄)(y - ȳ) = Σ (φ - ref)(y - ȳ) since Σ (y - ȳ) = 0
-        sv, vv = jnp.linalg.eigh(gram_c)
-        s_max = jnp.max(jnp.abs(sv))
-        sv = jnp.maximum(sv, 0.0)
-        tol = jnp.where(ridge_grid > 0, 1.0, float(num_landmarks)) * eps * s_max
-        valid = (jnp.min(sv) + ridge_grid > tol) & ridge_ok & g_ok  # [R]
+        sv, vv, valid, inv = ridge_spectrum(gram_c, ridge_grid, ridge_ok & g_ok, num_landmarks)
         z = vv.T @ phi_yc  # [r, T]
-        inv = jnp.where(valid[:, None], 1.0 / (sv[None, :] + ridge_grid[:, None]), 0.0)  # [R, r]
         fmean = ref + mean_shift
 
         def loo(rep, blk, v):
             lm, kp_, fm, fmean_, vv_, z_, inv_, ym = rep
             bm, by = blk
             psi = (features(spec, bm, lm, fm, kp_) - fmean_[None, :]) @ vv_  # [B, r]
-            h = (psi * psi) @ inv_.T + 1.0 / mf  # [B, R]
-            pred = jnp.einsum("br,Rr,rt->Rbt", psi, inv_, z_)  # [R, B, T]
-            e = (by - ym[None, :])[None, :, :] - pred
-            one_minus_h = jnp.maximum(1.0 - h, eps).T[:, :, None]  # [R, B, 1]
-            r = e / one_minus_h
-            wt = v[None, :, None]
-            return jnp.sum(wt * r * r, axis=1), jnp.sum(wt * e * e / one_minus_h, axis=1)
+            return loo_row_sums(psi, by - ym[None, :], inv_, z_, v, mf)
 
         sq, noise = accumulate_rows(
             loo, (landmarks, kp, fmap, fmean, vv, z, inv, y_mean), (masks, y), block_size=block_size, where=where

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks
-from ._nystrom import accumulate_rows, mask_mesh
+from ._nystrom import accumulate_rows, loo_row_sums, mask_mesh, ridge_spectrum
 from ._surrogates import default_ridge_grid, select_grid_point
 
 __all__ = ["QuadraticSurrogate", "fit_quadratic", "default_ratio_grid"]
@@ -207,7 +207,6 @@ def fit_quadratic(
     d = k + num_pairs
     where = mask_mesh(masks, mesh, axis)
     mf = jnp.asarray(m, dtype)
-    eps = jnp.finfo(dtype).eps
     y_mean = jnp.mean(y, axis=0)
     # A reference shift (the features of the mean mask, close to the features' mean) keeps the
     # float32 sums centred; a column mean also works on masks sharded over their rows.
@@ -230,25 +229,15 @@ def fit_quadratic(
     def per_ratio(args):
         q, q_ok = args
         sc = _prior_scale(q, k, num_pairs)  # [d]
-        sv, vv = jnp.linalg.eigh(sc[:, None] * gram * sc[None, :])
-        s_max = jnp.max(jnp.abs(sv))
-        sv = jnp.maximum(sv, 0.0)
-        tol = jnp.where(ridge_grid > 0, 1.0, float(d)) * eps * s_max
-        valid = (jnp.min(sv) + ridge_grid > tol) & ridge_ok & q_ok  # [R]
+        gram_q = sc[:, None] * gram * sc[None, :]
+        sv, vv, valid, inv = ridge_spectrum(gram_q, ridge_grid, ridge_ok & q_ok, d)
         z = vv.T @ (sc[:, None] * sy)  # [d, T]
-        inv = jnp.where(valid[:, None], 1.0 / (sv[None, :] + ridge_grid[:, None]), 0.0)  # [R, d]
 
         def loo(rep, blk, v):
             xm, sc_, vv_, z_, inv_, ym = rep
             bm, by = blk
             psi = ((_walsh_features(bm, iu, ju) - xm[None, :]) * sc_[None, :]) @ vv_  # [B, d]
-            h = (psi * psi) @ inv_.T + 1.0 / mf  # [B, R]
-            pred = jnp.einsum("bd,Rd,dt->Rbt", psi, inv_, z_)
-            e = (by - ym[None, :])[None, :, :] - pred
-            one_minus_h = jnp.maximum(1.0 - h, eps).T[:, :, None]
-            r = e / one_minus_h
-            wt = v[None, :, None]
-            return jnp.sum(wt * r * r, axis=1), jnp.sum(wt * e * e / one_minus_h, axis=1)
+            return loo_row_sums(psi, by - ym[None, :], inv_, z_, v, mf)
 
         sq, noise = accumulate_rows(loo, (xmean, sc, vv, z, inv, y_mean), (masks, y),
                                     block_size=block_size, where=where)
