@@ -37,7 +37,7 @@ Hyperparameters: one pass over the masks in row blocks accumulates ``XᵀX`` and
 second pass gives the exact leave-one-out residuals ``(y_i - ŷ_i)/(1 - H_ii)`` (intercept
 included) for every ridge at once. The grid point with the smallest leave-one-out MSE / variance,
 averaged over targets, is chosen (ties as in :func:`kernattr.fit_kernel`). Memory
-``O(R·d² + block·d)``, independent of ``m``; masks sharded on their leading axis are accumulated
+``O(d² + block·(d + R·T))``, independent of ``m``; masks sharded on their leading axis are accumulated
 shard by shard and the ``d x d`` statistics summed over the mesh axis.
 
 Shapes: ``m`` masks, ``K`` tasks, ``T`` targets, ``d = K(K+1)/2`` features, ``Q`` ratios, ``R``
@@ -148,7 +148,7 @@ def fit_quadratic(
     """Pairwise surrogate (kernel ridge regression on the Walsh functions of degree <= 2).
 
     See the module docstring for the model and how it relates to :func:`kernattr.fit_kernel`'s
-    RBF kernel. Cost ``O(m d² (1 + Q) + Q d³)`` time, ``O(Q d² + block_size·d)`` memory with
+    RBF kernel. Cost ``O(m d² (1 + Q) + Q d³)`` time, ``O(d² + block_size·(d + R·T))`` memory with
     ``d = K(K+1)/2``: at ``K = 100`` (``d = 5,050``) and ``m = 100,000``, a few minutes on 2 CPU
     cores; the cost does not grow with ``m`` beyond the two passes.
 
