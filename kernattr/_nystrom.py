@@ -212,6 +212,40 @@ def accumulate_rows(fn, replicated: Any, rows: Any, *, block_size: int, where=No
 # --------------------------------------------------------------------------------------------
 # Ridge regression in a feature space: spectrum and leave-one-out sums (shared with _quadratic)
 # --------------------------------------------------------------------------------------------
+def centred_feature_stats(feats, rep: Any, ref: jax.Array, masks: jax.Array, y: jax.Array,
+                          y_mean: jax.Array, *, block_size: int, where=None):
+    """One pass over the rows: ``(φ̄ [r], Σ (φ-φ̄)(φ-φ̄)ᵀ [r, r], Σ (φ-φ̄)(y-ȳ)ᵀ [r, T],
+    Σ (y-ȳ)² [T])`` for features ``φ = feats(rep, masks_block)``.
+
+    ``ref [r]`` is a reference shift close to the mean feature: the sums are taken of ``φ - ref``
+    and centred afterwards, which keeps float32 accumulation well conditioned.
+    """
+    mf = jnp.asarray(masks.shape[0], y.dtype)
+
+    def stats(rp, blk, v):
+        r_, rf, ym = rp
+        bm, by = blk
+        x = (feats(r_, bm) - rf[None, :]) * v[:, None]
+        yc = (by - ym[None, :]) * v[:, None]
+        return jnp.sum(x, axis=0), x.T @ x, x.T @ yc, jnp.sum(yc * yc, axis=0)
+
+    s1, s2, sy, yc2 = accumulate_rows(stats, (rep, ref, y_mean), (masks, y), block_size=block_size,
+                                      where=where)
+    shift = s1 / mf  # φ̄ - ref
+    gram = s2 - mf * shift[:, None] * shift[None, :]
+    # Σ (φ - φ̄)(y - ȳ) = Σ (φ - ref)(y - ȳ) since Σ (y - ȳ) = 0
+    return ref + shift, 0.5 * (gram + gram.T), sy, yc2
+
+
+def loo_cv_error(sq: jax.Array, valid: jax.Array, yc2: jax.Array, num_train: jax.Array) -> jax.Array:
+    """``[P, R, T]`` leave-one-out MSE over each target's label variance from the sums ``sq``
+    (:func:`loo_row_sums`); ``inf`` where ``valid [P, R]`` is False or the value is not finite."""
+    scale = yc2 / num_train
+    scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+    cv = sq / num_train / scale[None, None, :]
+    return jnp.where(valid[:, :, None] & jnp.isfinite(cv), cv, jnp.inf)
+
+
 def ridge_spectrum(gram: jax.Array, ridge_grid: jax.Array, ok: jax.Array, zero_ridge_scale: float):
     """Eigendecomposition of a centred feature Gram matrix for every ridge of a grid.
 
@@ -370,23 +404,11 @@ def fit_nystrom(
         # reference shift (mean landmark feature) keeps the f32 accumulation well centred
         ref = jnp.mean(features(spec, landmarks, landmarks, fmap, kp), axis=0)
 
-        def stats(rep, blk, v):
-            lm, kp_, fm, rf, ym = rep
-            bm, by = blk
-            phi = (features(spec, bm, lm, fm, kp_) - rf[None, :]) * v[:, None]
-            yc = (by - ym[None, :]) * v[:, None]
-            return jnp.sum(phi, axis=0), phi.T @ phi, phi.T @ yc
-
-        s1, s2, sy = accumulate_rows(
-            stats, (landmarks, kp, fmap, ref, y_mean), (masks, y), block_size=block_size, where=where
-        )
-        mean_shift = s1 / mf  # φ̄ - ref
-        gram_c = s2 - mf * mean_shift[:, None] * mean_shift[None, :]
-        gram_c = 0.5 * (gram_c + gram_c.T)
-        phi_yc = sy  # Σ (φ - φ̄)(y - ȳ) = Σ (φ - ref)(y - ȳ) since Σ (y - ȳ) = 0
+        fmean, gram_c, phi_yc, yc2 = centred_feature_stats(
+            lambda rp, bm: features(spec, bm, *rp), (landmarks, fmap, kp), ref, masks, y, y_mean,
+            block_size=block_size, where=where)
         sv, vv, valid, inv = ridge_spectrum(gram_c, ridge_grid, ridge_ok & g_ok, num_landmarks)
         z = vv.T @ phi_yc  # [r, T]
-        fmean = ref + mean_shift
 
         def loo(rep, blk, v):
             lm, kp_, fm, fmean_, vv_, z_, inv_, ym = rep
@@ -397,20 +419,13 @@ def fit_nystrom(
         sq, noise = accumulate_rows(
             loo, (landmarks, kp, fmap, fmean, vv, z, inv, y_mean), (masks, y), block_size=block_size, where=where
         )
-        return sq, noise, valid, fmap, fmean, vv, sv, z
+        return sq, noise, valid, fmap, fmean, vv, sv, z, yc2
 
     gg = jnp.repeat(gamma_grid, num_w)  # [C] pairs in (gamma, mix) order
     ww = jnp.tile(mix_grid, num_g)
     gg_ok = jnp.repeat(gamma_ok, num_w)
-    sq, noise, valids, fmaps, fmeans, vvs, svs, zs = jax.lax.map(per_pair, (gg, ww, gg_ok))
-    yc2 = accumulate_rows(
-        lambda ym, by, v: jnp.sum(((by - ym[None, :]) * v[:, None]) ** 2, axis=0), y_mean, y,
-        block_size=block_size, where=where,
-    )
-    scale = yc2 / mf
-    scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
-    cv = sq / mf / scale[None, None, :]  # [C, R, T]
-    cv = jnp.where(valids[:, :, None] & jnp.isfinite(cv), cv, jnp.inf)
+    sq, noise, valids, fmaps, fmeans, vvs, svs, zs, yc2s = jax.lax.map(per_pair, (gg, ww, gg_ok))
+    cv = loo_cv_error(sq, valids, yc2s[0], mf)  # [C, R, T]; Σ (y - ȳ)² is the same for every pair
     num_c = num_g * num_w
     best = select_grid_point(
         jnp.mean(cv, axis=2).reshape(-1, 1), jnp.repeat(gg, num_r), jnp.tile(ridge_grid, num_c), jnp.repeat(ww, num_r)

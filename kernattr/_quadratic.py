@@ -53,7 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks
-from ._nystrom import accumulate_rows, loo_row_sums, mask_mesh, ridge_spectrum
+from ._nystrom import (accumulate_rows, centred_feature_stats, loo_cv_error, loo_row_sums,
+                       mask_mesh, ridge_spectrum)
 from ._surrogates import default_ridge_grid, select_grid_point
 
 __all__ = ["QuadraticSurrogate", "fit_quadratic", "default_ratio_grid"]
@@ -212,25 +213,18 @@ def fit_quadratic(
     # float32 sums centred; a column mean also works on masks sharded over their rows.
     ref = _walsh_features(jnp.mean(masks, axis=0, keepdims=True), iu, ju)[0]
 
-    def stats(rep, blk, v):
-        rf, ym = rep
-        bm, by = blk
-        x = (_walsh_features(bm, iu, ju) - rf[None, :]) * v[:, None]
-        yc = (by - ym[None, :]) * v[:, None]
-        return jnp.sum(x, axis=0), x.T @ x, x.T @ yc, jnp.sum(yc * yc, axis=0)
+    xmean, gram, sy, yc2 = centred_feature_stats(
+        lambda _, bm: _walsh_features(bm, iu, ju), (), ref, masks, y, y_mean,
+        block_size=block_size, where=where)
 
-    s1, s2, sy, yc2 = accumulate_rows(stats, (ref, y_mean), (masks, y), block_size=block_size,
-                                      where=where)
-    shift = s1 / mf  # mean feature - ref
-    gram = s2 - mf * shift[:, None] * shift[None, :]
-    gram = 0.5 * (gram + gram.T)
-    xmean = ref + shift
+    def spectrum(q, ridges, ok):
+        """Prior scales ``[d]`` at ratio ``q`` and the scaled Gram's :func:`ridge_spectrum`."""
+        sc = _prior_scale(q, k, num_pairs)
+        return (sc,) + ridge_spectrum(sc[:, None] * gram * sc[None, :], ridges, ok, d)
 
     def per_ratio(args):
         q, q_ok = args
-        sc = _prior_scale(q, k, num_pairs)  # [d]
-        gram_q = sc[:, None] * gram * sc[None, :]
-        sv, vv, valid, inv = ridge_spectrum(gram_q, ridge_grid, ridge_ok & q_ok, d)
+        sc, _, vv, valid, inv = spectrum(q, ridge_grid, ridge_ok & q_ok)
         z = vv.T @ (sc[:, None] * sy)  # [d, T]
 
         def loo(rep, blk, v):
@@ -244,10 +238,7 @@ def fit_quadratic(
         return sq, noise, valid
 
     sq, noise, valids = jax.lax.map(per_ratio, (ratio_grid, ratio_ok))  # [Q, R, T] x2, [Q, R]
-    scale = yc2 / mf
-    scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
-    cv = sq / mf / scale[None, None, :]
-    cv = jnp.where(valids[:, :, None] & jnp.isfinite(cv), cv, jnp.inf)
+    cv = loo_cv_error(sq, valids, yc2, mf)
     best = select_grid_point(
         jnp.mean(cv, axis=2).reshape(-1, 1), jnp.repeat(ratio_grid, num_r),
         jnp.tile(ridge_grid, num_q))[0]
@@ -260,15 +251,12 @@ def fit_quadratic(
             "chosen (ratio, ridge) (fewer masks than K(K+1)/2 features, or ratio = 0); pass "
             "ridge > 0 or a ridge grid.")
     q, lam = ratio_grid[qi], ridge_grid[ri]
-    sc = _prior_scale(q, k, num_pairs)
+    ok = hyper_ok & valids[qi, ri]
     # Solve the chosen system once more (one eigendecomposition) rather than keep Q of them.
-    sv, vv = jnp.linalg.eigh(sc[:, None] * gram * sc[None, :])
-    sv = jnp.maximum(sv, 0.0)
-    inv = jnp.where(sv + lam > 0, 1.0 / jnp.where(sv + lam > 0, sv + lam, 1.0), 0.0)
-    cov = (sc[:, None] * vv) @ (inv[:, None] * (vv.T * sc[None, :]))  # [d, d]
+    sc, _, vv, _, inv = spectrum(q, lam[None], ok[None])
+    cov = (sc[:, None] * vv) @ (inv[0][:, None] * (vv.T * sc[None, :]))  # [d, d]
     u = cov @ sy  # [d, T] Walsh coefficients
     b = y_mean - xmean @ u
-    ok = hyper_ok & valids[qi, ri]
     u = jnp.where(ok, u, jnp.nan)
     b = jnp.where(ok, b, jnp.nan)
     cov = jnp.where(ok, cov, jnp.nan)
