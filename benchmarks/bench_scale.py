@@ -180,39 +180,32 @@ def anchor_part(a, ka, fit_ny, grid, kl, masks, y, test, y_test, ceiling, anchor
         if a.exact_cache:
             np.savez(a.exact_cache, tag=tag, pred=np.asarray(p_ex), time=t_ex, gamma=float(ex.gamma[0]),
                      mix=float(ex.mix[0]), ridge=float(ex.ridge[0]))
+    def against_exact(pred, t_fit, head, short, gap_name):
+        """Print the held-out LDS of ``pred`` next to exact's and the paired gap; True if finite."""
+        paired = ka.paired_lds_interval(jax.random.key(1), pred, p_ex, y_test)
+        print(
+            f"[anchor] m={a.m_exact} {head};  held-out LDS exact "
+            f"{float(paired.b.mean):.4f} [{float(paired.b.low):.4f}, {float(paired.b.high):.4f}]  {short} "
+            f"{float(paired.a.mean):.4f} [{float(paired.a.low):.4f}, {float(paired.a.high):.4f}]  (95% bootstrap)"
+        )
+        print(
+            f"RATIO LDS gap ({gap_name} - exact) at m={a.m_exact}: {float(paired.mean):+.4f} "
+            f"[{float(paired.low):+.4f}, {float(paired.high):+.4f}] (paired 95%; target |gap| <= 0.01); "
+            f"noise ceiling {float(ceiling):.4f};  speed exact/{short} {t_ex / t_fit:.1f}x"
+        )
+        return bool(np.isfinite(float(ka.lds(pred, y_test).mean)))
+
     ok = True
     for L in anchor_ls:
         nys, t_ns, c_ns = timed(lambda kk, x, yy, L=L: fit_ny(kk, x, yy, num_landmarks=L), kl, xm, ym)
-        p_ns = ka.predict(nys, test)
-        paired = ka.paired_lds_interval(jax.random.key(1), p_ns, p_ex, y_test)
-        print(
-            f"[anchor] m={a.m_exact} Nyström L={L}: {t_ns:.1f} s, chosen gamma={float(nys.gamma[0]):.4g} "
-            f"mix={float(nys.mix[0]):.3g} ridge={float(nys.ridge[0]):.3g};  held-out LDS exact "
-            f"{float(paired.b.mean):.4f} [{float(paired.b.low):.4f}, {float(paired.b.high):.4f}]  Nyström "
-            f"{float(paired.a.mean):.4f} [{float(paired.a.low):.4f}, {float(paired.a.high):.4f}]  (95% bootstrap)"
-        )
-        print(
-            f"RATIO LDS gap (Nyström L={L} - exact) at m={a.m_exact}: {float(paired.mean):+.4f} "
-            f"[{float(paired.low):+.4f}, {float(paired.high):+.4f}] (paired 95%; target |gap| <= 0.01); "
-            f"noise ceiling {float(ceiling):.4f};  speed exact/Nyström {t_ex / t_ns:.1f}x"
-        )
-        ok = ok and bool(np.isfinite(float(ka.lds(p_ns, y_test).mean)))
+        head = (f"Nyström L={L}: {t_ns:.1f} s, chosen gamma={float(nys.gamma[0]):.4g} "
+                f"mix={float(nys.mix[0]):.3g} ridge={float(nys.ridge[0]):.3g}")
+        ok = against_exact(ka.predict(nys, test), t_ns, head, "Nyström", f"Nyström L={L}") and ok
     if fit_quad is not None:
         q, t_q, c_q = timed(fit_quad, xm, ym)
-        p_q = ka.predict(q, test)
-        paired = ka.paired_lds_interval(jax.random.key(1), p_q, p_ex, y_test)
-        print(
-            f"[anchor] m={a.m_exact} fit_quadratic: {t_q:.1f} s (compile {c_q:.1f}), chosen "
-            f"ratio={float(q.ratio[0]):.3g} ridge={float(q.ridge[0]):.3g};  held-out LDS exact "
-            f"{float(paired.b.mean):.4f} [{float(paired.b.low):.4f}, {float(paired.b.high):.4f}]  quadratic "
-            f"{float(paired.a.mean):.4f} [{float(paired.a.low):.4f}, {float(paired.a.high):.4f}]  (95% bootstrap)"
-        )
-        print(
-            f"RATIO LDS gap (fit_quadratic - exact) at m={a.m_exact}: {float(paired.mean):+.4f} "
-            f"[{float(paired.low):+.4f}, {float(paired.high):+.4f}] (paired 95%; target |gap| <= 0.01); "
-            f"noise ceiling {float(ceiling):.4f};  speed exact/quadratic {t_ex / t_q:.1f}x"
-        )
-        ok = ok and bool(np.isfinite(float(ka.lds(p_q, y_test).mean)))
+        head = (f"fit_quadratic: {t_q:.1f} s (compile {c_q:.1f}), chosen ratio={float(q.ratio[0]):.3g} "
+                f"ridge={float(q.ridge[0]):.3g}")
+        ok = against_exact(ka.predict(q, test), t_q, head, "quadratic", "fit_quadratic") and ok
     return ok
 
 
