@@ -4,12 +4,14 @@ On synthetic games (``ka.synthetic_game``, interaction kind) the "real retrain" 
 noisy evaluation of the game. Random arm: Bernoulli(1/2) masks. Active arm: the same first
 ``--start`` random masks, then rounds of ``--batch`` masks chosen by ``ka.select_masks``
 (integrated-variance criterion over a 2,048-mask Bernoulli(1/2) pool, fantasised updates) from
-the current surrogate, refitted (``ka.fit_kernel``, default linear+rbf kernel and grids) after
-each round. Both arms are scored by held-out LDS against noisy retrains of 1,000 Bernoulli(1/2)
+the current surrogate, refitted after each round (``ka.fit_kernel``, default linear+rbf kernel and
+grids; ``--surrogate quadratic``: ``ka.fit_quadratic``, default grids, for both arms). Both arms are scored by held-out LDS against noisy retrains of 1,000 Bernoulli(1/2)
 masks, averaged over seeds. Printed: the LDS curves, the active - random LDS difference per size with a 95% t-interval over
 seeds, per seed the retrains at which active reaches that seed's random LDS at ``--budget``,
 random's mean LDS at ``--budget`` retrains, the number of retrains at which the mean active curve
 first reaches it (linear interpolation), and the ratio (target <= 0.7, i.e. <= 280 at 400); the noise ceiling; a plot if ``--plot`` is given.
+With ``--surrogate quadratic`` also a lower bound on the retrains that any design chosen
+without the labels needs to match random's posterior variance at the budget (``design_bound``).
 
     nice -n 10 python benchmarks/bench_active.py --plot /work/notes/active.png
     python benchmarks/bench_active.py --smoke
@@ -43,6 +45,30 @@ def reach_of(sizes, curve, target):
     return None
 
 
+def design_bound(s, num_tasks: int) -> float:
+    """Fewest masks with which ANY design chosen without looking at labels could reach the
+    integrated posterior variance that the ``QuadraticSurrogate`` ``s`` has on its own masks.
+
+    The Walsh features are orthonormal under Bernoulli(1/2) masks, so the integrated posterior
+    variance of the coefficients is ``tr(feature_cov)`` (units of the noise variance). With ``m``
+    noise-free labels a design removes at most ``m`` prior directions (Courant-Fischer), so at best
+    the ``d - m`` smallest prior variances ``v_i / ridge`` remain; noise only adds. Returns the
+    smallest ``m`` whose remaining sum is <= ``tr(feature_cov)``.
+    """
+    from kernattr._quadratic import _prior_scale
+
+    k = num_tasks
+    pairs = k * (k - 1) // 2
+    prior = np.sort(np.asarray(_prior_scale(s.ratio[0], k, pairs)) ** 2 / float(s.ridge[0]))  # ascending
+    target = float(np.trace(np.asarray(s.feature_cov)))
+    tail = np.concatenate([[0.0], np.cumsum(prior)])  # tail[j] = sum of the j smallest
+    d = prior.shape[0]
+    for m in range(d + 1):
+        if tail[d - m] <= target:
+            return float(m)
+    return float(d)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true")
@@ -55,6 +81,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--candidates", type=int, default=2048)
     p.add_argument("--criterion", default="integrated")
+    p.add_argument("--surrogate", default="kernel", choices=["kernel", "quadratic"],
+                   help="fit both arms with ka.fit_kernel (default kernel and grids) or ka.fit_quadratic")
     p.add_argument("--plot", default=None)
     a = p.parse_args(argv)
     if a.smoke:
@@ -65,12 +93,13 @@ def main(argv=None) -> int:
     sizes = list(range(a.start, a.budget + 1, a.batch))
     print(
         f"sizes: K={a.K} T={a.T} noise={a.noise} start={a.start} batch={a.batch} budget={a.budget} "
-        f"seeds={a.seeds} pool={a.candidates} criterion={a.criterion}  devices={jax.device_count()}  "
+        f"seeds={a.seeds} pool={a.candidates} criterion={a.criterion} surrogate={a.surrogate}  devices={jax.device_count()}  "
         f"cpus={os.cpu_count()}  load(1m)={os.getloadavg()[0]:.1f}"
     )
-    fit = jax.jit(lambda x, yy: ka.fit_kernel(x, yy))
+    fit_fn = ka.fit_kernel if a.surrogate == "kernel" else ka.fit_quadratic
+    fit = jax.jit(lambda x, yy: fit_fn(x, yy))
     select = jax.jit(lambda k, s: ka.select_masks(k, s, a.batch, num_candidates=a.candidates, criterion=a.criterion))
-    rand, act, ceil = np.zeros((a.seeds, len(sizes))), np.zeros((a.seeds, len(sizes))), []
+    rand, act, ceil, bound = np.zeros((a.seeds, len(sizes))), np.zeros((a.seeds, len(sizes))), [], []
     for seed in range(a.seeds):
         kg, km, ky, kt, kyt, kyt2, ks = jax.random.split(jax.random.key(seed), 7)
         game = ka.synthetic_game(kg, num_tasks=a.K, num_targets=a.T, noise=a.noise)
@@ -81,6 +110,8 @@ def main(argv=None) -> int:
         y_pool = game.evaluate(pool, ky)
         for i, n in enumerate(sizes):
             rand[seed, i] = float(ka.lds(ka.predict(fit(pool[:n], y_pool[:n]), test), y_test).mean)
+        if a.surrogate == "quadratic":
+            bound.append(design_bound(fit(pool, y_pool), a.K))
         x, yy = pool[: a.start], y_pool[: a.start]
         for i, n in enumerate(sizes):
             s = fit(x, yy)
@@ -91,6 +122,10 @@ def main(argv=None) -> int:
                 yy = jnp.concatenate([yy, game.evaluate(new, jax.random.fold_in(ky, 1000 + i))])
         print(f"seed {seed}: random {np.round(rand[seed], 4).tolist()}  active {np.round(act[seed], 4).tolist()}")
     r, ac = rand.mean(0), act.mean(0)
+    if bound:
+        print(f"design bound (quadratic model at the hyperparameters chosen on {a.budget} random masks; "
+              f"noise-free, any design chosen without the labels): >= {[round(b) for b in bound]} retrains "
+              f"to reach random's integrated posterior variance at {a.budget} (ratio {np.mean(bound) / a.budget:.2f})")
     print("retrains:", sizes)
     print("random LDS (mean over seeds):", np.round(r, 4).tolist())
     print("active LDS (mean over seeds):", np.round(ac, 4).tolist())
@@ -118,7 +153,7 @@ def main(argv=None) -> int:
 
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.plot(sizes, r, "o-", label="random Bernoulli(1/2)")
-        ax.plot(sizes, ac, "s-", label=f"select_masks ({a.criterion})")
+        ax.plot(sizes, ac, "s-", label=f"select_masks ({a.criterion}, {a.surrogate})")
         ax.axhline(np.mean(ceil), ls=":", c="gray", label="noise ceiling")
         ax.set_xlabel("real retrains (masks)")
         ax.set_ylabel("held-out LDS")

@@ -346,7 +346,9 @@ def select_masks(
 
     Args:
       key: typed PRNG key (draws the candidate pool).
-      surrogate: :class:`~kernattr.KernelSurrogate` or :class:`~kernattr.NystromSurrogate`.
+      surrogate: :class:`~kernattr.KernelSurrogate`, :class:`~kernattr.NystromSurrogate` or
+        :class:`~kernattr.QuadraticSurrogate` (its Bayesian linear model on the Walsh features;
+        covariance ``x_cᵀ C x_c' + 1/m`` in units of the noise variance, noise 1).
       num: number of masks to return (Python int ``<= n``).
       num_candidates: pool size ``n`` when ``candidates`` is not given.
       p: Bernoulli probability of the pool.
@@ -366,21 +368,30 @@ def select_masks(
     if criterion not in ("integrated", "variance"):
         raise ValueError(f"`criterion` must be 'integrated' or 'variance', got {criterion!r}.")
     num = _checks.check_count(num, "num")
-    post = _posterior(surrogate)
-    k = post.base.masks.shape[1]
-    dtype = post.base.dual_coef.dtype
+    quad = isinstance(surrogate, QuadraticSurrogate)
+    post = None if quad else _posterior(surrogate)
+    k = surrogate.linear.shape[0] if quad else post.base.masks.shape[1]
+    dtype = surrogate.linear.dtype if quad else post.base.dual_coef.dtype
     if candidates is None:
         num_candidates = _checks.check_count(num_candidates, "num_candidates")
         if not (isinstance(p, (float, int)) and 0 < p <= 1):
             raise ValueError(f"`p` must be a float in (0, 1], got {p!r}.")
         cand = jax.random.bernoulli(key, p, (num_candidates, k)).astype(dtype)
     else:
-        cand = _query(candidates, post)
+        cand = _checks.check_masks(candidates, num_tasks=k)
+        cand = cand.astype(jnp.result_type(cand.dtype, dtype))
     n = cand.shape[0]
     if num > n:
         raise ValueError(f"`num` = {num} exceeds the {n} candidates; pass more candidates.")
-    cov = _covariance(post, cand)
-    noise = jnp.maximum(post.ridge, jnp.finfo(dtype).tiny)
+    if quad:
+        # Bayesian linear model on the Walsh features, in units of σ_n²: prior-data covariance
+        # ``x_cᵀ C x_c' + 1/m`` (intercept), observation noise 1.
+        xc = walsh_features(cand) - surrogate.feature_mean[None, :]
+        cov = xc @ surrogate.feature_cov @ xc.T + 1.0 / surrogate.num_train
+        noise = jnp.ones((), cov.dtype)
+    else:
+        cov = _covariance(post, cand)
+        noise = jnp.maximum(post.ridge, jnp.finfo(dtype).tiny)
 
     def step(state, _):
         c, taken = state

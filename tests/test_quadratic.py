@@ -241,8 +241,6 @@ def test_posterior_equals_bayesian_linear_regression_and_loo_calibration(x64):
         np.testing.assert_allclose(ivj.std, std, rtol=1e-6)
         zq90 = 1.6448536269514722
         np.testing.assert_allclose(iv.upper - iv.value, zq90 * std, rtol=1e-6)
-    with pytest.raises(TypeError, match="NystromSurrogate"):
-        ka.select_masks(jax.random.key(0), s, 3)
 
 
 def test_interval_coverage_on_a_pairwise_game():
@@ -255,3 +253,34 @@ def test_interval_coverage_on_a_pairwise_game():
     zscore = (y_te - ka.predict(s, te)) / jnp.sqrt(ka.posterior_variance(s, te, include_noise=True))
     cover = float(jnp.mean(jnp.abs(zscore) <= 1.96))
     assert 0.90 <= cover <= 0.99, cover
+
+
+def test_select_masks_equals_greedy_refits(x64):
+    """select_masks on a QuadraticSurrogate: each fantasised update equals really refitting with
+    the picked mask added (same ratio and ridge), for both criteria; jit equals eager."""
+    masks, y = _data(m=30, k=5, t=2, seed=4)
+    rng = np.random.default_rng(1)
+    pool = (rng.random((25, 5)) < 0.5).astype(np.float64)
+    s = ka.fit_quadratic(masks, y, ratio=0.3, ridge=0.5)
+    for criterion in ("variance", "integrated"):
+        picked = np.asarray(jax.jit(lambda s_, c: ka.select_masks(
+            jax.random.key(0), s_, 4, candidates=c, criterion=criterion))(s, pool))
+        eager = np.asarray(ka.select_masks(jax.random.key(0), s, 4, candidates=pool, criterion=criterion))
+        np.testing.assert_array_equal(picked, eager)
+        cur, taken, ref = np.asarray(masks), [], []
+        for _ in range(4):
+            r = ka.fit_quadratic(cur, np.zeros((len(cur), 1)) + np.arange(len(cur))[:, None] % 3,
+                                 ratio=0.3, ridge=0.5)
+            c = 2.0 * pool - 1.0
+            iu, ju = np.triu_indices(5, 1)
+            xc = np.concatenate([c, c[:, iu] * c[:, ju]], axis=1) - np.asarray(r.feature_mean)[None, :]
+            cov = xc @ np.asarray(r.feature_cov) @ xc.T + 1.0 / len(cur)
+            score = np.diag(cov).copy() if criterion == "variance" else (cov**2).sum(0) / (np.diag(cov) + 1.0)
+            score[taken] = -np.inf
+            j = int(np.argmax(score))
+            taken.append(j)
+            ref.append(pool[j])
+            cur = np.concatenate([cur, pool[j : j + 1]])
+        np.testing.assert_array_equal(picked, np.stack(ref))
+    drawn = np.asarray(ka.select_masks(jax.random.key(3), s, 6, num_candidates=40))
+    assert drawn.shape == (6, 5) and set(np.unique(drawn)) <= {0.0, 1.0}
