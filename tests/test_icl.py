@@ -207,6 +207,19 @@ def test_interactions_exact_up_to_two_shots_and_jit(trained, problem):
     inter = jax.jit(lambda c: est.prompt_interactions(trained.apply_fn, trained.params, c, allq,
                                                       chunk_size=8))(problem.candidates)
     assert inter.pair.shape == (8, 8, P, P)
+    # eager (concrete candidates: identical prompts deduplicated) == traced (every prompt run)
+    dup = jnp.asarray(problem.candidates).at[3].set(problem.candidates[1]).at[6].set(problem.candidates[1])
+    eager = est.prompt_interactions(trained.apply_fn, trained.params, dup, allq, chunk_size=8)
+    traced = jax.jit(lambda c: est.prompt_interactions(trained.apply_fn, trained.params, c, allq,
+                                                       chunk_size=8))(dup)
+    plan = est.distinct_prompts(dup)
+    assert plan.single_tokens.shape[0] <= 6 and plan.pair_first.shape[0] < 28
+    planned = jax.jit(lambda c, pl: est.prompt_interactions(trained.apply_fn, trained.params, c,
+                                                            allq, chunk_size=8, plan=pl))(dup, plan)
+    for a_, b_, c_ in zip(eager, traced, planned):
+        np.testing.assert_allclose(a_, b_, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(c_, b_, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(eager.main[3], eager.main[1], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(inter.pair, jnp.swapaxes(inter.pair, 0, 1))
     np.testing.assert_array_equal(inter.pair[jnp.arange(8), jnp.arange(8)], 0.0)
     pairs = jnp.asarray(list(itertools.combinations(range(8), 2)))
@@ -247,6 +260,8 @@ def test_interactions_truncate_the_moebius_expansion():
         est.interaction_logits(inter, jnp.ones((2, 3)))
     with pytest.raises(ValueError, match="candidates"):
         est.prompt_interactions(f, None, jnp.ones((2, 2)), jnp.zeros(1))
+    with pytest.raises(ValueError, match="plan"):
+        est.prompt_interactions(f, None, v, jnp.zeros(1), plan=est.distinct_prompts(v[:3]))
     with pytest.raises(ValueError, match="masks"):
         est.subset_indices(jnp.ones((2, 3)), 4)
     assert est.subset_indices(jnp.array([[0.0, 1.0, 1.0]]), 2).tolist() == [[1, 2]]

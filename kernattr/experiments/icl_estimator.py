@@ -71,7 +71,9 @@ from .._checks import error_if
 
 __all__ = [
     "PromptInteractions",
+    "PromptPlan",
     "PromptTaylor",
+    "distinct_prompts",
     "anchor_weights",
     "gradient_alignment_scores",
     "interaction_logits",
@@ -262,12 +264,15 @@ class PromptInteractions(NamedTuple):
 
 
 def prompt_interactions(apply_fn: Callable, params: Any, candidates, queries, *,
-                        chunk_size: int = 256) -> PromptInteractions:
+                        chunk_size: int = 256,
+                        plan: Optional["PromptPlan"] = None) -> PromptInteractions:
     """Exact logits of the empty, every 1-shot and every 2-shot prompt, as Möbius coefficients.
 
     ``1 + K + K(K−1)/2`` forward passes of prompts of at most 2 demonstrations (candidate order
     kept) followed by the ``Q`` queries, all of one shape (``[2 + Q]`` tokens; a missing
     demonstration is a token of weight 0, which deletes it exactly), vmapped in chunks.
+    Identical prompts run once (:func:`distinct_prompts`) when ``candidates`` is concrete or a
+    ``plan`` is given; under ``jit`` without a plan every prompt runs. The result is the same.
 
     Args:
       apply_fn: ``apply_fn(params, tokens [L], weights [L], num_queries)`` -> ``[Q, C]``.
@@ -275,6 +280,8 @@ def prompt_interactions(apply_fn: Callable, params: Any, candidates, queries, *,
       candidates: ``[K]`` demonstration tokens; queries: ``[Q]`` query tokens (typically every
         distinct query input once).
       chunk_size: prompts per ``lax.map`` batch.
+      plan: optional :func:`distinct_prompts` of the candidates (lets a jitted call skip the
+        duplicates).
 
     Returns:
       :class:`PromptInteractions`.
@@ -291,26 +298,80 @@ def prompt_interactions(apply_fn: Callable, params: Any, candidates, queries, *,
         raise ValueError(f"`candidates` [K] and `queries` [Q] must be non-empty vectors, got "
                          f"{tuple(cands.shape)} and {tuple(qs.shape)}.")
     k, q = cands.shape[0], qs.shape[0]
-    iu, ju = (jnp.asarray(v, jnp.int32) for v in _upper_pairs(k))
-    ar = jnp.arange(k, dtype=jnp.int32)
-    # rows: empty, singletons (i, i) with the second slot off, pairs (i < j)
-    first = jnp.concatenate([jnp.zeros((1,), jnp.int32), ar, iu])
-    second = jnp.concatenate([jnp.zeros((1,), jnp.int32), ar, ju])
-    on = jnp.concatenate([jnp.zeros((1, 2)), jnp.stack([jnp.ones(k), jnp.zeros(k)], 1),
-                          jnp.ones((iu.shape[0], 2))]).astype(jnp.float32)
+    if plan is None:
+        try:  # concrete candidates: run identical prompts once
+            plan = distinct_prompts(np.asarray(cands))
+        except jax.errors.TracerArrayConversionError:  # traced: every prompt
+            ar = jnp.arange(k, dtype=jnp.int32)
+            iu_np, ju_np = _upper_pairs(k)
+            plan = PromptPlan(cands, cands[iu_np], cands[ju_np], ar, jnp.arange(iu_np.shape[0]))
+    u, n_pairs = plan.single_tokens.shape[0], plan.pair_first.shape[0]
+    if plan.candidate_index.shape != (k,) or plan.pair_index.shape != (k * (k - 1) // 2,):
+        raise ValueError(f"`plan` was made for other candidates: candidate_index "
+                         f"{tuple(plan.candidate_index.shape)}, expected ({k},).")
+    # rows: empty, singletons (t, t) with the second slot off, pairs (first then second)
+    toks = jnp.asarray(plan.single_tokens)
+    first = jnp.concatenate([toks[:1], toks, jnp.asarray(plan.pair_first, toks.dtype)])
+    second = jnp.concatenate([toks[:1], toks, jnp.asarray(plan.pair_second, toks.dtype)])
+    on = jnp.concatenate([jnp.zeros((1, 2)), jnp.stack([jnp.ones(u), jnp.zeros(u)], 1),
+                          jnp.ones((n_pairs, 2))]).astype(jnp.float32)
     ones = jnp.ones((q,), jnp.float32)
 
     def one(row):
-        i, j, w = row
-        tokens = jnp.concatenate([cands[jnp.stack([i, j])], qs])
+        a, b, w = row
+        tokens = jnp.concatenate([jnp.stack([a, b]).astype(qs.dtype), qs])
         return apply_fn(params, tokens, jnp.concatenate([w, ones]), q).reshape(q, -1)
 
-    logits = jax.lax.map(one, (first, second, on), batch_size=chunk_size)  # [1 + K + P, Q, C]
-    base, single, pairs = logits[0], logits[1:k + 1], logits[k + 1:]
+    logits = jax.lax.map(one, (first, second, on), batch_size=chunk_size)  # [1 + u + P', Q, C]
+    base = logits[0]
+    single = logits[1:u + 1][plan.candidate_index]  # [K, Q, C]
+    pairs = logits[u + 1:][plan.pair_index]  # [P, Q, C]
+    iu, ju = (jnp.asarray(v, jnp.int32) for v in _upper_pairs(k))
     main = single - base[None]
     inter = pairs - single[iu] - single[ju] + base[None]
     pair = jnp.zeros((k, k) + base.shape, logits.dtype).at[iu, ju].set(inter).at[ju, iu].set(inter)
     return PromptInteractions(base=base, main=main, pair=pair)
+
+
+class PromptPlan(NamedTuple):
+    """The distinct short prompts behind :func:`prompt_interactions` (from :func:`distinct_prompts`).
+
+    Attributes:
+      single_tokens: ``[u]`` distinct demonstration tokens (one 1-shot prompt each).
+      pair_first, pair_second: ``[P']`` the distinct ordered token pairs (one 2-shot prompt each).
+      candidate_index: ``[K]`` int, the row of ``single_tokens`` of each candidate.
+      pair_index: ``[K(K-1)/2]`` int, the row of ``pair_first``/``pair_second`` of each candidate
+        pair ``i < j`` (``numpy.triu_indices`` order).
+    """
+
+    single_tokens: Any
+    pair_first: Any
+    pair_second: Any
+    candidate_index: Any
+    pair_index: Any
+
+
+def distinct_prompts(candidates) -> PromptPlan:
+    """Plan the 0/1/2-shot prompts of concrete ``[K]`` candidates so that identical prompts run once.
+
+    Candidates with the same token share their 1-shot prompt; pairs ``i < j`` with the same two
+    tokens in the same order share their 2-shot prompt, so ``u`` distinct tokens need at most
+    ``1 + u + u²`` forward passes instead of ``1 + K + K(K-1)/2``. numpy, outside ``jit``; pass
+    the plan to :func:`prompt_interactions` (also under ``jit``).
+
+    >>> pl = distinct_prompts(np.array([4, 9, 4]))
+    >>> pl.single_tokens.tolist(), pl.candidate_index.tolist(), pl.pair_index.tolist()
+    ([4, 9], [0, 1, 0], [1, 0, 2])
+    """
+    c = np.asarray(candidates)
+    if c.ndim != 1 or c.shape[0] < 1:
+        raise ValueError(f"`candidates` must be a non-empty [K] vector, got {c.shape}.")
+    tok, cid = np.unique(c, return_inverse=True)
+    u = tok.shape[0]
+    iu, ju = _upper_pairs(c.shape[0])
+    pkey, pid = np.unique(cid[iu] * u + cid[ju], return_inverse=True)
+    return PromptPlan(tok, tok[pkey // u], tok[pkey % u], cid.astype(np.int32),
+                      pid.astype(np.int32))
 
 
 def _upper_pairs(k: int):
