@@ -37,6 +37,7 @@ from ._losses import (
     loss_grad_curvature,
     per_task_weights,
 )
+from ._linalg import eigh
 
 __all__ = ["influence_scores", "trak_scores", "tracin_scores"]
 
@@ -107,7 +108,7 @@ def _check_damping(damping: Any, dtype) -> jax.Array:
 
 def _psd_solve(M: jax.Array, rhs: jax.Array, damping: jax.Array) -> jax.Array:
     """``(M + damping I)⁺ rhs`` for symmetric PSD ``M`` via eigh; tiny eigenvalues are dropped."""
-    evals, evecs = jnp.linalg.eigh(M)
+    evals, evecs = eigh(M)
     shifted = evals + damping
     cutoff = jnp.finfo(M.dtype).eps * M.shape[0] * 10 * jnp.max(jnp.abs(shifted))
     inv = jnp.where(shifted > cutoff, 1.0 / jnp.where(shifted > cutoff, shifted, 1.0), 0.0)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks
+from ._linalg import eigh
 from ._metrics import column_spearman
 
 __all__ = [
@@ -397,7 +398,7 @@ def _restricted_eigh(kmat: jax.Array, fit_intercept: bool) -> tuple[jax.Array, j
     ``[m, m-1]``. Returns ``(e [r], U [m, r])`` with ``r = m`` or ``m - 1``.
     """
     if not fit_intercept:
-        return jnp.linalg.eigh(kmat)
+        return eigh(kmat)
     m = kmat.shape[0]
     v, c = _householder_complement(m, kmat.dtype)
     kv = kmat @ v
@@ -407,7 +408,7 @@ def _restricted_eigh(kmat: jax.Array, fit_intercept: bool) -> tuple[jax.Array, j
         - (2.0 / c) * (v[:, None] * kv[None, :] + kv[:, None] * v[None, :])
         + (4.0 * vkv / (c * c)) * (v[:, None] * v[None, :])
     )
-    e, w = jnp.linalg.eigh(hkh[1:, 1:])
+    e, w = eigh(hkh[1:, 1:])
     w_pad = jnp.concatenate([jnp.zeros((1, m - 1), w.dtype), w], axis=0)
     u = w_pad - (2.0 / c) * v[:, None] * (v @ w_pad)[None, :]
     return e, u

@@ -38,6 +38,7 @@ import numpy as np
 
 from . import _checks
 from ._attribution import loo_scores, shapley_values
+from ._linalg import eigh
 from ._nystrom import NystromSurrogate
 from ._quadratic import QuadraticSurrogate, attribution_functionals, walsh_features
 from ._surrogates import KernelSurrogate, surrogate_gram
@@ -98,7 +99,7 @@ def _exact_posterior(s: KernelSurrogate) -> _Posterior:
     m = x.shape[0]
     dtype = s.dual_coef.dtype
     kmat = surrogate_gram(spec, x, x, *kp)
-    d, v = jnp.linalg.eigh(kmat)
+    d, v = eigh(kmat)
     d_max = jnp.max(jnp.abs(d))
     d = jnp.maximum(d, 0.0)
     tol = jnp.where(lam > 0, 1.0, float(m)) * jnp.finfo(dtype).eps * d_max

@@ -60,8 +60,7 @@ class ICLExperimentConfig:
     influence scores. ``num_real_few``: real labels given to the
     ``kernel_real_few`` and ``multifidelity`` methods (the first training masks; the latter also
     gets the estimated labels of all of them, and its residual kernel takes the ``kernel``
-    surrogate's ``(gamma, mix)``; with the full default grid ``ka.fit_multifidelity`` did not
-    return on the interaction labels). Influence: ``proj_dim``. Oracle: ``num_oracle``
+    surrogate's ``(gamma, mix)``, its ridge and ``rho`` chosen by LOO). Influence: ``proj_dim``. Oracle: ``num_oracle``
     random subsets scored by real forward passes. ``num_resamples`` bootstrap replicates.
     """
 
