@@ -59,9 +59,9 @@ class ICLExperimentConfig:
     ``taylor_order``, ``taylor_diagonal``); ``anchor_mass`` is also the soft context of the
     influence scores. ``num_real_few``: real labels given to the
     ``kernel_real_few`` and ``multifidelity`` methods (the first training masks; the latter also
-    gets the estimated labels of all of them, and its residual kernel takes the ``kernel``
-    surrogate's ``(gamma, mix)``, its ridge and ``rho`` chosen by LOO). Influence: ``proj_dim``. Oracle: ``num_oracle``
-    random subsets scored by real forward passes. ``num_resamples`` bootstrap replicates.
+    gets the estimated labels of all of them; ``ka.fit_multifidelity`` with its default
+    grids). Influence: ``proj_dim``. Oracle: ``num_oracle`` random subsets scored by real
+    forward passes. ``num_resamples`` bootstrap replicates.
     """
 
     model: ICLConfig = ICLConfig()
@@ -225,9 +225,7 @@ class _Compiled:
             key, apply_fn, params, c, dx, dy, q, a, anchor, p=p, dim=cfg.proj_dim))
         self.fit_kernel = jax.jit(lambda m, y: ka.fit_kernel(m, y))
         self.fit_linear = jax.jit(lambda m, y: ka.fit_linear(m, y, ridge=1e-3))
-        # the residual kernel takes the cheap surrogate's (gamma, mix); ridge and rho by LOO
-        self.fit_mf = jax.jit(lambda cm, cy, rm, ry, g, w: ka.fit_multifidelity(
-            cm, cy, rm, ry, gamma=g, mix=w))
+        self.fit_mf = jax.jit(lambda cm, cy, rm, ry: ka.fit_multifidelity(cm, cy, rm, ry))
         self.search = jax.jit(kernel_subset_search)
 
 
@@ -289,7 +287,7 @@ def attribution_for_rule(cfg: ICLExperimentConfig, fns: _Compiled, masks: dict,
     tr_few, F_few = jnp.asarray(masks["train"][:few]), jnp.asarray(F_tr[:few])
     sur["kernel_real_few"] = fns.fit_kernel(tr_few, F_few)
     sur["multifidelity"] = fns.fit_mf(jnp.asarray(masks["train"]), jnp.asarray(Fh_tr), tr_few,
-                                      F_few, sur["kernel"].gamma[0], sur["kernel"].mix[0])
+                                      F_few)
     preds = {n: np.asarray(ka.predict(s, jnp.asarray(masks["heldout"]))) for n, s in sur.items()}
     infl = np.asarray(fns.influence(jax.random.fold_in(key, 1), c, jnp.asarray(prob.demo_x),
                                     jnp.asarray(prob.demo_y), q, a))  # [K, T]
