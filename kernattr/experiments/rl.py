@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._losses import task_weights
-from ._rl_common import lds_summary, paired_summary, sac_batch, sac_optimizers
+from ._rl_common import (SACAttributionConfig, lds_summary, paired_summary, sac_batch,
+                         sac_optimizers)
 from .plots import save_figure
 
 METHODS = ("kernel", "kernel_real", "linear", "datamodels", "influence", "tracin")
@@ -42,46 +43,19 @@ SELECTORS = ("kernel", "kernel_real", "linear", "datamodels", "influence", "trac
 
 
 @dataclasses.dataclass(frozen=True)
-class RLConfig:
+class RLConfig(SACAttributionConfig):
     """Everything that defines a run of ``kernattr reproduce rl`` (JSON-serialisable).
 
-    Data: ``episodes`` per task of ``horizon`` steps. Agent: ``hidden`` widths. ``W0``:
-    ``pretrain_steps`` of full-batch SAC+BC (``pretrain_lr``). Ground truth: ``finetune_steps``
-    (Adam, cosine decay from ``finetune_lr``), ``prox`` (pull to ``W0``), ``bc_weight``,
-    ``q_weight``. Masks: ``num_train_masks`` (real labels), ``num_cheap_masks`` (estimated labels
-    only), ``num_heldout_masks``, drawn from a mixture of ``densities``. Estimator: ``proj_dim``
-    (``None``: no projection). Evaluation: ``eval_starts`` start states. ``seeds``: independent
-    repetitions (data, ``W0``, fine-tuning noise); masks are shared. Selection: ``num_random``
-    random companion sets per target and seed. ``kernel``: the surrogates' kernel
-    (``ka.fit_kernel``'s ``kernel=``).
+    The shared fields (data, agent, ``W0``, fine-tuning, masks, estimator, selection, kernel)
+    are those of :class:`~kernattr.experiments._rl_common.SACAttributionConfig`, with its
+    defaults. Added here: ``seeds``, independent repetitions (data, ``W0``, fine-tuning noise;
+    masks are shared); ``eval_starts`` start states for evaluation; ``mask_chunk`` masks per
+    vmapped fine-tuning chunk.
     """
 
     seeds: tuple = (0, 1, 2)
-    episodes: int = 8
-    horizon: int = 12
-    hidden: tuple = (32, 32)
-    pretrain_steps: int = 300
-    pretrain_lr: float = 3e-3
-    finetune_steps: int = 60
-    finetune_lr: float = 3e-3
-    prox: float = 1.0
-    bc_weight: float = 1.0
-    q_weight: float = 0.1
-    gamma: float = 0.9
-    num_train_masks: int = 64
-    num_cheap_masks: int = 512
-    num_heldout_masks: int = 64
-    densities: tuple = (0.3, 0.5, 0.7)
-    proj_dim: Optional[int] = 512
     eval_starts: int = 16
-    num_random: int = 4
-    mask_seed: int = 1234
     mask_chunk: int = 64
-    kernel: str = "linear+rbf"
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 # ---------------------------------------------------------------------------------- stage 1

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._losses import task_weights
-from ._rl_common import lds_summary, paired_summary, sac_batch, sac_optimizers
+from ._rl_common import (SACAttributionConfig, lds_summary, paired_summary, sac_batch,
+                         sac_optimizers)
 from .rl import Features
 
 MT10 = ("reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3",
@@ -36,43 +37,35 @@ ACT_CLIP = 0.95
 
 
 @dataclasses.dataclass(frozen=True)
-class MT10Config:
-    """A run of ``kernattr reproduce mt10`` (``quick()`` for the <= 15 min configuration)."""
+class MT10Config(SACAttributionConfig):
+    """A run of ``kernattr reproduce mt10`` (``quick()`` for the <= 15 min configuration).
 
-    tasks: tuple = MT10
-    targets: tuple = ("reach-v3", "drawer-close-v3", "window-open-v3")
-    seed: int = 0
+    Shared fields as in :class:`~kernattr.experiments._rl_common.SACAttributionConfig`, with
+    longer episodes, a wider agent, fewer masks and the ``"rbf"`` kernel by default. Added:
+    ``tasks`` (the MT10 task names), ``targets``, ``seed``, action ``noise`` of the data
+    collection, ``eval_episodes``.
+    """
+
     episodes: int = 4
     horizon: int = 100
-    noise: float = 0.3
     hidden: tuple = (64, 64)
-    pretrain_steps: int = 300
-    pretrain_lr: float = 3e-3
     finetune_steps: int = 40
-    finetune_lr: float = 3e-3
-    prox: float = 1.0
-    bc_weight: float = 1.0
-    q_weight: float = 0.1
-    gamma: float = 0.9
     num_train_masks: int = 32
     num_cheap_masks: int = 256
     num_heldout_masks: int = 32
-    densities: tuple = (0.3, 0.5, 0.7)
-    proj_dim: Optional[int] = 512
-    eval_episodes: int = 1
     num_random: int = 2
-    mask_seed: int = 1234
     kernel: str = "rbf"
+    tasks: tuple = MT10
+    targets: tuple = ("reach-v3", "drawer-close-v3", "window-open-v3")
+    seed: int = 0
+    noise: float = 0.3
+    eval_episodes: int = 1
 
     @classmethod
     def quick(cls, **kw) -> "MT10Config":
         base = dict(num_train_masks=24, num_heldout_masks=24, horizon=80, episodes=3)
         base.update(kw)
         return cls(**base)
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v
-                for k, v in dataclasses.asdict(self).items()}
 
 
 def _one_variation(name: str, seed: int):
