@@ -256,8 +256,9 @@ def test_interval_coverage_on_a_pairwise_game():
 
 
 def test_select_masks_equals_greedy_refits(x64):
-    """select_masks on a QuadraticSurrogate: each fantasised update equals really refitting with
-    the picked mask added (same ratio and ridge), for both criteria; jit equals eager."""
+    """select_masks on a QuadraticSurrogate: each fantasised update equals refitting the
+    Bayesian ridge model (numpy) with the picked mask added, for both criteria; jit equals
+    eager."""
     masks, y = _data(m=30, k=5, t=2, seed=4)
     rng = np.random.default_rng(1)
     pool = (rng.random((25, 5)) < 0.5).astype(np.float64)
@@ -268,13 +269,12 @@ def test_select_masks_equals_greedy_refits(x64):
         eager = np.asarray(ka.select_masks(jax.random.key(0), s, 4, candidates=pool, criterion=criterion))
         np.testing.assert_array_equal(picked, eager)
         cur, taken, ref = np.asarray(masks), [], []
-        for _ in range(4):
-            r = ka.fit_quadratic(cur, np.zeros((len(cur), 1)) + np.arange(len(cur))[:, None] % 3,
-                                 ratio=0.3, ridge=0.5)
-            c = 2.0 * pool - 1.0
-            iu, ju = np.triu_indices(5, 1)
-            xc = np.concatenate([c, c[:, iu] * c[:, ju]], axis=1) - np.asarray(r.feature_mean)[None, :]
-            cov = xc @ np.asarray(r.feature_cov) @ xc.T + 1.0 / len(cur)
+        for _ in range(4):  # numpy Bayesian ridge refit on the scaled Walsh features
+            phi = _features(cur, 0.3)
+            mu = phi.mean(0)
+            a = (phi - mu).T @ (phi - mu) + 0.5 * np.eye(phi.shape[1])
+            pc = _features(pool, 0.3) - mu
+            cov = pc @ np.linalg.solve(a, pc.T) + 1.0 / len(cur)
             score = np.diag(cov).copy() if criterion == "variance" else (cov**2).sum(0) / (np.diag(cov) + 1.0)
             score[taken] = -np.inf
             j = int(np.argmax(score))
