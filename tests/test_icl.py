@@ -262,6 +262,8 @@ def test_interactions_truncate_the_moebius_expansion():
         est.prompt_interactions(f, None, jnp.ones((2, 2)), jnp.zeros(1))
     with pytest.raises(ValueError, match="plan"):
         est.prompt_interactions(f, None, v, jnp.zeros(1), plan=est.distinct_prompts(v[:3]))
+    with pytest.raises(ValueError, match="tokens differ"):
+        est.prompt_interactions(f, None, v, jnp.zeros(1), plan=est.distinct_prompts(v + 1.0))
     with pytest.raises(ValueError, match="masks"):
         est.subset_indices(jnp.ones((2, 3)), 4)
     assert est.subset_indices(jnp.array([[0.0, 1.0, 1.0]]), 2).tolist() == [[1, 2]]

@@ -298,17 +298,27 @@ def prompt_interactions(apply_fn: Callable, params: Any, candidates, queries, *,
         raise ValueError(f"`candidates` [K] and `queries` [Q] must be non-empty vectors, got "
                          f"{tuple(cands.shape)} and {tuple(qs.shape)}.")
     k, q = cands.shape[0], qs.shape[0]
-    if plan is None:
-        try:  # concrete candidates: run identical prompts once
-            plan = distinct_prompts(np.asarray(cands))
-        except jax.errors.TracerArrayConversionError:  # traced: every prompt
-            ar = jnp.arange(k, dtype=jnp.int32)
-            iu_np, ju_np = _upper_pairs(k)
-            plan = PromptPlan(cands, cands[iu_np], cands[ju_np], ar, jnp.arange(iu_np.shape[0]))
+    try:
+        c_np = np.asarray(cands)
+    except jax.errors.TracerArrayConversionError:
+        c_np = None
+    if plan is None and c_np is not None:  # concrete candidates: run identical prompts once
+        plan = distinct_prompts(c_np)
+    elif plan is None:  # traced: every prompt
+        iu_np, ju_np = _upper_pairs(k)
+        plan = PromptPlan(cands, cands[iu_np], cands[ju_np], jnp.arange(k, dtype=jnp.int32),
+                          jnp.arange(iu_np.shape[0], dtype=jnp.int32))
     u, n_pairs = plan.single_tokens.shape[0], plan.pair_first.shape[0]
     if plan.candidate_index.shape != (k,) or plan.pair_index.shape != (k * (k - 1) // 2,):
         raise ValueError(f"`plan` was made for other candidates: candidate_index "
                          f"{tuple(plan.candidate_index.shape)}, expected ({k},).")
+    try:  # a concrete plan and concrete candidates: the plan must spell the candidates
+        spelled = np.asarray(plan.single_tokens)[np.asarray(plan.candidate_index)]
+    except jax.errors.TracerArrayConversionError:
+        spelled = None
+    if c_np is not None and spelled is not None and not np.array_equal(spelled, c_np):
+        raise ValueError("`plan` was made for other candidates (its tokens differ); build it "
+                         "with distinct_prompts(candidates).")
     # rows: empty, singletons (t, t) with the second slot off, pairs (first then second)
     toks = jnp.asarray(plan.single_tokens)
     first = jnp.concatenate([toks[:1], toks, jnp.asarray(plan.pair_first, toks.dtype)])
@@ -319,7 +329,7 @@ def prompt_interactions(apply_fn: Callable, params: Any, candidates, queries, *,
 
     def one(row):
         a, b, w = row
-        tokens = jnp.concatenate([jnp.stack([a, b]).astype(qs.dtype), qs])
+        tokens = jnp.concatenate([jnp.stack([a, b]), qs])
         return apply_fn(params, tokens, jnp.concatenate([w, ones]), q).reshape(q, -1)
 
     logits = jax.lax.map(one, (first, second, on), batch_size=chunk_size)  # [1 + u + P', Q, C]
