@@ -4,8 +4,9 @@ Usage: python _multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR
 
 Each process owns 2 CPU devices; ``jax.distributed.initialize`` joins them (coordinator on
 127.0.0.1:PORT, gloo collectives over loopback) into one 4-device ``data`` mesh. Examples are
-sharded on ``data`` across the processes, subset masks too; a Nyström surrogate is fitted and a
-kernel system solved by CG on masks sharded the same way. Every process gathers the global
+sharded on ``data`` across the processes, subset masks too; a Nyström and a pairwise
+(``fit_quadratic``) surrogate are fitted and a kernel system solved by CG on masks sharded the
+same way. Every process gathers the global
 results and writes them to OUT_DIR/process_<id>.npz for the parent test to compare with the
 single-process computation of :func:`problem`.
 """
@@ -98,7 +99,9 @@ def surrogate_compute(masks, y):
             ridge=jnp.array([0.01, 0.1]), block_size=4,
         )
         cg = ka.solve_kernel_cg(jax.random.key(6), masks, y, gamma=0.3, ridge=0.05, num_landmarks=8, block_size=4)
-        return ny.surrogate.dual_coef, ny.cv_error, cg.solution
+        quad = ka.fit_quadratic(masks, y, ratio=jnp.array([0.0, 0.1, 1.0]), ridge=jnp.array([0.01, 1.0]),
+                                block_size=4)
+        return ny.surrogate.dual_coef, ny.cv_error, cg.solution, (quad.pairwise, quad.cv_error, quad.noise_var)
 
     return run(masks, y)
 
@@ -135,7 +138,9 @@ def main():
     local_rows = [s.data.shape[0] for s in grads.addressable_shards]
     grads, outputs, labels = multihost_utils.process_allgather((grads, outputs, labels), tiled=True)
     smasks, sy = ka.shard_examples(surrogate_problem(), mesh)
-    ny_coef, ny_cv, cg_sol = surrogate_compute(smasks, sy)
+    ny_coef, ny_cv, cg_sol, quad = surrogate_compute(smasks, sy)
+    quad_replicated = all(a.sharding.is_fully_replicated for a in quad)
+    quad = [np.asarray(a.addressable_data(0)) for a in quad]
     cg_spec = str(cg_sol.sharding.spec)
     replicated = ny_coef.sharding.is_fully_replicated and ny_cv.sharding.is_fully_replicated
     ny_coef, ny_cv = np.asarray(ny_coef.addressable_data(0)), np.asarray(ny_cv.addressable_data(0))
@@ -153,6 +158,10 @@ def main():
         ny_replicated=np.asarray(replicated),
         cg_sol=np.asarray(cg_sol),
         cg_spec=np.asarray(cg_spec),
+        quad_pairwise=quad[0],
+        quad_cv=quad[1],
+        quad_noise=quad[2],
+        quad_replicated=np.asarray(quad_replicated),
     )
     jax.distributed.shutdown()
 

@@ -1,5 +1,6 @@
 """Two processes x two CPU devices (jax.distributed, gloo over loopback) give the
-single-process projected gradients, features, subset labels, Nyström fit and CG solve."""
+single-process projected gradients, features, subset labels, Nyström and pairwise fits and CG
+solve."""
 
 import os
 import socket
@@ -64,11 +65,15 @@ def test_two_processes_match_single_process(tmp_path):
         np.testing.assert_allclose(r["outputs"], outputs, rtol=2e-5, atol=2e-6)
         np.testing.assert_allclose(r["labels"], labels, rtol=1e-4, atol=1e-5)
     # surrogates on masks sharded over the two processes == one device
-    ny_coef, ny_cv, cg_sol = worker.surrogate_compute(*worker.surrogate_problem())
+    ny_coef, ny_cv, cg_sol, quad = worker.surrogate_compute(*worker.surrogate_problem())
     for i in range(2):
         r = np.load(tmp_path / f"process_{i}.npz")
         assert bool(r["ny_replicated"]) and str(r["cg_spec"]).startswith("P('data'")
         np.testing.assert_allclose(r["ny_cv"], ny_cv, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(r["ny_coef"], ny_coef, rtol=2e-3, atol=2e-3 * np.abs(ny_coef).max())
         np.testing.assert_allclose(r["cg_sol"], cg_sol, rtol=1e-3, atol=1e-3 * np.abs(cg_sol).max())
+        assert bool(r["quad_replicated"])
+        np.testing.assert_allclose(r["quad_cv"], quad[1], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(r["quad_pairwise"], quad[0], rtol=1e-3, atol=1e-4 * np.abs(quad[0]).max())
+        np.testing.assert_allclose(r["quad_noise"], quad[2], rtol=1e-4)
     assert jax.device_count() == 8  # the parent process was left alone
