@@ -8,7 +8,8 @@ Active arm: the same first ``--start`` masks, then rounds of ``--batch`` masks c
 ``ka.select_masks`` (integrated variance over a ``--candidates`` pool of Bernoulli(0.9) masks,
 fantasised updates) from the current surrogate, each really fine-tuned, then refitted. Both arms
 fit ``ka.fit_kernel`` (default kernel and grids) or ``ka.fit_quadratic`` (``--surrogate``) and
-are scored on the demo's 100 held-out masks: held-out LDS with a 95% bootstrap interval, and the
+are scored on the demo's 100 held-out masks (``--keep-kernel``: the active arm keeps the kernel's
+``(gamma, mix)`` chosen on the random start): held-out LDS with a 95% bootstrap interval, and the
 paired interval of active - random at every size. Printed per seed and averaged over seeds, with
 the retrains at which active reaches random's LDS at ``--budget`` (target ratio <= 0.7).
 
@@ -56,6 +57,10 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--candidates", type=int, default=2048)
     p.add_argument("--surrogate", default="kernel", choices=["kernel", "quadratic"])
+    p.add_argument("--keep-kernel", action="store_true",
+                   help="active arm: keep the kernel (gamma, mix) chosen on the random start; ridge by LOO")
+    p.add_argument("--pool", default="bernoulli", choices=["bernoulli", "fixed-size"],
+                   help="candidates: Bernoulli(density) masks, or masks of exactly round(density*K) tasks")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--plot", default=None)
     a = p.parse_args(argv)
@@ -76,7 +81,7 @@ def main(argv=None) -> int:
     runner = pl.make_runner(cfg, prep.data, prep.apply_fn, prep.init_fn)
     print(f"sizes: K={cfg.num_tasks} T={gt.train.shape[1]} prox={cfg.prox} steps={cfg.finetune_steps} "
           f"density={cfg.densities} start={a.start} batch={a.batch} budget={a.budget} seeds={a.seeds} "
-          f"pool={a.candidates} surrogate={a.surrogate} held-out={len(masks.heldout)} "
+          f"pool={a.candidates} ({a.pool}) surrogate={a.surrogate} held-out={len(masks.heldout)} "
           f"cpus={os.cpu_count()} load(1m)={os.getloadavg()[0]:.1f} "
           f"(ground truth {'cached' if gt.cache_hit else 'computed'}, {time.perf_counter() - t0:.0f} s)")
     if a.budget > len(masks.train):
@@ -88,9 +93,15 @@ def main(argv=None) -> int:
 
     fit_fn = ka.fit_kernel if a.surrogate == "kernel" else ka.fit_quadratic
     fit = jax.jit(lambda x, yy: fit_fn(x, yy))
+    fit_kept = jax.jit(lambda x, yy, g, w: ka.fit_kernel(x, yy, gamma=g, mix=w))
     density = float(cfg.densities[0]) if len(cfg.densities) == 1 else 0.5
-    select = jax.jit(lambda k, s: ka.select_masks(k, s, a.batch, num_candidates=a.candidates,
-                                                  p=density))
+    if a.pool == "bernoulli":
+        select = jax.jit(lambda k, s: ka.select_masks(k, s, a.batch, num_candidates=a.candidates,
+                                                      p=density))
+    else:
+        size = int(round(density * cfg.num_tasks))
+        select = jax.jit(lambda k, s: ka.select_masks(k, s, a.batch, candidates=ka.sample_subsets(
+            k, num_tasks=cfg.num_tasks, num_subsets=a.candidates, size=size)))
     held, y_held = jnp.asarray(masks.heldout), jnp.asarray(gt.heldout)
     sizes = list(range(a.start, a.budget + 1, a.batch))
     rand, act = np.zeros((a.seeds, len(sizes))), np.zeros((a.seeds, len(sizes)))
@@ -107,7 +118,10 @@ def main(argv=None) -> int:
         x, yy = pool[: a.start], y_pool[: a.start]
         row, hyper = [], []
         for i, n in enumerate(sizes):
-            s = fit(jnp.asarray(x), jnp.asarray(yy))
+            if a.keep_kernel and i > 0 and a.surrogate == "kernel":
+                s = fit_kept(jnp.asarray(x), jnp.asarray(yy), s0.gamma[0], s0.mix[0])
+            else:
+                s = s0 = fit(jnp.asarray(x), jnp.asarray(yy))
             hyper.append(describe(s) + f" density {float(np.mean(x[-a.batch:])):.2f}")
             pa = ka.predict(s, held)
             act[seed, i] = float(ka.lds(pa, y_held).mean)
