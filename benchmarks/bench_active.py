@@ -26,23 +26,13 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _active import plot_curves, print_mean_curves, report_reach
 
 
 def t_quantile(n: int) -> float:
     """0.975 quantile of Student's t with ``n - 1`` degrees of freedom (n seeds; table, 1.96 beyond)."""
     table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
     return table.get(n - 1, 2.228 if n - 1 < 20 else 1.96)
-
-
-def reach_of(sizes, curve, target):
-    """Retrains at which ``curve`` first reaches ``target`` (linear interpolation), or None."""
-    for i, n in enumerate(sizes):
-        if curve[i] >= target:
-            if i == 0:
-                return float(n)
-            frac = (target - curve[i - 1]) / max(curve[i] - curve[i - 1], 1e-12)
-            return sizes[i - 1] + frac * (n - sizes[i - 1])
-    return None
 
 
 def design_bound(s, num_tasks: int) -> float:
@@ -126,42 +116,19 @@ def main(argv=None) -> int:
         print(f"design bound (quadratic model at the hyperparameters chosen on {a.budget} random masks; "
               f"noise-free, any design chosen without the labels): >= {[round(b) for b in bound]} retrains "
               f"to reach random's integrated posterior variance at {a.budget} (ratio {np.mean(bound) / a.budget:.2f})")
-    print("retrains:", sizes)
-    print("random LDS (mean over seeds):", np.round(r, 4).tolist())
-    print("active LDS (mean over seeds):", np.round(ac, 4).tolist())
+    print_mean_curves(sizes, rand, act)
     diff = act - rand
     half = t_quantile(a.seeds) * diff.std(0, ddof=1) / np.sqrt(a.seeds) if a.seeds > 1 else np.full(len(sizes), np.nan)
     print("active - random LDS per size, mean [95% t-interval over seeds]:",
           [f"{d:+.4f} [{d - h:+.4f}, {d + h:+.4f}]" if np.isfinite(h) else f"{d:+.4f} (1 seed)"
            for d, h in zip(diff.mean(0), half)])
-    reach_seed = [reach_of(sizes, act[s_], rand[s_, -1]) for s_ in range(a.seeds)]
-    print(f"per seed: retrains for active to reach that seed's random LDS at {a.budget}: "
-          f"{[None if v is None else round(v) for v in reach_seed]}")
-    target = r[-1]
-    reach = reach_of(sizes, ac, target)
     print(f"noise ceiling (mean): {np.mean(ceil):.4f}")
-    if reach is None:
-        print(f"RATIO active never reached random's LDS at {a.budget} ({target:.4f}) within {a.budget} retrains (target <= 0.7)")
-    else:
-        print(f"RATIO retrains for active to reach random's LDS at {a.budget} ({target:.4f}): {reach:.0f} "
-              f"= {reach / a.budget:.2f} of random's (target <= 0.70)")
+    report_reach(sizes, rand, act, a.budget)
     if a.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(sizes, r, "o-", label="random Bernoulli(1/2)")
-        ax.plot(sizes, ac, "s-", label=f"select_masks ({a.criterion}, {a.surrogate})")
-        ax.axhline(np.mean(ceil), ls=":", c="gray", label="noise ceiling")
-        ax.set_xlabel("real retrains (masks)")
-        ax.set_ylabel("held-out LDS")
-        ax.set_title(f"synthetic games K={a.K}, T={a.T}, {a.seeds} seeds")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(a.plot, dpi=120)
-        print(f"plot: {a.plot}")
+        plot_curves(a.plot, sizes, r, ac, random_label="random Bernoulli(1/2)",
+                    active_label=f"select_masks ({a.criterion}, {a.surrogate})",
+                    xlabel="real retrains (masks)",
+                    title=f"synthetic games K={a.K}, T={a.T}, {a.seeds} seeds", ceiling=np.mean(ceil))
     return 0 if np.all(np.isfinite(ac)) else 1
 
 

@@ -28,17 +28,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-def reach_of(sizes, curve, target):
-    """Retrains at which ``curve`` first reaches ``target`` (linear interpolation), or None."""
-    for i, n in enumerate(sizes):
-        if curve[i] >= target:
-            if i == 0:
-                return float(n)
-            frac = (target - curve[i - 1]) / max(curve[i] - curve[i - 1], 1e-12)
-            return sizes[i - 1] + frac * (n - sizes[i - 1])
-    return None
+from _active import plot_curves, print_mean_curves, report_reach
 
 
 def describe(s) -> str:
@@ -141,40 +131,19 @@ def main(argv=None) -> int:
         print("  active - random, paired 95% bootstrap over held-out masks: "
               + ", ".join(f"{n}: {m:+.3f} [{lo:+.3f}, {hi:+.3f}]" for n, (m, lo, hi) in zip(sizes, row)))
     r, ac = rand.mean(0), act.mean(0)
-    print("retrains:", sizes)
-    print("random LDS (mean over seeds):", np.round(r, 4).tolist())
-    print("active LDS (mean over seeds):", np.round(ac, 4).tolist())
+    print_mean_curves(sizes, rand, act, unit="order")
     ci = ka.lds_interval(jax.random.key(7), preds_r[-1], y_held)
     print(f"random at {a.budget} (last seed): LDS {float(ci.mean):.3f} [{float(ci.low):.3f}, {float(ci.high):.3f}]")
     if gt.heldout_repeat is not None:
         nc = ka.lds_interval(jax.random.key(8), jnp.asarray(gt.heldout_repeat), y_held)
         print(f"noise ceiling (another W0): {float(nc.mean):.3f} [{float(nc.low):.3f}, {float(nc.high):.3f}]")
-    reach_seed = [reach_of(sizes, act[s_], rand[s_, -1]) for s_ in range(a.seeds)]
-    print(f"per seed: retrains for active to reach that seed's random LDS at {a.budget}: "
-          f"{[None if v is None else round(v) for v in reach_seed]}")
-    reach = reach_of(sizes, ac, r[-1])
-    if reach is None:
-        print(f"RATIO active never reached random's LDS at {a.budget} ({r[-1]:.4f}) (target <= 0.7)")
-    else:
-        print(f"RATIO retrains for active to reach random's LDS at {a.budget} ({r[-1]:.4f}): {reach:.0f} "
-              f"= {reach / a.budget:.2f} of random's (target <= 0.70)")
+    report_reach(sizes, rand, act, a.budget, unit="order")
     print(f"real fine-tuning of the chosen masks: {n_real} masks in {t_real:.0f} s; total {time.perf_counter() - t0:.0f} s")
     if a.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(sizes, r, "o-", label="random (demo's training masks)")
-        ax.plot(sizes, ac, "s-", label=f"select_masks (integrated, {a.surrogate})")
-        ax.set_xlabel("real fine-tunings (masks)")
-        ax.set_ylabel("held-out LDS")
-        ax.set_title(f"kernattr demo task, K={cfg.num_tasks}, {a.seeds} orders")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(a.plot, dpi=120)
-        print(f"plot: {a.plot}")
+        plot_curves(a.plot, sizes, r, ac, random_label="random (demo's training masks)",
+                    active_label=f"select_masks (integrated, {a.surrogate})",
+                    xlabel="real fine-tunings (masks)",
+                    title=f"kernattr demo task, K={cfg.num_tasks}, {a.seeds} orders")
     return 0 if np.all(np.isfinite(ac)) else 1
 
 
