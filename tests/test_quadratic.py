@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import kernattr as ka
+from _select_oracle import greedy_refit_picks
 
 _fit = jax.jit(ka.fit_quadratic, static_argnames=("block_size", "throw"))
 
@@ -255,6 +256,19 @@ def test_interval_coverage_on_a_pairwise_game():
     assert 0.90 <= cover <= 0.99, cover
 
 
+def _bayes_ridge_cov(pool, ratio=0.3, ridge=0.5):
+    """Pool covariance (noise units) of the Bayesian ridge model refitted on given masks."""
+
+    def cov(cur):
+        phi = _features(cur, ratio)
+        mu = phi.mean(0)
+        a = (phi - mu).T @ (phi - mu) + ridge * np.eye(phi.shape[1])
+        pc = _features(pool, ratio) - mu
+        return pc @ np.linalg.solve(a, pc.T) + 1.0 / len(cur)
+
+    return cov
+
+
 def test_select_masks_equals_greedy_refits(x64):
     """select_masks on a QuadraticSurrogate: each fantasised update equals refitting the
     Bayesian ridge model (numpy) with the picked mask added, for both criteria; jit equals
@@ -268,19 +282,7 @@ def test_select_masks_equals_greedy_refits(x64):
             jax.random.key(0), s_, 4, candidates=c, criterion=criterion))(s, pool))
         eager = np.asarray(ka.select_masks(jax.random.key(0), s, 4, candidates=pool, criterion=criterion))
         np.testing.assert_array_equal(picked, eager)
-        cur, taken, ref = np.asarray(masks), [], []
-        for _ in range(4):  # numpy Bayesian ridge refit on the scaled Walsh features
-            phi = _features(cur, 0.3)
-            mu = phi.mean(0)
-            a = (phi - mu).T @ (phi - mu) + 0.5 * np.eye(phi.shape[1])
-            pc = _features(pool, 0.3) - mu
-            cov = pc @ np.linalg.solve(a, pc.T) + 1.0 / len(cur)
-            score = np.diag(cov).copy() if criterion == "variance" else (cov**2).sum(0) / (np.diag(cov) + 1.0)
-            score[taken] = -np.inf
-            j = int(np.argmax(score))
-            taken.append(j)
-            ref.append(pool[j])
-            cur = np.concatenate([cur, pool[j : j + 1]])
-        np.testing.assert_array_equal(picked, np.stack(ref))
+        np.testing.assert_array_equal(picked, greedy_refit_picks(_bayes_ridge_cov(pool), masks, pool, 4,
+                                                                 criterion, 1.0))
     drawn = np.asarray(ka.select_masks(jax.random.key(3), s, 6, num_candidates=40))
     assert drawn.shape == (6, 5) and set(np.unique(drawn)) <= {0.0, 1.0}
