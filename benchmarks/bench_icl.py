@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import time
 
 import jax
 import jax.numpy as jnp
@@ -30,19 +29,13 @@ import numpy as np
 import kernattr as ka
 from kernattr.experiments import icl, icl_estimator as est
 from kernattr.experiments.icl_model import cached_icl_model, make_icl_problem, query_losses
+from _timing import best_time, time_compiled
 
 
 def timed(fn, *args, repeats=3):
-    t = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    compile_s = time.perf_counter() - t
-    jax.block_until_ready(compiled(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = jax.block_until_ready(compiled(*args))
-        best = min(best, time.perf_counter() - t)
-    return out, best, compile_s
+    """``(output, best seconds, compile seconds)`` of ``jax.jit(fn)`` (:func:`time_compiled`)."""
+    t = time_compiled(jax.jit(fn), *args, repeats=repeats)
+    return t.output, t.best_s, t.compile_s
 
 
 def main(argv=None):
@@ -82,14 +75,6 @@ def main(argv=None):
     def interactions(c, plan):  # identical short prompts once
         return est.prompt_interactions(apply_fn, params, c, allq, plan=plan)
 
-    def best_of(fn, repeats=3):
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            out = fn()
-            best = min(best, time.perf_counter() - t)
-        return out, best
-
     # The strongest forward anchor: identical 4-shot prompts (same tokens in the same order) run
     # once, distinct queries packed; the deduplication is timed with it.
     def dedupe_masks():
@@ -102,13 +87,15 @@ def main(argv=None):
 
     F, t_real, c_real = timed(real, masks)
     F2, t_real2, c_real2 = timed(real_distinct, masks)
-    (rep, inv), t_dedupe = best_of(dedupe_masks)
+    dd = best_time(dedupe_masks, warmup=False)
+    (rep, inv), t_dedupe = dd.output, dd.best_s
     u_masks = masks[jnp.asarray(rep)]
     F3u, t_real3, c_real3 = timed(real_distinct, u_masks)
     t_real3 = t_real3 + t_dedupe
     F3 = F3u[jnp.asarray(inv)]
     _, t_int_all, _ = timed(interactions_all, c)
-    plan, t_plan = best_of(lambda: est.distinct_prompts(np.asarray(c)))
+    pl = best_time(lambda: est.distinct_prompts(np.asarray(c)), warmup=False)
+    plan, t_plan = pl.output, pl.best_s
     inter, t_int, c_int = timed(interactions, c, plan)
     t_int = t_int + t_plan
     Fh, t_form, c_form = timed(forms, inter, masks)
