@@ -287,7 +287,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_reproduce_modular(args: argparse.Namespace) -> int:
-    from .experiments.pipeline import demo_config
+    from .experiments.pipeline import demo_config, last_layer_config
 
     kw = dict(task=args.task, p=args.p, num_tasks=args.tasks, num_train_masks=args.masks,
               num_heldout_masks=args.heldout_masks, num_targets=args.targets, seed=args.seed,
@@ -295,7 +295,8 @@ def _run_reproduce_modular(args: argparse.Namespace) -> int:
     kw = {k: v for k, v in kw.items() if v is not None}
     if args.family is not None:
         kw.setdefault("num_tasks", 24)
-    return _run_modular(demo_config(family=args.family, grouping="blocks", **kw), args)
+    make = last_layer_config if args.last_layer else demo_config
+    return _run_modular(make(family=args.family, grouping="blocks", **kw), args)
 
 
 def _add_reproduce_modular(psub: argparse._SubParsersAction) -> None:
@@ -318,6 +319,9 @@ def _add_reproduce_modular(psub: argparse._SubParsersAction) -> None:
     m.add_argument("--steps", type=_positive_int, default=None,
                    help="fine-tuning steps (default 200)")
     m.add_argument("--dim", type=_positive_int, default=None, help="projection dimension d")
+    m.add_argument("--last-layer", action="store_true",
+                   help="fine-tune only the last layer (prox 3e-4, 1000 steps at lr 0.03; the "
+                        "estimator unprojected and solved exactly: linearization is exact there)")
     _experiment_flags(m)
     m.set_defaults(func=_run_reproduce_modular, flags={"prox": "--prox", "ridge": "--prox"})
 

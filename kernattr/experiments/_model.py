@@ -70,3 +70,17 @@ def pretrain(
         jnp.asarray(data.task_ids), ones, loss="softmax", optimizer=opt, num_steps=num_steps,
     )
     return jax.tree.map(lambda x: x[0], stacked)
+
+
+def restrict_to(apply_fn: Callable, params: Any, name: str) -> tuple[Callable, Any]:
+    """``(apply_fn', sub)``: the model as a function of ``params[name]`` alone, every other
+    parameter frozen at its value in ``params`` (e.g. ``name="unembed"``: last-layer fine-tuning,
+    where the logits are linear in the trained parameters and linearizing them is exact)."""
+    if name not in params:
+        raise ValueError(f"no parameter group {name!r}; the model has {list(params.keys())}.")
+    frozen = dict(params)
+
+    def sub_apply(sub, x):
+        return apply_fn(type(params)({**frozen, name: sub}), x)
+
+    return sub_apply, params[name]

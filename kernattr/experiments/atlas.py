@@ -24,7 +24,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from .pipeline import PipelineConfig, demo_config, run_pipeline
+from .pipeline import LAST_LAYER, PipelineConfig, demo_config, run_pipeline
 
 
 # Estimator variants (solver, linearization point) compared on the centre's ground truth.
@@ -82,6 +82,9 @@ def atlas_cells(centre: PipelineConfig, quick: bool = False) -> list[Cell]:
             cells.append(Cell("family", fam, {"family": fam, "num_tasks": K + K % 2}))
     if centre.family is not None:
         cells.append(Cell("family", "quadratic (blocks)", {"family": None}))
+    if centre.regime == "finetune" and centre.finetune_params == "all":
+        cells.append(Cell("fine-tuned layers", "last layer only (prox 3e-4, exact GLM)",
+                          {**LAST_LAYER, "finetune_steps": 200} if quick else LAST_LAYER))
     groups = 48 if quick else 200
     cells.append(Cell("grouping", f"{groups} sample groups",
                       {"family": None, "grouping": "samples", "num_tasks": groups}))
