@@ -293,6 +293,8 @@ def _run_reproduce_modular(args: argparse.Namespace) -> int:
               num_heldout_masks=args.heldout_masks, num_targets=args.targets, seed=args.seed,
               regime=args.regime, proj_dim=args.dim, prox=args.prox, finetune_steps=args.steps)
     kw = {k: v for k, v in kw.items() if v is not None}
+    if args.density is not None:
+        kw["densities"] = (args.density,)
     if args.family is not None:
         kw.setdefault("num_tasks", 24)
     make = last_layer_config if args.last_layer else demo_config
@@ -319,6 +321,8 @@ def _add_reproduce_modular(psub: argparse._SubParsersAction) -> None:
     m.add_argument("--steps", type=_positive_int, default=None,
                    help="fine-tuning steps (default 200)")
     m.add_argument("--dim", type=_positive_int, default=None, help="projection dimension d")
+    m.add_argument("--density", type=_fraction, default=None,
+                   help="Bernoulli density of every mask, in (0, 1) (default 0.9)")
     m.add_argument("--last-layer", action="store_true",
                    help="fine-tune only the last layer (prox 3e-4, 1000 steps at lr 0.03; the "
                         "estimator unprojected and solved exactly: linearization is exact there)")

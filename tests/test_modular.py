@@ -235,6 +235,10 @@ def test_cli_parses_reproduce():
     assert (args.prox, args.steps) == (0.1, 150)
     args = build_parser().parse_args(["reproduce", "modular", "--last-layer"])
     assert args.last_layer and not build_parser().parse_args(["reproduce", "modular"]).last_layer
+    assert build_parser().parse_args(["reproduce", "modular", "--density", "0.5"]).density == 0.5
+    for bad in ("0", "1", "1.5", "nan"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["reproduce", "modular", "--density", bad])
     args = build_parser().parse_args(["reproduce", "atlas", "--prox", "1", "--steps", "100"])
     assert (args.prox, args.steps, args.quick) == (1.0, 100, False)
     for bad in (["--steps", "0"], ["--prox", "-1"], ["--prox", "nan"]):
