@@ -324,7 +324,7 @@ def _add_reproduce_modular(psub: argparse._SubParsersAction) -> None:
     m.add_argument("--density", type=_fraction, default=None,
                    help="Bernoulli density of every mask, in (0, 1) (default 0.9)")
     m.add_argument("--last-layer", action="store_true",
-                   help="fine-tune only the last layer (prox 3e-4, 1000 steps at lr 0.03; the "
+                   help="fine-tune only the last layer (prox 3e-6, 10000 steps at lr 0.03; the "
                         "estimator unprojected and solved exactly: linearization is exact there)")
     _experiment_flags(m)
     m.set_defaults(func=_run_reproduce_modular, flags={"prox": "--prox", "ridge": "--prox"})

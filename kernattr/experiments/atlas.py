@@ -83,8 +83,9 @@ def atlas_cells(centre: PipelineConfig, quick: bool = False) -> list[Cell]:
     if centre.family is not None:
         cells.append(Cell("family", "quadratic (blocks)", {"family": None}))
     if centre.regime == "finetune" and centre.finetune_params == "all":
-        cells.append(Cell("fine-tuned layers", "last layer only (prox 3e-4, exact GLM)",
-                          {**LAST_LAYER, "finetune_steps": 200} if quick else LAST_LAYER))
+        last = {**LAST_LAYER, "prox": 1e-3, "finetune_steps": 300} if quick else LAST_LAYER
+        cells.append(Cell("fine-tuned layers", f"last layer only (prox {last['prox']:g}, "
+                          f"{last['finetune_steps']} steps, exact GLM)", last))
     groups = 48 if quick else 200
     cells.append(Cell("grouping", f"{groups} sample groups",
                       {"family": None, "grouping": "samples", "num_tasks": groups}))
