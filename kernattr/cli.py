@@ -267,20 +267,23 @@ def _run_modular(cfg, args) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .experiments.pipeline import demo_config
+    from .experiments.pipeline import headline_config
 
-    return _run_modular(demo_config(seed=args.seed), args)
+    return _run_modular(headline_config(seed=args.seed), args)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="end-to-end task attribution on quadratic modular arithmetic (~minutes on 2 CPUs)",
-        description="Pretrain a small NNX transformer on (x²+xy+y²) mod 17 split into 25 tasks, "
-                    "fine-tune it for real on ~250 task subsets (the ground truth), estimate the "
-                    "same subsets with the gradient estimator, fit kernel/linear surrogates, "
-                    "compare with influence functions, TRAK and TracIn; print the table and "
-                    "write results.json and plots.",
+        help="end-to-end task attribution on modular arithmetic with antagonistic tasks "
+             "(~4 minutes on 2 CPUs)",
+        description="Pretrain a small NNX transformer on (x²+xy+y²) mod 17 split into 12 blocks, "
+                    "each with an antagonistic partner task (same inputs, a conflicting rule): "
+                    "24 tasks. Fine-tune its last layer for real on ~250 task subsets (the "
+                    "ground truth), estimate the same subsets with the gradient estimator, fit "
+                    "kernel/linear surrogates, compare with influence functions, TRAK and "
+                    "TracIn; print the table and write results.json and plots. `kernattr "
+                    "reproduce modular` runs the same pipeline with every parameter fine-tuned.",
     )
     _experiment_flags(p)
     p.set_defaults(func=_run_demo)
