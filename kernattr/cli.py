@@ -279,9 +279,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
              "(~4 minutes on 2 CPUs)",
         description="Pretrain a small NNX transformer on (x²+xy+y²) mod 17 split into 12 blocks, "
                     "each with an antagonistic partner task (same inputs, a conflicting rule): "
-                    "24 tasks. Fine-tune its last layer for real on ~250 task subsets (masks "
-                    "of density 0.95; the "
-                    "ground truth), estimate the same subsets with the gradient estimator, fit "
+                    "24 tasks. Fine-tune its last layer for real on ~250 task subsets of "
+                    "density 0.95 (the ground truth), estimate the same subsets with the "
+                    "gradient estimator, fit "
                     "kernel/linear surrogates, compare with influence functions, TRAK and "
                     "TracIn; print the table and write results.json and plots. `kernattr "
                     "reproduce modular` runs the same pipeline with every parameter fine-tuned.",

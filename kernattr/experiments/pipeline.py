@@ -66,8 +66,9 @@ class PipelineConfig:
     Ground truth: ``regime`` (``"finetune"`` from ``W0`` or ``"scratch"``), ``finetune_steps``,
     ``finetune_lr`` (Adam, cosine-decayed to 0), ``prox`` (L2 pull to ``W0``; fine-tuning only),
     ``scratch_steps``, ``finetune_params`` (``"all"`` or ``"head"``: fine-tune, linearize and
-    score only the unembedding layer, the rest frozen at ``W0``), ``gt_seed`` (seed of the training itself: the init of ``"scratch"``, the
-    init of ``W0`` for ``"finetune"``; the noise ceiling retrains with ``gt_seed + 1``),
+    score only the unembedding layer, the rest frozen at ``W0``), ``gt_seed`` (seed of the
+    training itself: the init of ``"scratch"``, the init of ``W0`` for ``"finetune"``; the noise
+    ceiling retrains with ``gt_seed + 1``),
     ``noise_ceiling`` (whether to measure it).
     Masks: ``num_train_masks``, ``num_heldout_masks`` drawn from a mixture over ``densities``;
     ``num_real_few`` real labels for ``kernel_real_few`` / ``multifidelity``.
@@ -137,7 +138,7 @@ class PipelineConfig:
 # over a linear surrogate on real labels (prox 10 / 1 / 0.1 / 0.03 at density 0.9: x1.02 / x1.02 /
 # x1.10 / x1.16 LDS; prox 0 overfits and the advantage vanishes). The linearization at W0 is the
 # bottleneck there: influence functions beat the kernel on estimated labels.
-DEMO = {"prox": 0.03, "finetune_steps": 200, "densities": (0.9,)}
+FULL_FINETUNE = {"prox": 0.03, "finetune_steps": 200, "densities": (0.9,)}
 
 
 # Last-layer fine-tuning (``kernattr reproduce modular --last-layer``): only the unembedding is
@@ -152,13 +153,13 @@ LAST_LAYER = {"finetune_params": "head", "prox": 3e-6, "finetune_lr": 0.03,
 
 
 def last_layer_config(**overrides) -> PipelineConfig:
-    """The demo's configuration with :data:`LAST_LAYER` (last-layer fine-tuning), then
-    ``overrides``.
+    """:data:`FULL_FINETUNE` with :data:`LAST_LAYER` on top (last-layer fine-tuning), then
+    ``overrides`` (``kernattr reproduce modular --last-layer``).
 
     >>> last_layer_config().finetune_params, last_layer_config(prox=1e-3).prox
     ('head', 0.001)
     """
-    return PipelineConfig(**{**DEMO, **LAST_LAYER, **overrides})
+    return PipelineConfig(**{**FULL_FINETUNE, **LAST_LAYER, **overrides})
 
 
 # The headline regime ``kernattr demo`` runs: last-layer fine-tuning (:data:`LAST_LAYER`) on the
@@ -170,23 +171,23 @@ HEADLINE = {**LAST_LAYER, "family": "antagonism", "num_tasks": 24, "densities": 
 
 
 def headline_config(**overrides) -> PipelineConfig:
-    """The configuration of ``kernattr demo``: :data:`HEADLINE` on top of :data:`DEMO`.
+    """``kernattr demo``'s configuration: :data:`HEADLINE` on top of :data:`FULL_FINETUNE`.
 
     >>> cfg = headline_config(seed=2)
     >>> cfg.family, cfg.finetune_params, cfg.num_tasks, cfg.seed
     ('antagonism', 'head', 24, 2)
     """
-    return PipelineConfig(**{**DEMO, **HEADLINE, **overrides})
+    return PipelineConfig(**{**FULL_FINETUNE, **HEADLINE, **overrides})
 
 
 def demo_config(**overrides) -> PipelineConfig:
-    """Full fine-tuning (:data:`DEMO`; the atlas's centre, ``kernattr reproduce modular``), with
-    ``overrides``.
+    """Full fine-tuning (:data:`FULL_FINETUNE`; the atlas's centre, ``kernattr reproduce
+    modular``), with ``overrides``.
 
     >>> demo_config(seed=3).seed
     3
     """
-    return PipelineConfig(**{**DEMO, **overrides})
+    return PipelineConfig(**{**FULL_FINETUNE, **overrides})
 
 
 def default_cache_dir() -> str:
