@@ -276,12 +276,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="end-to-end task attribution on modular arithmetic with antagonistic tasks "
-             "(~4 minutes on 2 CPUs)",
+             "(~3 minutes on 2 CPUs)",
         description="Pretrain a small NNX transformer on (x²+xy+y²) mod 17 split into 12 blocks, "
                     "each with an antagonistic partner task (same inputs, a conflicting rule): "
                     "24 tasks. Fine-tune its last layer for real on ~250 task subsets of "
                     "density 0.95 (the ground truth), estimate the same subsets with the "
-                    "gradient estimator, fit "
+                    "gradient estimator (gradients projected to 448 dimensions), fit "
                     "kernel/linear surrogates, compare with influence functions, TRAK and "
                     "TracIn; print the table and write results.json and plots. `kernattr "
                     "reproduce modular` runs the same pipeline with every parameter fine-tuned.",
