@@ -618,6 +618,12 @@ def methods_stage(cfg: PipelineConfig, masks: MaskSet, gt: GroundTruth, est: Est
                                         per_target=cfg.kernel_per_target),
            per_est * n_tr + per_gt * few)
 
+    def record_scores(name, scores, sec):
+        """An additive baseline: task scores [K, T], held-out predictions ``masks @ scores``."""
+        out.preds[name], out.loos[name] = masks.heldout @ scores, scores
+        out.fit_seconds[name], out.label_seconds[name] = sec, feats.seconds
+        out.seconds[name] = sec + feats.seconds
+
     damping = est.ridge if cfg.damping is None else cfg.damping
     K = cfg.num_tasks
     for name, fn in (
@@ -627,10 +633,7 @@ def methods_stage(cfg: PipelineConfig, masks: MaskSet, gt: GroundTruth, est: Est
     ):
         ts = time.perf_counter()
         scores = np.asarray(jax.jit(fn)(feats.train, feats.target))
-        sec = time.perf_counter() - ts
-        out.preds[name], out.loos[name] = masks.heldout @ scores, scores
-        out.fit_seconds[name], out.label_seconds[name] = sec, feats.seconds
-        out.seconds[name] = sec + feats.seconds
+        record_scores(name, scores, time.perf_counter() - ts)
 
     # influence functions at every damping of the grid, the best on the held-out labels kept
     ts = time.perf_counter()
@@ -641,11 +644,7 @@ def methods_stage(cfg: PipelineConfig, masks: MaskSet, gt: GroundTruth, est: Est
     lds = [float(ka.lds(jnp.asarray(masks.heldout @ s), jnp.asarray(gt.heldout)).mean)
            for s in all_scores]
     best = int(np.nanargmax(lds))
-    sec = time.perf_counter() - ts
-    out.preds["influence_best"] = masks.heldout @ all_scores[best]
-    out.loos["influence_best"] = all_scores[best]
-    out.fit_seconds["influence_best"], out.label_seconds["influence_best"] = sec, feats.seconds
-    out.seconds["influence_best"] = sec + feats.seconds
+    record_scores("influence_best", all_scores[best], time.perf_counter() - ts)
     sweep_report = {"damping": list(DAMPING_GRID), "lds": lds, "best": DAMPING_GRID[best],
                     "what": "influence functions at each damping; influence_best uses the one "
                             "with the best held-out LDS, chosen in hindsight (an oracle)"}
