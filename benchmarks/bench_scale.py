@@ -15,15 +15,18 @@ Three figures, measured in one run (sizes, dtype, device count and load printed 
    in ``--anchor-landmarks`` (the gap against ``L`` is the diagnosis: a K = 100 game with
    pairwise interactions lives in the ~5,000-dimensional span of the degree <= 2 Walsh functions,
    which L << 5,000 landmark columns cannot span).
-4. The same scale and anchor figures for ``ka.fit_quadratic`` (kernel ridge regression on exactly
-   those degree <= 2 Walsh functions, ratio x ridge grid by closed-form LOO), which has no
-   landmark budget to choose (``--methods`` picks which of the two run).
+4. The same scale and anchor figures for ``ka.fit_kernel(..., solver="walsh")`` (the same
+   kernel and grid: its degree <= 2 Walsh part exact, degrees >= 3 as ridge, selection by
+   closed-form LOO in feature space) and for ``ka.fit_quadratic`` (kernel ridge regression on
+   those degree <= 2 Walsh functions with a free ratio x ridge grid), which have no landmark
+   budget to choose (``--methods`` picks which of the three run).
 
 The exact fit at m = 5,000 takes ~20 minutes here; ``--exact-cache FILE`` stores its held-out
 predictions (tagged with the seed and sizes) and reuses them on a later run with the same seed
 and sizes; the output says when it did.
 
-    nice -n 10 python benchmarks/bench_scale.py            # full (~30 min with the exact anchor)
+    nice -n 10 python benchmarks/bench_scale.py            # full (~35 min with the exact anchor)
+    python benchmarks/bench_scale.py --methods walsh --exact-cache /tmp/exact5000.npz   # ~8 min
     nice -n 10 python benchmarks/bench_scale.py --skip-scale --anchor-landmarks 512,1024,2048 \
         --exact-cache /tmp/exact5000.npz                   # the gap against L only
     python benchmarks/bench_scale.py --smoke               # tiny, < 30 s
@@ -79,7 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--anchor-landmarks", default=None, help="comma list of L at the anchor (default: --landmarks)")
     p.add_argument("--exact-cache", default=None, help="npz file caching the exact fit's held-out predictions")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", default="nystrom,quadratic", help="comma list: nystrom, quadratic")
+    p.add_argument("--methods", default="nystrom,quadratic,walsh", help="comma list: nystrom, quadratic, walsh")
     a = p.parse_args(argv)
     methods = set(a.methods.split(","))
     if a.smoke:
@@ -115,15 +118,21 @@ def main(argv=None) -> int:
     def fit_quad(x, yy):
         return ka.fit_quadratic(x, yy, ridge=ridge, block_size=2048)
 
+    def fit_walsh(x, yy):
+        return ka.fit_kernel(x, yy, gamma=gamma, mix=mix, ridge=ridge, solver="walsh")
+
     ok = True
     if not a.skip_scale and "nystrom" in methods:
         ok = scale_part(a, ka, fit_ny, kl, ks, masks, y, test, y_test)
     if not a.skip_scale and "quadratic" in methods:
-        ok = quadratic_scale_part(a, ka, fit_quad, masks, y, test, y_test) and ok
+        ok = quadratic_scale_part(a, ka, fit_quad, masks, y, test, y_test, "fit_quadratic") and ok
+    if not a.skip_scale and "walsh" in methods:
+        ok = quadratic_scale_part(a, ka, fit_walsh, masks, y, test, y_test, "fit_kernel(solver='walsh')") and ok
     if not a.skip_exact:
         ok = anchor_part(a, ka, fit_ny, dict(gamma=gamma, mix=mix, ridge=ridge), kl, masks, y, test, y_test,
                          ceiling, anchor_ls if "nystrom" in methods else [],
-                         fit_quad if "quadratic" in methods else None) and ok
+                         {name: fn for method, name, fn in (("quadratic", "fit_quadratic", fit_quad),
+                                                            ("walsh", "walsh", fit_walsh)) if method in methods}) and ok
     print("note: machine shared with other engineers; load printed above.")
     if not ok:
         print("FAIL: non-finite result", file=sys.stderr)
@@ -148,20 +157,26 @@ def scale_part(a, ka, fit_ny, kl, ks, masks, y, test, y_test) -> bool:
     return bool(np.all(np.isfinite(np.asarray(ny.surrogate.dual_coef))))
 
 
-def quadratic_scale_part(a, ka, fit_quad, masks, y, test, y_test) -> bool:
+def chosen(q) -> str:
+    """The chosen grid point of a QuadraticSurrogate (kernel settings with solver='walsh')."""
+    kern = "" if q.gamma is None else f"gamma={float(q.gamma[0]):.4g} mix={float(q.mix[0]):.3g} "
+    return f"{kern}ratio={float(q.ratio[0]):.3g} ridge={float(q.ridge[0]):.3g}"
+
+
+def quadratic_scale_part(a, ka, fit_quad, masks, y, test, y_test, name) -> bool:
     q, t_fit, c_fit = timed(fit_quad, masks, y)
     lds_q = ka.lds(ka.predict(q, test), y_test).mean
     print(
-        f"[scale] fit_quadratic m={a.m}: {t_fit:.1f} s (compile {c_fit:.1f} s apart)  chosen "
-        f"ratio={float(q.ratio[0]):.3g} ridge={float(q.ridge[0]):.3g}  held-out LDS {float(lds_q):.4f}  "
+        f"[scale] {name} m={a.m}: {t_fit:.1f} s (compile {c_fit:.1f} s apart)  chosen "
+        f"{chosen(q)}  held-out LDS {float(lds_q):.4f}  "
         f"peak RSS {maxrss_gb():.2f} GB  load(1m)={os.getloadavg()[0]:.1f}"
     )
-    print(f"RESULT fit_quadratic incl. compile {t_fit + c_fit:.1f} s (target <= 600 s on 2 cores), peak RSS "
+    print(f"RESULT {name} incl. compile {t_fit + c_fit:.1f} s (target <= 600 s on 2 cores), peak RSS "
           f"{maxrss_gb():.2f} GB (target <= 24 GB)")
     return bool(np.all(np.isfinite(np.asarray(q.linear))))
 
 
-def anchor_part(a, ka, fit_ny, grid, kl, masks, y, test, y_test, ceiling, anchor_ls, fit_quad=None) -> bool:
+def anchor_part(a, ka, fit_ny, grid, kl, masks, y, test, y_test, ceiling, anchor_ls, feature_fits) -> bool:
     xm, ym = masks[: a.m_exact], y[: a.m_exact]
     tag = np.array([a.seed, a.m, a.m_exact, a.K, a.T, a.test])
     p_ex = None
@@ -201,11 +216,10 @@ def anchor_part(a, ka, fit_ny, grid, kl, masks, y, test, y_test, ceiling, anchor
         head = (f"Nyström L={L}: {t_ns:.1f} s, chosen gamma={float(nys.gamma[0]):.4g} "
                 f"mix={float(nys.mix[0]):.3g} ridge={float(nys.ridge[0]):.3g}")
         ok = against_exact(ka.predict(nys, test), t_ns, head, "Nyström", f"Nyström L={L}") and ok
-    if fit_quad is not None:
-        q, t_q, c_q = timed(fit_quad, xm, ym)
-        head = (f"fit_quadratic: {t_q:.1f} s (compile {c_q:.1f}), chosen ratio={float(q.ratio[0]):.3g} "
-                f"ridge={float(q.ridge[0]):.3g}")
-        ok = against_exact(ka.predict(q, test), t_q, head, "quadratic", "fit_quadratic") and ok
+    for name, fit in feature_fits.items():
+        q, t_q, c_q = timed(fit, xm, ym)
+        head = f"{name}: {t_q:.1f} s (compile {c_q:.1f}), chosen {chosen(q)}"
+        ok = against_exact(ka.predict(q, test), t_q, head, name, name) and ok
     return ok
 
 

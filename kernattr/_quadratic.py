@@ -46,6 +46,7 @@ ridges.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -55,7 +56,8 @@ import numpy as np
 from . import _checks
 from ._nystrom import (accumulate_rows, centred_feature_stats, loo_cv_error, loo_row_sums,
                        mask_mesh, ridge_spectrum)
-from ._surrogates import default_ridge_grid, select_grid_point
+from ._surrogates import (default_ridge_grid, hyperparameters_ok, kernel_grids, mask_linear_scale,
+                          select_grid_point)
 
 __all__ = ["QuadraticSurrogate", "fit_quadratic", "default_ratio_grid"]
 
@@ -89,6 +91,11 @@ class QuadraticSurrogate(NamedTuple):
       noise_var: ``[T]`` noise variance ``σ_n²`` calibrated on the leave-one-out residuals at the
         chosen grid point (``mean_i r_i² (1 - H_ii)``); the prior variance is ``σ_n² / ridge``.
       num_train: scalar, the number of training masks ``m``.
+      gamma: ``[T]`` chosen bandwidth when fitted by ``fit_kernel(..., solver="walsh")`` (then
+        ``ratio_grid`` is ``[G·W]``, the ratio of each ``(gamma, mix)`` pair, ``ridge`` and
+        ``ridge_grid`` are the kernel's ridge ``λ``, and ``cv_error`` is ``[G, W, R, T]``);
+        ``None`` from :func:`kernattr.fit_quadratic`.
+      mix: ``[T]`` chosen share of the linear kernel (``solver="walsh"``), else ``None``.
     """
 
     linear: jax.Array
@@ -103,6 +110,8 @@ class QuadraticSurrogate(NamedTuple):
     feature_cov: jax.Array
     noise_var: jax.Array
     num_train: jax.Array
+    gamma: jax.Array | None = None
+    mix: jax.Array | None = None
 
 
 def default_ratio_grid() -> np.ndarray:
@@ -203,6 +212,44 @@ def fit_quadratic(
     ratio_ok = jnp.broadcast_to(jnp.reshape(jnp.asarray(ratio_ok), (-1,)), (num_q,))
     ridge_ok = jnp.broadcast_to(jnp.reshape(jnp.asarray(ridge_ok), (-1,)), (num_r,))
 
+    ridge_table = jnp.broadcast_to(ridge_grid[None, :], (num_q, num_r))
+    ok_table = ratio_ok[:, None] & ridge_ok[None, :]
+    fit = _fit_walsh_grid(
+        masks, y, ratio_grid, ridge_table, ok_table,
+        (jnp.repeat(ratio_grid, num_r), jnp.tile(ridge_grid, num_q), None),
+        block_size=block_size, mesh=mesh, axis=axis, throw=throw,
+        singular_msg="`ridge` too small: the feature Gram matrix of fit_quadratic is singular at the "
+                     "chosen (ratio, ridge) (fewer masks than K(K+1)/2 features, or ratio = 0); pass "
+                     "ridge > 0 or a ridge grid.")
+    qi, ri = fit.index // num_r, fit.index % num_r
+    return fit.surrogate._replace(
+        ratio=jnp.broadcast_to(ratio_grid[qi], (t,)),
+        ridge=jnp.broadcast_to(ridge_grid[ri], (t,)),
+        ratio_grid=ratio_grid,
+        ridge_grid=ridge_grid,
+    )
+
+
+class _GridFit(NamedTuple):
+    surrogate: QuadraticSurrogate  # ratio / ridge / grids still to be filled in by the caller
+    index: jax.Array  # flat index q·R + r of the chosen grid point
+
+
+def _fit_walsh_grid(masks, y, ratio_grid, ridge_table, ok_table, tie_keys, *, block_size, mesh, axis,
+                    throw, singular_msg) -> _GridFit:
+    """The degree <= 2 Walsh model over a ``[Q]`` ratio grid, each ratio with its own ``[R]``
+    feature-space ridges ``ridge_table [Q, R]`` (``ok_table [Q, R]``: hyperparameters valid).
+
+    One pass accumulates the centred Gram; per ratio one ``d x d`` eigendecomposition and a second
+    pass give the exact leave-one-out residuals of every ridge in its row. The grid point with the
+    smallest LOO MSE / label variance averaged over targets is chosen, ties broken by
+    :func:`kernattr.select_grid_point` on ``tie_keys = (gamma-like [Q·R], ridge [Q·R], mix [Q·R] or
+    None)``. Validated, same-dtype ``masks [m, K]`` and ``y [m, T]``.
+    """
+    m, k = masks.shape
+    t = y.shape[1]
+    dtype = masks.dtype
+    num_q, num_r = ridge_table.shape
     iu, ju = _pair_index(k)
     num_pairs = iu.shape[0]
     d = k + num_pairs
@@ -223,8 +270,8 @@ def fit_quadratic(
         return (sc,) + ridge_spectrum(sc[:, None] * gram * sc[None, :], ridges, ok, d)
 
     def per_ratio(args):
-        q, q_ok = args
-        sc, _, vv, valid, inv = spectrum(q, ridge_grid, ridge_ok & q_ok)
+        q, ridges, ok = args
+        sc, _, vv, valid, inv = spectrum(q, ridges, ok)
         z = vv.T @ (sc[:, None] * sy)  # [d, T]
 
         def loo(rep, blk, v):
@@ -237,20 +284,14 @@ def fit_quadratic(
                                     block_size=block_size, where=where)
         return sq, noise, valid
 
-    sq, noise, valids = jax.lax.map(per_ratio, (ratio_grid, ratio_ok))  # [Q, R, T] x2, [Q, R]
+    sq, noise, valids = jax.lax.map(per_ratio, (ratio_grid, ridge_table, ok_table))  # [Q, R, T] x2, [Q, R]
     cv = loo_cv_error(sq, valids, yc2, mf)
-    best = select_grid_point(
-        jnp.mean(cv, axis=2).reshape(-1, 1), jnp.repeat(ratio_grid, num_r),
-        jnp.tile(ridge_grid, num_q))[0]
+    best = select_grid_point(jnp.mean(cv, axis=2).reshape(-1, 1), *tie_keys)[0]
     qi, ri = best // num_r, best % num_r
-    hyper_ok = ratio_ok[qi] & ridge_ok[ri]
+    hyper_ok = ok_table[qi, ri]
     if throw:
-        _checks.error_if(
-            masks, hyper_ok & ~valids[qi, ri],
-            "`ridge` too small: the feature Gram matrix of fit_quadratic is singular at the "
-            "chosen (ratio, ridge) (fewer masks than K(K+1)/2 features, or ratio = 0); pass "
-            "ridge > 0 or a ridge grid.")
-    q, lam = ratio_grid[qi], ridge_grid[ri]
+        _checks.error_if(masks, hyper_ok & ~valids[qi, ri], singular_msg)
+    q, lam = ratio_grid[qi], ridge_table[qi, ri]
     ok = hyper_ok & valids[qi, ri]
     # Solve the chosen system once more (one eigendecomposition) rather than keep Q of them.
     sc, _, vv, _, inv = spectrum(q, lam[None], ok[None])
@@ -265,20 +306,21 @@ def fit_quadratic(
     pair = jnp.zeros((k, k, t), dtype).at[iu, ju].set(4.0 * u2).at[ju, iu].set(4.0 * u2)
     linear = 2.0 * u1 - 0.5 * jnp.sum(pair, axis=1)
     intercept = b - jnp.sum(u1, axis=0) + jnp.sum(u2, axis=0)
-    return QuadraticSurrogate(
+    surrogate = QuadraticSurrogate(
         linear=linear,
         pairwise=pair,
         intercept=intercept,
         ratio=jnp.broadcast_to(q, (t,)),
         ridge=jnp.broadcast_to(lam, (t,)),
         ratio_grid=ratio_grid,
-        ridge_grid=ridge_grid,
+        ridge_grid=ridge_table[0],
         cv_error=cv,
         feature_mean=xmean,
         feature_cov=cov,
         noise_var=noise[qi, ri] / mf,
         num_train=mf,
     )
+    return _GridFit(surrogate, best)
 
 
 def walsh_features(masks: jax.Array) -> jax.Array:
@@ -302,3 +344,98 @@ def quadratic_predict(s: QuadraticSurrogate, masks: jax.Array) -> jax.Array:
     """``[m', T]`` predictions at validated masks (no input checks)."""
     quad = 0.5 * jnp.einsum("mj,jkt,mk->mt", masks, s.pairwise, masks)
     return s.intercept[None, :] + masks @ s.linear + quad
+
+
+def walsh_kernel_weights(kernel: str, gamma: jax.Array, mix: jax.Array, linear_scale: jax.Array,
+                         num_tasks: int):
+    """``(v1, v2, tail)``: what :func:`kernattr.fit_kernel`'s kernel puts on one degree-1 Walsh
+    function, on one degree-2 one, and on all degrees ``>= 3`` together (their diagonal value).
+
+    In the Walsh basis (intercept unpenalised, so degree 0 does not matter)
+    ``exp(-γ·Hamming) = Σ_S a^{K-|S|} b^{|S|} χ_S χ'_S`` with ``a, b = (1 ± e^{-γ})/2``, and
+    ``<s, s'>/c`` adds ``1/(4c)`` to degree 1. The tail ``Σ_{j>=3} C(K, j) a^{K-j} b^j`` is summed
+    term by term in log space (no cancellation against ``1 - a^K - ...`` in float32).
+
+    >>> v1, v2, tail = walsh_kernel_weights("rbf", jnp.asarray(0.5), jnp.asarray(0.0), jnp.asarray(1.0), 2)
+    >>> round(float(v1), 4), round(float(v2), 4), float(tail)   # (1 - e^-.5)(1 + e^-.5)/4, ((1 - e^-.5)/2)²
+    (0.158, 0.0387, 0.0)
+    """
+    if kernel == "linear":
+        quarter = jnp.full_like(gamma, 0.25)
+        return quarter, jnp.zeros_like(gamma), jnp.zeros_like(gamma)
+    k = num_tasks
+    log_b = jnp.log(-jnp.expm1(-gamma) / 2.0)
+    log_a = jnp.log1p(jnp.expm1(-gamma) / 2.0)
+    rbf = 1.0 - mix if kernel == "linear+rbf" else jnp.ones_like(gamma)
+    lin = mix / (4.0 * linear_scale) if kernel == "linear+rbf" else jnp.zeros_like(gamma)
+    v1 = lin + rbf * jnp.exp((k - 1) * log_a + log_b)
+    v2 = rbf * jnp.exp((k - 2) * log_a + 2.0 * log_b)
+    j = np.arange(3, k + 1)  # empty for K < 3: no tail
+    log_binom = jnp.asarray([math.lgamma(k + 1) - math.lgamma(i + 1) - math.lgamma(k - i + 1)
+                             for i in j], gamma.dtype)
+    full = log_a.shape + j.shape  # the degrees along a last axis
+    jj = jnp.broadcast_to(jnp.asarray(j, gamma.dtype), full)
+    terms = jnp.exp(jnp.broadcast_to(log_binom, full) + (k - jj) * log_a[..., None] + jj * log_b[..., None])
+    return v1, v2, rbf * jnp.sum(terms, axis=-1)
+
+
+def fit_kernel_walsh(masks, y, *, kernel, gamma, mix, ridge, block_size=2048, mesh=None, axis=None,
+                     throw=True) -> QuadraticSurrogate:
+    """``fit_kernel(..., solver="walsh")``: the kernel's degree <= 2 Walsh part exactly, the rest as
+    ridge.
+
+    The kernel ``k = k_≤2 + k_≥3`` on masks: ``k_≤2 = v1 Σ_k χ_k χ'_k + v2 Σ_{j<k} χ_j χ_k χ'_j χ'_k``
+    (:func:`walsh_kernel_weights`) is kept exactly, and ``k_≥3`` by its diagonal ``tail·I`` (its
+    value on equal masks; between distinct masks it is small when ``γ`` is of order ``1/K`` or
+    larger, since it is a sum over ``C(K, 3) + ...`` Walsh functions of mean 0). So
+    ``K + λI ≈ K_≤2 + (λ + tail)·I``, which is :func:`fit_quadratic`'s model at
+    ``ratio = v2/v1`` and feature-space ridge ``(λ + tail)/(K v1 + P v2)``, solved in feature space
+    at a cost linear in ``m``. Leave-one-out selection over the same ``(gamma, mix, ridge)`` grid
+    as the exact fit, with its tie-breaking. Exact for ``K <= 2``.
+    """
+    masks = _checks.check_masks(masks)
+    y, _ = _checks.check_labels(y, masks.shape[0])
+    block_size = _checks.check_count(block_size, "block_size")
+    m, k = masks.shape
+    if k > MAX_TASKS:
+        raise ValueError(
+            f"`masks` has K={k} tasks: solver='walsh' keeps K(K+1)/2 = {k * (k + 1) // 2} "
+            f"features (d x d matrices); use at most {MAX_TASKS} tasks, or num_landmarks=.")
+    if m < 2:
+        raise ValueError("`masks` needs at least 2 rows to fit a surrogate with an intercept.")
+    dtype = jnp.result_type(masks.dtype, y.dtype)
+    masks, y = masks.astype(dtype), y.astype(dtype)
+    t = y.shape[1]
+    gamma_grid, mix_grid, ridge_grid = kernel_grids(kernel, k, gamma, mix, ridge, dtype)
+    gamma_ok, ridge_ok = hyperparameters_ok(kernel, gamma, ridge, throw)
+    num_g, num_w, num_r = gamma_grid.shape[0], mix_grid.shape[0], ridge_grid.shape[0]
+    gamma_ok = jnp.broadcast_to(gamma_ok, (num_g,))
+    ridge_ok = jnp.broadcast_to(ridge_ok, (num_r,))
+    gg, ww = jnp.repeat(gamma_grid, num_w), jnp.tile(mix_grid, num_g)  # [C] in (gamma, mix) order
+    # An invalid (traced) gamma is replaced by 1 so that the weights stay finite; never chosen.
+    gg_ok = jnp.repeat(gamma_ok, num_w)
+    v1, v2, tail = walsh_kernel_weights(kernel, jnp.where(gg_ok, gg, 1.0), ww,
+                                        mask_linear_scale(kernel, masks), k)
+    num_pairs = k * (k - 1) // 2
+    ratio = v2 / v1  # [C]
+    scale = k * v1 + num_pairs * v2
+    ridge_table = (ridge_grid[None, :] + tail[:, None]) / scale[:, None]  # [C, R]
+    ok_table = gg_ok[:, None] & ridge_ok[None, :]
+    num_c = num_g * num_w
+    fit = _fit_walsh_grid(
+        masks, y, ratio, ridge_table, ok_table,
+        (jnp.repeat(gg, num_r), jnp.tile(ridge_grid, num_c), jnp.repeat(ww, num_r)),
+        block_size=block_size, mesh=mesh, axis=axis, throw=throw,
+        singular_msg="`ridge` too small: the feature Gram matrix of fit_kernel(solver='walsh') is "
+                     "singular at the chosen (gamma, mix, ridge) (fewer masks than K(K+1)/2 "
+                     "features, or a linear kernel); pass ridge > 0 or a ridge grid.")
+    ci, ri = fit.index // num_r, fit.index % num_r
+    return fit.surrogate._replace(
+        ratio=jnp.broadcast_to(ratio[ci], (t,)),
+        ridge=jnp.broadcast_to(ridge_grid[ri], (t,)),
+        ratio_grid=ratio,
+        ridge_grid=ridge_grid,
+        cv_error=fit.surrogate.cv_error.reshape(num_g, num_w, num_r, t),
+        gamma=jnp.broadcast_to(gg[ci], (t,)),
+        mix=jnp.broadcast_to(ww[ci], (t,)),
+    )

@@ -4,8 +4,8 @@ Usage: python _multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR
 
 Each process owns 2 CPU devices; ``jax.distributed.initialize`` joins them (coordinator on
 127.0.0.1:PORT, gloo collectives over loopback) into one 4-device ``data`` mesh. Examples are
-sharded on ``data`` across the processes, subset masks too; a Nyström and a pairwise
-(``fit_quadratic``) surrogate are fitted and a kernel system solved by CG on masks sharded the
+sharded on ``data`` across the processes, subset masks too; a Nyström, a pairwise
+(``fit_quadratic``) and a ``fit_kernel(solver="walsh")`` surrogate are fitted and a kernel system solved by CG on masks sharded the
 same way. Every process gathers the global
 results and writes them to OUT_DIR/process_<id>.npz for the parent test to compare with the
 single-process computation of :func:`problem`.
@@ -101,7 +101,9 @@ def surrogate_compute(masks, y):
         cg = ka.solve_kernel_cg(jax.random.key(6), masks, y, gamma=0.3, ridge=0.05, num_landmarks=8, block_size=4)
         quad = ka.fit_quadratic(masks, y, ratio=jnp.array([0.0, 0.1, 1.0]), ridge=jnp.array([0.01, 1.0]),
                                 block_size=4)
-        return ny.surrogate.dual_coef, ny.cv_error, cg.solution, (quad.pairwise, quad.cv_error, quad.noise_var)
+        walsh = ka.fit_kernel(masks, y, gamma=jnp.array([0.1, 0.4]), ridge=jnp.array([0.01, 1.0]), solver="walsh")
+        return ny.surrogate.dual_coef, ny.cv_error, cg.solution, (quad.pairwise, quad.cv_error, quad.noise_var,
+                                                                  walsh.pairwise, walsh.cv_error)
 
     return run(masks, y)
 
@@ -161,6 +163,8 @@ def main():
         quad_pairwise=quad[0],
         quad_cv=quad[1],
         quad_noise=quad[2],
+        walsh_pairwise=quad[3],
+        walsh_cv=quad[4],
         quad_replicated=np.asarray(quad_replicated),
     )
     jax.distributed.shutdown()

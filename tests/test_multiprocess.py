@@ -76,4 +76,6 @@ def test_two_processes_match_single_process(tmp_path):
         np.testing.assert_allclose(r["quad_cv"], quad[1], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(r["quad_pairwise"], quad[0], rtol=1e-3, atol=1e-4 * np.abs(quad[0]).max())
         np.testing.assert_allclose(r["quad_noise"], quad[2], rtol=1e-4)
+        np.testing.assert_allclose(r["walsh_cv"], quad[4], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(r["walsh_pairwise"], quad[3], rtol=1e-3, atol=1e-4 * np.abs(quad[3]).max())
     assert jax.device_count() == 8  # the parent process was left alone
