@@ -144,6 +144,10 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
                    help="ridge of the linear surrogate (default 0: least squares)")
     p.add_argument("--per-target", action="store_true",
                    help="select gamma/ridge per target instead of jointly")
+    p.add_argument("--solver", choices=("direct", "walsh"), default="direct",
+                   help="kernel fit: exact (default; up to a few thousand masks) or 'walsh' (degree "
+                   "<= 2 Walsh part exactly, higher degrees as ridge; cost linear in the number of "
+                   "masks, at most 200 tasks, no --per-target / loo_spearman)")
     p.add_argument("--top", type=_positive_int, default=5, help="number of top tasks listed")
     p.add_argument("--lower-is-better", action="store_true",
                    help="the scores are losses: rank tasks by most negative effect")
@@ -207,10 +211,14 @@ def _run_fit(args: argparse.Namespace) -> int:
         data, split = split_heldout(data, test_fraction=args.test_fraction, seed=args.seed)
     except ValueError as e:
         raise SystemExit(f"kernattr fit: --test-fraction: {e}") from e
+    if args.solver == "walsh" and (args.per_target or args.select != "mse" or args.kernel == "polynomial"):
+        raise SystemExit("kernattr fit: --solver walsh selects one grid point for all targets by "
+                         "LOO MSE, for the linear+rbf, rbf or linear kernel; drop --per-target / "
+                         "--select loo_spearman / --kernel polynomial.")
     rep = fit_report(data, kernel=args.kernel, gamma=args.gamma, ridge=args.ridge, mix=args.mix,
                      select=args.select,
                      linear_ridge=args.linear_ridge, per_target=args.per_target, top=args.top,
-                     lower_is_better=args.lower_is_better)
+                     lower_is_better=args.lower_is_better, solver=args.solver)
     rep["source"] = label
     rep["split"] = split
     _print_report(rep, label, split)

@@ -152,3 +152,22 @@ def test_parser_structure_and_light_import():
     code = ("import sys, kernattr.cli as c; c.build_parser(); "
             "sys.exit(int('flax' in sys.modules or 'optax' in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_fit_walsh_solver_matches_library(tmp_path):
+    tr, ytr, te, yte = _game_data()
+    f = _write_json(tmp_path / "d.json", tr, ytr, te, yte)
+    out = tmp_path / "r.json"
+    assert main(["fit", "--data", str(f), "--json", str(out), "--solver", "walsh", *GRID]) == 0
+    rep = json.loads(out.read_text())
+    data = ka.load_subsets(f)
+    wk = ka.fit_kernel(data.train_masks, data.train_labels, gamma=np.array([0.1, 0.4]),
+                       ridge=np.array([0.01, 1.0]), solver="walsh")
+    res = ka.lds(ka.predict(wk, data.test_masks), data.test_labels)
+    np.testing.assert_allclose(rep["kernel"]["lds"], float(res.mean), rtol=1e-4, atol=1e-5)
+    assert rep["kernel"]["solver"] == "walsh" and rep["kernel"]["gamma_grid"] == pytest.approx([0.1, 0.4])
+    assert rep["kernel"]["gamma"] == pytest.approx(np.asarray(wk.gamma).tolist(), rel=1e-6)
+    shap = np.asarray(ka.shapley_values(wk)).mean(1)
+    np.testing.assert_allclose(rep["task_scores"]["shapley"], shap, rtol=1e-3, atol=1e-5)
+    with pytest.raises(SystemExit, match="walsh"):
+        main(["fit", "--data", str(f), "--solver", "walsh", "--per-target"])

@@ -21,7 +21,7 @@ from .._attribution import loo_scores, shapley_values
 from .._loaders import SubsetData
 from .._metrics import lds, normalized_error
 from .._quadratic import MAX_TASKS, fit_quadratic
-from .._surrogates import fit_kernel, fit_linear, predict
+from .._surrogates import fit_kernel, fit_linear, kernel_grids, predict
 
 __all__ = ["Split", "fit_report", "json_safe", "split_heldout"]
 
@@ -97,7 +97,7 @@ def _nanmean(x) -> float:
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(kernel, per_target, gamma, ridge, linear_ridge, mix=None, select="mse"):
+def _compiled(kernel, per_target, gamma, ridge, linear_ridge, mix=None, select="mse", solver="direct"):
     """Jitted (fit, evaluate, attribute) for one configuration, cached across calls."""
     grids = {k: v for k, v in (("gamma", gamma), ("ridge", ridge), ("mix", mix)) if v is not None}
 
@@ -106,7 +106,8 @@ def _compiled(kernel, per_target, gamma, ridge, linear_ridge, mix=None, select="
         kw = {k: np.asarray(v, masks.dtype) for k, v in grids.items()}
         quad = fit_quadratic(masks, y) if masks.shape[1] <= MAX_TASKS else None
         return (fit_linear(masks, y, ridge=linear_ridge),
-                fit_kernel(masks, y, kernel=kernel, per_target=per_target, select=select, **kw),
+                fit_kernel(masks, y, kernel=kernel, per_target=per_target, select=select, solver=solver,
+                           **kw),
                 quad)
 
     def evaluate(sur, masks, y):
@@ -121,7 +122,8 @@ def _compiled(kernel, per_target, gamma, ridge, linear_ridge, mix=None, select="
 
 def fit_report(data: SubsetData, *, kernel: str = "linear+rbf", gamma=None, ridge=None,
                mix=None, select: str = "mse", linear_ridge: float = 0.0,
-               per_target: bool = False, top: int = 5, lower_is_better: bool = False) -> dict:
+               per_target: bool = False, top: int = 5, lower_is_better: bool = False,
+               solver: str = "direct") -> dict:
     """All figures of ``kernattr fit`` for a :class:`kernattr.SubsetData` with a test part.
 
     Fits :func:`kernattr.fit_linear`, :func:`kernattr.fit_kernel` and, for ``K <= 200`` tasks,
@@ -141,6 +143,10 @@ def fit_report(data: SubsetData, *, kernel: str = "linear+rbf", gamma=None, ridg
       per_target: select ``(gamma, mix, ridge)`` per target.
       top: number of top tasks listed.
       lower_is_better: the scores are losses: rank tasks by most negative effect.
+      solver: ``"direct"`` (exact kernel ridge regression, ``m x m`` matrices: up to a few
+        thousand training masks) or ``"walsh"`` (the kernel's degree <= 2 Walsh part exactly,
+        higher degrees as ridge; cost linear in ``m``, ``K <= 200``; see
+        :func:`kernattr.fit_kernel`).
 
     Returns:
       A JSON-ready dict: ``data``, ``linear``, ``kernel`` and ``quadratic`` (``lds``,
@@ -167,6 +173,7 @@ def fit_report(data: SubsetData, *, kernel: str = "linear+rbf", gamma=None, ridg
         float(linear_ridge),
         None if mix is None else tuple(float(w) for w in np.ravel(mix)),
         select,
+        solver,
     )
     lin, ker, quad = fit(tr_m, tr_y)
 
@@ -190,15 +197,20 @@ def fit_report(data: SubsetData, *, kernel: str = "linear+rbf", gamma=None, ridg
             "normalized_error": _nanmean(nerr),
             "normalized_error_per_target": np.asarray(nerr, float).tolist(),
         }
+    if solver == "walsh":  # a QuadraticSurrogate: the searched grids are fit_kernel's
+        gamma_grid, mix_grid, _ = kernel_grids(kernel, int(tr_m.shape[1]), gamma, mix, ridge, tr_m.dtype)
+    else:
+        gamma_grid, mix_grid = ker.gamma_grid, ker.mix_grid
     out["kernel"].update(
         kernel=kernel,
+        solver=solver,
         gamma=np.asarray(ker.gamma, float).tolist(),
         ridge=np.asarray(ker.ridge, float).tolist(),
         mix=np.asarray(ker.mix, float).tolist(),
         select=select,
-        gamma_grid=np.asarray(ker.gamma_grid, float).tolist(),
+        gamma_grid=np.asarray(gamma_grid, float).tolist(),
         ridge_grid=np.asarray(ker.ridge_grid, float).tolist(),
-        mix_grid=np.asarray(ker.mix_grid, float).tolist(),
+        mix_grid=np.asarray(mix_grid, float).tolist(),
         cv_error=float(jnp.min(jnp.mean(ker.cv_error, axis=-1))),
     )
     if quad is not None:
@@ -207,7 +219,7 @@ def fit_report(data: SubsetData, *, kernel: str = "linear+rbf", gamma=None, ridg
             ratio_grid=np.asarray(quad.ratio_grid, float).tolist(),
             ridge_grid=np.asarray(quad.ridge_grid, float).tolist())
     edges = []
-    for name, grid, chosen in (("gamma", ker.gamma_grid, ker.gamma),
+    for name, grid, chosen in (("gamma", gamma_grid, ker.gamma),
                                ("ridge", ker.ridge_grid, ker.ridge)):
         g, c = np.asarray(grid), np.asarray(chosen)
         if g.size > 1 and np.any(np.isin(c, [g.min(), g.max()])):
