@@ -144,6 +144,22 @@ def _prior_scale(ratio: jax.Array, num_tasks: int, num_pairs: int) -> jax.Array:
     return jnp.sqrt(v)
 
 
+def _checked_inputs(masks, y, block_size, who: str, instead: str):
+    """Validated ``(masks [m, K], y [m, T], block_size)`` in one float dtype, for the Walsh fits."""
+    masks = _checks.check_masks(masks)
+    y, _ = _checks.check_labels(y, masks.shape[0])
+    block_size = _checks.check_count(block_size, "block_size")
+    m, k = masks.shape
+    if k > MAX_TASKS:
+        raise ValueError(
+            f"`masks` has K={k} tasks: {who} keeps K(K+1)/2 = {k * (k + 1) // 2} "
+            f"features (d x d matrices); use at most {MAX_TASKS} tasks, or {instead}.")
+    if m < 2:
+        raise ValueError("`masks` needs at least 2 rows to fit a surrogate with an intercept.")
+    dtype = jnp.result_type(masks.dtype, y.dtype)
+    return masks.astype(dtype), y.astype(dtype), block_size
+
+
 def fit_quadratic(
     masks: jax.Array,
     y: jax.Array,
@@ -188,19 +204,8 @@ def fit_quadratic(
     >>> round(float(s.pairwise[0, 1, 0]), 2), round(float(s.linear[2, 0]), 2), s.cv_error.shape
     (1.0, -1.0, (6, 2, 1))
     """
-    masks = _checks.check_masks(masks)
-    y, _ = _checks.check_labels(y, masks.shape[0])
-    block_size = _checks.check_count(block_size, "block_size")
-    m, k = masks.shape
-    if k > MAX_TASKS:
-        raise ValueError(
-            f"`masks` has K={k} tasks: fit_quadratic keeps K(K+1)/2 = {k * (k + 1) // 2} "
-            f"features (d x d matrices); use at most {MAX_TASKS} tasks, or fit_nystrom.")
-    if m < 2:
-        raise ValueError("`masks` needs at least 2 rows to fit a surrogate with an intercept.")
-    dtype = jnp.result_type(masks.dtype, y.dtype)
-    masks, y = masks.astype(dtype), y.astype(dtype)
-    t = y.shape[1]
+    masks, y, block_size = _checked_inputs(masks, y, block_size, "fit_quadratic", "fit_nystrom")
+    k, t, dtype = masks.shape[1], y.shape[1], masks.dtype
     ratio_grid = _checks.check_grid(default_ratio_grid() if ratio is None else ratio, "ratio")
     ridge_grid = _checks.check_grid(default_ridge_grid() if ridge is None else ridge, "ridge")
     ratio_grid, ridge_grid = ratio_grid.astype(dtype), ridge_grid.astype(dtype)
@@ -393,19 +398,8 @@ def fit_kernel_walsh(masks, y, *, kernel, gamma, mix, ridge, block_size=2048, me
     at a cost linear in ``m``. Leave-one-out selection over the same ``(gamma, mix, ridge)`` grid
     as the exact fit, with its tie-breaking. Exact for ``K <= 2``.
     """
-    masks = _checks.check_masks(masks)
-    y, _ = _checks.check_labels(y, masks.shape[0])
-    block_size = _checks.check_count(block_size, "block_size")
-    m, k = masks.shape
-    if k > MAX_TASKS:
-        raise ValueError(
-            f"`masks` has K={k} tasks: solver='walsh' keeps K(K+1)/2 = {k * (k + 1) // 2} "
-            f"features (d x d matrices); use at most {MAX_TASKS} tasks, or num_landmarks=.")
-    if m < 2:
-        raise ValueError("`masks` needs at least 2 rows to fit a surrogate with an intercept.")
-    dtype = jnp.result_type(masks.dtype, y.dtype)
-    masks, y = masks.astype(dtype), y.astype(dtype)
-    t = y.shape[1]
+    masks, y, block_size = _checked_inputs(masks, y, block_size, "solver='walsh'", "num_landmarks=")
+    k, t, dtype = masks.shape[1], y.shape[1], masks.dtype
     gamma_grid, mix_grid, ridge_grid = kernel_grids(kernel, k, gamma, mix, ridge, dtype)
     gamma_ok, ridge_ok = hyperparameters_ok(kernel, gamma, ridge, throw)
     num_g, num_w, num_r = gamma_grid.shape[0], mix_grid.shape[0], ridge_grid.shape[0]
