@@ -21,7 +21,8 @@ Three figures, measured in one run (sizes, dtype, device count and load printed 
    those degree <= 2 Walsh functions with a free ratio x ridge grid), which have no landmark
    budget to choose (``--methods`` picks which of the three run).
 
-The exact fit at m = 5,000 takes ~20 minutes here; ``--exact-cache FILE`` stores its held-out
+The exact fit at m = 5,000 took 60-70 s in idle runs (one 5,000 x 5,000 eigendecomposition per
+(gamma, mix) pair; longer under load); ``--exact-cache FILE`` stores its held-out
 predictions (tagged with the seed and sizes) and reuses them on a later run with the same seed
 and sizes; the output says when it did.
 
