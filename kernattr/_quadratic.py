@@ -205,7 +205,7 @@ def fit_quadratic(
     (1.0, -1.0, (6, 2, 1))
     """
     masks, y, block_size = _checked_inputs(masks, y, block_size, "fit_quadratic", "fit_nystrom")
-    k, t, dtype = masks.shape[1], y.shape[1], masks.dtype
+    dtype = masks.dtype
     ratio_grid = _checks.check_grid(default_ratio_grid() if ratio is None else ratio, "ratio")
     ridge_grid = _checks.check_grid(default_ridge_grid() if ridge is None else ridge, "ridge")
     ratio_grid, ridge_grid = ratio_grid.astype(dtype), ridge_grid.astype(dtype)
@@ -219,37 +219,31 @@ def fit_quadratic(
 
     ridge_table = jnp.broadcast_to(ridge_grid[None, :], (num_q, num_r))
     ok_table = ratio_ok[:, None] & ridge_ok[None, :]
-    fit = _fit_walsh_grid(
-        masks, y, ratio_grid, ridge_table, ok_table,
-        (jnp.repeat(ratio_grid, num_r), jnp.tile(ridge_grid, num_q), None),
+    return _fit_walsh_grid(
+        masks, y, ratio_grid, ridge_grid, ridge_table, ok_table, (ratio_grid, None),
         block_size=block_size, mesh=mesh, axis=axis, throw=throw,
         singular_msg="`ridge` too small: the feature Gram matrix of fit_quadratic is singular at the "
                      "chosen (ratio, ridge) (fewer masks than K(K+1)/2 features, or ratio = 0); pass "
-                     "ridge > 0 or a ridge grid.")
-    qi, ri = fit.index // num_r, fit.index % num_r
-    return fit.surrogate._replace(
-        ratio=jnp.broadcast_to(ratio_grid[qi], (t,)),
-        ridge=jnp.broadcast_to(ridge_grid[ri], (t,)),
-        ratio_grid=ratio_grid,
-        ridge_grid=ridge_grid,
-    )
+                     "ridge > 0 or a ridge grid.").surrogate
 
 
 class _GridFit(NamedTuple):
-    surrogate: QuadraticSurrogate  # ratio / ridge / grids still to be filled in by the caller
+    surrogate: QuadraticSurrogate
     index: jax.Array  # flat index q·R + r of the chosen grid point
 
 
-def _fit_walsh_grid(masks, y, ratio_grid, ridge_table, ok_table, tie_keys, *, block_size, mesh, axis,
-                    throw, singular_msg) -> _GridFit:
+def _fit_walsh_grid(masks, y, ratio_grid, ridge_grid, ridge_table, ok_table, tie_keys, *, block_size,
+                    mesh, axis, throw, singular_msg) -> _GridFit:
     """The degree <= 2 Walsh model over a ``[Q]`` ratio grid, each ratio with its own ``[R]``
     feature-space ridges ``ridge_table [Q, R]`` (``ok_table [Q, R]``: hyperparameters valid).
 
     One pass accumulates the centred Gram; per ratio one ``d x d`` eigendecomposition and a second
     pass give the exact leave-one-out residuals of every ridge in its row. The grid point with the
     smallest LOO MSE / label variance averaged over targets is chosen, ties broken by
-    :func:`kernattr.select_grid_point` on ``tie_keys = (gamma-like [Q·R], ridge [Q·R], mix [Q·R] or
-    None)``. Validated, same-dtype ``masks [m, K]`` and ``y [m, T]``.
+    :func:`kernattr.select_grid_point` on the reported ridge ``ridge_grid [R]`` and the per-ratio
+    keys ``tie_keys = (gamma-like [Q], mix [Q] or None)``. The surrogate reports ``ratio_grid``
+    and ``ridge_grid`` and the chosen entries of each. Validated, same-dtype ``masks [m, K]`` and
+    ``y [m, T]``.
     """
     m, k = masks.shape
     t = y.shape[1]
@@ -291,7 +285,10 @@ def _fit_walsh_grid(masks, y, ratio_grid, ridge_table, ok_table, tie_keys, *, bl
 
     sq, noise, valids = jax.lax.map(per_ratio, (ratio_grid, ridge_table, ok_table))  # [Q, R, T] x2, [Q, R]
     cv = loo_cv_error(sq, valids, yc2, mf)
-    best = select_grid_point(jnp.mean(cv, axis=2).reshape(-1, 1), *tie_keys)[0]
+    first, mix_key = tie_keys
+    best = select_grid_point(
+        jnp.mean(cv, axis=2).reshape(-1, 1), jnp.repeat(first, num_r), jnp.tile(ridge_grid, num_q),
+        None if mix_key is None else jnp.repeat(mix_key, num_r))[0]
     qi, ri = best // num_r, best % num_r
     hyper_ok = ok_table[qi, ri]
     if throw:
@@ -316,9 +313,9 @@ def _fit_walsh_grid(masks, y, ratio_grid, ridge_table, ok_table, tie_keys, *, bl
         pairwise=pair,
         intercept=intercept,
         ratio=jnp.broadcast_to(q, (t,)),
-        ridge=jnp.broadcast_to(lam, (t,)),
+        ridge=jnp.broadcast_to(ridge_grid[ri], (t,)),
         ratio_grid=ratio_grid,
-        ridge_grid=ridge_table[0],
+        ridge_grid=ridge_grid,
         cv_error=cv,
         feature_mean=xmean,
         feature_cov=cov,
@@ -415,20 +412,14 @@ def fit_kernel_walsh(masks, y, *, kernel, gamma, mix, ridge, block_size=2048, me
     scale = k * v1 + num_pairs * v2
     ridge_table = (ridge_grid[None, :] + tail[:, None]) / scale[:, None]  # [C, R]
     ok_table = gg_ok[:, None] & ridge_ok[None, :]
-    num_c = num_g * num_w
     fit = _fit_walsh_grid(
-        masks, y, ratio, ridge_table, ok_table,
-        (jnp.repeat(gg, num_r), jnp.tile(ridge_grid, num_c), jnp.repeat(ww, num_r)),
+        masks, y, ratio, ridge_grid, ridge_table, ok_table, (gg, ww),
         block_size=block_size, mesh=mesh, axis=axis, throw=throw,
         singular_msg="`ridge` too small: the feature Gram matrix of fit_kernel(solver='walsh') is "
                      "singular at the chosen (gamma, mix, ridge) (fewer masks than K(K+1)/2 "
                      "features, or a linear kernel); pass ridge > 0 or a ridge grid.")
-    ci, ri = fit.index // num_r, fit.index % num_r
+    ci = fit.index // num_r
     return fit.surrogate._replace(
-        ratio=jnp.broadcast_to(ratio[ci], (t,)),
-        ridge=jnp.broadcast_to(ridge_grid[ri], (t,)),
-        ratio_grid=ratio,
-        ridge_grid=ridge_grid,
         cv_error=fit.surrogate.cv_error.reshape(num_g, num_w, num_r, t),
         gamma=jnp.broadcast_to(gg[ci], (t,)),
         mix=jnp.broadcast_to(ww[ci], (t,)),
