@@ -32,21 +32,23 @@ def print_mean_curves(sizes, rand, act, *, unit: str = "seed") -> None:
     print(f"active LDS (mean over {unit}s):", np.round(act.mean(0), 4).tolist())
 
 
-def report_reach(sizes, rand, act, budget: int, *, unit: str = "seed") -> None:
+def report_reach(sizes, rand, act, budget: int, *, unit: str = "seed",
+                 names: tuple[str, str] = ("random", "active"), tag: str = "RATIO") -> None:
     """Print, per ``unit`` (a row of ``rand``/``act`` ``[S, len(sizes)]``), the retrains at which
-    active reaches that row's random LDS at ``budget``, then the same for the mean curves and its
-    ratio to ``budget`` (the ``RATIO`` line; target <= 0.7)."""
+    the second arm (``names[1]``) reaches that row's first-arm LDS at ``budget``, then the same
+    for the mean curves and its ratio to ``budget`` (the ``tag`` line; target <= 0.7)."""
+    base, arm = names
     reach_row = [reach_of(sizes, act[s], rand[s, -1]) for s in range(rand.shape[0])]
-    print(f"per {unit}: retrains for active to reach that {unit}'s random LDS at {budget}: "
+    print(f"per {unit}: retrains for {arm} to reach that {unit}'s {base} LDS at {budget}: "
           f"{[None if v is None else round(v) for v in reach_row]}")
     target = rand.mean(0)[-1]
     reach = reach_of(sizes, act.mean(0), target)
     if reach is None:
-        print(f"RATIO active never reached random's LDS at {budget} ({target:.4f}) within {budget} "
+        print(f"{tag} {arm} never reached {base}'s LDS at {budget} ({target:.4f}) within {budget} "
               "retrains (target <= 0.7)")
     else:
-        print(f"RATIO retrains for active to reach random's LDS at {budget} ({target:.4f}): "
-              f"{reach:.0f} = {reach / budget:.2f} of random's (target <= 0.70)")
+        print(f"{tag} retrains for {arm} to reach {base}'s LDS at {budget} ({target:.4f}): "
+              f"{reach:.0f} = {reach / budget:.2f} of {base}'s (target <= 0.70)")
 
 
 def plot_curves(path: str, sizes, random_curve, active_curve, *, random_label: str,

@@ -5,7 +5,11 @@ noisy evaluation of the game. Random arm: Bernoulli(1/2) masks. Active arm: the 
 ``--start`` random masks, then rounds of ``--batch`` masks chosen by ``ka.select_masks``
 (integrated-variance criterion over a 2,048-mask Bernoulli(1/2) pool, fantasised updates) from
 the current surrogate, refitted after each round (``ka.fit_kernel``, default linear+rbf kernel and
-grids; ``--surrogate quadratic``: ``ka.fit_quadratic``, default grids, for both arms). Both arms are scored by held-out LDS against noisy retrains of 1,000 Bernoulli(1/2)
+grids; ``--surrogate quadratic``: ``ka.fit_quadratic``, default grids; ``--surrogate ard``:
+``ka.fit_quadratic(..., ard_steps=--ard-steps)``, one learned prior variance per pair; the same
+surrogate for both arms). With ``--surrogate ard`` the random arm of ``fit_quadratic`` (no ARD) is
+also printed, and the retrains at which random masks with ARD reach ITS LDS at ``--budget``
+(the saving that comes from the model rather than from the choice of masks). Both arms are scored by held-out LDS against noisy retrains of 1,000 Bernoulli(1/2)
 masks, averaged over seeds. Printed: the LDS curves, the active - random LDS difference per size with a 95% t-interval over
 seeds, per seed the retrains at which active reaches that seed's random LDS at ``--budget``,
 random's mean LDS at ``--budget`` retrains, the number of retrains at which the mean active curve
@@ -71,8 +75,10 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--candidates", type=int, default=2048)
     p.add_argument("--criterion", default="integrated")
-    p.add_argument("--surrogate", default="kernel", choices=["kernel", "quadratic"],
-                   help="fit both arms with ka.fit_kernel (default kernel and grids) or ka.fit_quadratic")
+    p.add_argument("--surrogate", default="kernel", choices=["kernel", "quadratic", "ard"],
+                   help="fit both arms with ka.fit_kernel (default kernel and grids), ka.fit_quadratic, "
+                        "or ka.fit_quadratic with ard_steps")
+    p.add_argument("--ard-steps", type=int, default=50)
     p.add_argument("--plot", default=None)
     a = p.parse_args(argv)
     if a.smoke:
@@ -86,10 +92,12 @@ def main(argv=None) -> int:
         f"seeds={a.seeds} pool={a.candidates} criterion={a.criterion} surrogate={a.surrogate}  devices={jax.device_count()}  "
         f"cpus={os.cpu_count()}  load(1m)={os.getloadavg()[0]:.1f}"
     )
-    fit_fn = ka.fit_kernel if a.surrogate == "kernel" else ka.fit_quadratic
-    fit = jax.jit(lambda x, yy: fit_fn(x, yy))
+    fit = jax.jit({"kernel": ka.fit_kernel, "quadratic": ka.fit_quadratic,
+                   "ard": lambda x, yy: ka.fit_quadratic(x, yy, ard_steps=a.ard_steps)}[a.surrogate])
+    fit_grid = jax.jit(ka.fit_quadratic)
     select = jax.jit(lambda k, s: ka.select_masks(k, s, a.batch, num_candidates=a.candidates, criterion=a.criterion))
     rand, act, ceil, bound = np.zeros((a.seeds, len(sizes))), np.zeros((a.seeds, len(sizes))), [], []
+    grid = np.zeros((a.seeds, len(sizes)))
     for seed in range(a.seeds):
         kg, km, ky, kt, kyt, kyt2, ks = jax.random.split(jax.random.key(seed), 7)
         game = ka.synthetic_game(kg, num_tasks=a.K, num_targets=a.T, noise=a.noise)
@@ -100,6 +108,8 @@ def main(argv=None) -> int:
         y_pool = game.evaluate(pool, ky)
         for i, n in enumerate(sizes):
             rand[seed, i] = float(ka.lds(ka.predict(fit(pool[:n], y_pool[:n]), test), y_test).mean)
+            if a.surrogate == "ard":
+                grid[seed, i] = float(ka.lds(ka.predict(fit_grid(pool[:n], y_pool[:n]), test), y_test).mean)
         if a.surrogate == "quadratic":
             bound.append(design_bound(fit(pool, y_pool), a.K))
         x, yy = pool[: a.start], y_pool[: a.start]
@@ -124,6 +134,10 @@ def main(argv=None) -> int:
            for d, h in zip(diff.mean(0), half)])
     print(f"noise ceiling (mean): {np.mean(ceil):.4f}")
     report_reach(sizes, rand, act, a.budget)
+    if a.surrogate == "ard":
+        print(f"random masks, fit_quadratic without ARD (mean): {np.round(grid.mean(0), 4).tolist()}")
+        report_reach(sizes, grid, rand, a.budget, names=("random without ARD", "random with ARD"),
+                     tag="MODEL-RATIO")
     if a.plot:
         plot_curves(a.plot, sizes, r, ac, random_label="random Bernoulli(1/2)",
                     active_label=f"select_masks ({a.criterion}, {a.surrogate})",

@@ -96,6 +96,12 @@ class QuadraticSurrogate(NamedTuple):
         ``ridge_grid`` are the kernel's ridge ``λ``, and ``cv_error`` is ``[G, W, R, T]``);
         ``None`` from :func:`kernattr.fit_quadratic`.
       mix: ``[T]`` chosen share of the linear kernel (``solver="walsh"``), else ``None``.
+      feature_prior: ``[d]`` with ``fit_quadratic(..., ard_steps=n)``: the learned prior
+        variance of each Walsh coefficient in units of the noise variance (shared by the targets;
+        ``feature_cov = (Φ_cᵀ Φ_c + diag(1/feature_prior))⁻¹``); else ``None``.
+      ard_cv_error: ``[T]`` with ``ard_steps``: exact leave-one-out MSE / label variance of the
+        returned (ARD) fit, its prior variances held fixed (optimistic: they were learned on the
+        same masks); compare with ``cv_error`` at the grid point. Else ``None``.
     """
 
     linear: jax.Array
@@ -112,6 +118,8 @@ class QuadraticSurrogate(NamedTuple):
     num_train: jax.Array
     gamma: jax.Array | None = None
     mix: jax.Array | None = None
+    feature_prior: jax.Array | None = None
+    ard_cv_error: jax.Array | None = None
 
 
 def default_ratio_grid() -> np.ndarray:
@@ -170,6 +178,7 @@ def fit_quadratic(
     mesh: Any = None,
     axis: str | None = None,
     throw: bool = True,
+    ard_steps: int = 0,
 ) -> QuadraticSurrogate:
     """Pairwise surrogate (kernel ridge regression on the Walsh functions of degree <= 2).
 
@@ -192,10 +201,24 @@ def fit_quadratic(
         0`` with fewer masks than features, or ``ratio = 0``) or a traced hyperparameter is
         invalid; with ``False`` such grid points get ``cv_error = inf`` (and an invalid choice
         gives NaN coefficients).
+      ard_steps: Python int ``>= 0``. ``0`` (default): one prior variance per degree, chosen on
+        the grid. ``n > 0``: automatic relevance determination, a sparse pairwise model. Starting
+        from the grid's choice, ``n`` EM steps learn **one prior variance per Walsh coefficient**,
+        shared by the targets (``ρ_j ← mean_t μ_jt²/σ_t² + C_jj``), so pairs that no target
+        needs are shrunk to zero and the few that matter are barely shrunk. The noise ``σ_t²``
+        is re-estimated at every step from the residual degrees of freedom
+        (``||y - ŷ||² / tr((I - H)²)``) and is the returned ``noise_var``. It pays when few of
+        the ``K(K-1)/2`` pairs matter and masks are scarce (on sparse synthetic games, 150 random
+        masks reach the held-out LDS that the grid fit reaches with 400); it can overfit labels
+        with many weak interactions: compare ``ard_cv_error`` with the grid's ``cv_error``.
+        Each step costs a few ``d x d`` products and one Cholesky factorisation (``K = 30``:
+        milliseconds; ``K = 100``: seconds); 50 steps converged on the games we tried.
+        Posterior intervals treat pruned pairs as known to be 0.
 
     Returns:
       :class:`QuadraticSurrogate` (``linear [K, T]``, ``pairwise [K, K, T]``, ``cv_error
-      [Q, R, T]``; ``T = 1`` for 1-D labels).
+      [Q, R, T]``; ``T = 1`` for 1-D labels; with ``ard_steps`` also ``feature_prior [d]`` and
+      ``ard_cv_error [T]``).
 
     >>> import jax, jax.numpy as jnp, kernattr as ka
     >>> masks = ka.sample_subsets(jax.random.key(0), num_tasks=6, num_subsets=200, p=0.5)
@@ -203,8 +226,13 @@ def fit_quadratic(
     >>> s = ka.fit_quadratic(masks, y, ridge=jnp.array([1e-3, 1.0]))
     >>> round(float(s.pairwise[0, 1, 0]), 2), round(float(s.linear[2, 0]), 2), s.cv_error.shape
     (1.0, -1.0, (6, 2, 1))
+    >>> a = ka.fit_quadratic(masks, y, ard_steps=20)
+    >>> round(float(a.pairwise[0, 1, 0]), 2), a.feature_prior.shape, a.ard_cv_error.shape
+    (1.0, (21,), (1,))
     """
     masks, y, block_size = _checked_inputs(masks, y, block_size, "fit_quadratic", "fit_nystrom")
+    if isinstance(ard_steps, bool) or not isinstance(ard_steps, (int, np.integer)) or ard_steps < 0:
+        raise ValueError(f"`ard_steps` must be a Python int >= 0, got {ard_steps!r}.")
     dtype = masks.dtype
     ratio_grid = _checks.check_grid(default_ratio_grid() if ratio is None else ratio, "ratio")
     ridge_grid = _checks.check_grid(default_ridge_grid() if ridge is None else ridge, "ridge")
@@ -221,7 +249,7 @@ def fit_quadratic(
     ok_table = ratio_ok[:, None] & ridge_ok[None, :]
     return _fit_walsh_grid(
         masks, y, ratio_grid, ridge_grid, ridge_table, ok_table, (ratio_grid, None),
-        block_size=block_size, mesh=mesh, axis=axis, throw=throw,
+        block_size=block_size, mesh=mesh, axis=axis, throw=throw, ard_steps=int(ard_steps),
         singular_msg="`ridge` too small: the feature Gram matrix of fit_quadratic is singular at the "
                      "chosen (ratio, ridge) (fewer masks than K(K+1)/2 features, or ratio = 0); pass "
                      "ridge > 0 or a ridge grid.").surrogate
@@ -232,8 +260,68 @@ class _GridFit(NamedTuple):
     index: jax.Array  # flat index q·R + r of the chosen grid point
 
 
+def _ard_prior(stats, dual, rho: jax.Array, steps: int, cap: jax.Array,
+               noise_floor: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-feature prior variances ``[d]`` (noise units) and noise variances ``[T]`` after
+    ``steps`` EM steps from ``rho``.
+
+    Model: ``y_t = Φ_c u_t + ε``, ``u_jt ~ N(0, σ_t² ρ_j)``, ``ε ~ N(0, σ_t²)``. Each step computes
+    the posterior ``C = (Φ_cᵀΦ_c + diag(1/ρ))⁻¹``, ``μ_t = C Φ_cᵀ y_t``; the noise from the
+    residual degrees of freedom, ``σ_t² = ||y_t - ŷ_t||² / tr((I - H)²)`` (unbiased for the
+    linear smoother ``H``; unlike the marginal-likelihood update it does not collapse to 0 when
+    there are fewer masks than features); then ``ρ_j = mean_t μ_jt²/σ_t² + C_jj`` (the EM update,
+    capped at ``cap [d]``).
+
+    ``stats = (G, Φ_cᵀy, Σ y_c², m)``. With ``dual = None`` (more masks than features) the primal
+    form: ``M = I + RGR`` (``R = diag(√ρ)``, ``M ⪰ I``), ``C = R M⁻¹ R`` and
+    ``tr((I - H)²) = m - 1 - d + ||M⁻¹||_F²`` (a sum of positive terms). With
+    ``dual = (Φ_c [m, d], y_c [m, T])``, the centred features and labels (``m <= d``), the dual form: ``B = (I + Φ_c P Φ_cᵀ)⁻¹`` (``P = diag(ρ)``),
+    ``μ = P Φ_cᵀ B y_c``, residuals ``B y_c``, ``C_jj = ρ_j - ρ_j² (Φ_cᵀ B Φ_c)_jj`` and
+    ``tr((I - H)²) = ||B||_F² - 1``: no difference of large numbers near interpolation, which
+    float32 cannot resolve.
+    """
+    gram, sy, yc2, mf = stats
+    d = gram.shape[0]
+
+    if dual is None:
+        eye = jnp.eye(d, dtype=gram.dtype)
+
+        def solve(r2):
+            r = jnp.sqrt(r2)
+            chol = jnp.linalg.cholesky(eye + r[:, None] * gram * r[None, :])
+            minv = jax.scipy.linalg.cho_solve((chol, True), eye)
+            mu = r[:, None] * (minv @ (r[:, None] * sy))  # [d, T]
+            dof = mf - 1.0 - d + jnp.sum(minv * minv)
+            e2 = yc2 - 2.0 * jnp.sum(sy * mu, axis=0) + jnp.sum(mu * (gram @ mu), axis=0)
+            return r2 * jnp.diagonal(minv), mu, jnp.maximum(e2, 0.0), dof
+    else:
+        xc, yc = dual
+        eye = jnp.eye(xc.shape[0], dtype=xc.dtype)
+
+        def solve(r2):
+            xp = xc * r2[None, :]
+            chol = jnp.linalg.cholesky(eye + xp @ xc.T)
+            bmat = jax.scipy.linalg.cho_solve((chol, True), eye)
+            res = bmat @ yc  # [m, T] residuals
+            mu = xp.T @ res
+            cdiag = r2 - r2 * jnp.sum(xp * (bmat @ xc), axis=0)
+            return cdiag, mu, jnp.sum(res * res, axis=0), jnp.sum(bmat * bmat) - 1.0
+
+    def noise_of(e2, dof):
+        return jnp.maximum(e2 / jnp.maximum(dof, 1e-3), noise_floor)
+
+    def step(r2, _):
+        cdiag, mu, e2, dof = solve(r2)
+        new = jnp.mean(mu * mu / noise_of(e2, dof)[None, :], axis=1) + cdiag
+        return jnp.minimum(new, cap), None
+
+    rho = jax.lax.scan(step, rho, None, length=steps)[0]
+    _, _, e2, dof = solve(rho)
+    return rho, noise_of(e2, dof)
+
+
 def _fit_walsh_grid(masks, y, ratio_grid, ridge_grid, ridge_table, ok_table, tie_keys, *, block_size,
-                    mesh, axis, throw, singular_msg) -> _GridFit:
+                    mesh, axis, throw, singular_msg, ard_steps: int = 0) -> _GridFit:
     """The degree <= 2 Walsh model over a ``[Q]`` ratio grid, each ratio with its own ``[R]``
     feature-space ridges ``ridge_table [Q, R]`` (``ok_table [Q, R]``: hyperparameters valid).
 
@@ -243,7 +331,8 @@ def _fit_walsh_grid(masks, y, ratio_grid, ridge_grid, ridge_table, ok_table, tie
     :func:`kernattr.select_grid_point` on the reported ridge ``ridge_grid [R]`` and the per-ratio
     keys ``tie_keys = (gamma-like [Q], mix [Q] or None)``. The surrogate reports ``ratio_grid``
     and ``ridge_grid`` and the chosen entries of each. Validated, same-dtype ``masks [m, K]`` and
-    ``y [m, T]``.
+    ``y [m, T]``. With ``ard_steps > 0`` the chosen point's prior is refined per feature
+    (:func:`_ard_prior`) and the returned fit, noise and ``ard_cv_error`` are the ARD model's.
     """
     m, k = masks.shape
     t = y.shape[1]
@@ -263,14 +352,13 @@ def _fit_walsh_grid(masks, y, ratio_grid, ridge_grid, ridge_table, ok_table, tie
         lambda _, bm: _walsh_features(bm, iu, ju), (), ref, masks, y, y_mean,
         block_size=block_size, where=where)
 
-    def spectrum(q, ridges, ok):
-        """Prior scales ``[d]`` at ratio ``q`` and the scaled Gram's :func:`ridge_spectrum`."""
-        sc = _prior_scale(q, k, num_pairs)
-        return (sc,) + ridge_spectrum(sc[:, None] * gram * sc[None, :], ridges, ok, d)
+    def spectrum(sc, ridges, ok):
+        """:func:`ridge_spectrum` of the Gram scaled by the prior scales ``sc [d]``."""
+        return ridge_spectrum(sc[:, None] * gram * sc[None, :], ridges, ok, d)
 
-    def per_ratio(args):
-        q, ridges, ok = args
-        sc, _, vv, valid, inv = spectrum(q, ridges, ok)
+    def loo_sums(sc, ridges, ok):
+        """Leave-one-out sums ``[R, T]`` x2 and validity ``[R]`` at prior scales ``sc``."""
+        _, vv, valid, inv = spectrum(sc, ridges, ok)
         z = vv.T @ (sc[:, None] * sy)  # [d, T]
 
         def loo(rep, blk, v):
@@ -282,6 +370,10 @@ def _fit_walsh_grid(masks, y, ratio_grid, ridge_grid, ridge_table, ok_table, tie
         sq, noise = accumulate_rows(loo, (xmean, sc, vv, z, inv, y_mean), (masks, y),
                                     block_size=block_size, where=where)
         return sq, noise, valid
+
+    def per_ratio(args):
+        q, ridges, ok = args
+        return loo_sums(_prior_scale(q, k, num_pairs), ridges, ok)
 
     sq, noise, valids = jax.lax.map(per_ratio, (ratio_grid, ridge_table, ok_table))  # [Q, R, T] x2, [Q, R]
     cv = loo_cv_error(sq, valids, yc2, mf)
@@ -295,8 +387,30 @@ def _fit_walsh_grid(masks, y, ratio_grid, ridge_grid, ridge_table, ok_table, tie
         _checks.error_if(masks, hyper_ok & ~valids[qi, ri], singular_msg)
     q, lam = ratio_grid[qi], ridge_table[qi, ri]
     ok = hyper_ok & valids[qi, ri]
+    sc = _prior_scale(q, k, num_pairs)
+    noise_var = noise[qi, ri] / mf
+    feature_prior = ard_cv = None
+    if ard_steps:
+        # Each prior variance is capped at 0.01/(eps·G_jj): the scaled system stays well
+        # conditioned in the working precision, and a capped coefficient is shrunk by at most a
+        # relative ~100·eps (noise-free labels would otherwise send ρ to infinity).
+        eps, tiny = jnp.finfo(dtype).eps, jnp.finfo(dtype).tiny
+        cap = 0.01 / (eps * jnp.maximum(jnp.diagonal(gram), tiny))
+        # Start from the grid's prior (noise units), every feature kept alive (a ratio-0 choice
+        # would otherwise freeze the pairs at 0).
+        rho = jnp.minimum(sc * sc / jnp.maximum(lam, tiny), cap)
+        rho = jnp.minimum(rho + 0.01 * jnp.mean(rho), cap)
+        # The dual form holds the centred features and labels in memory ([m, d], m <= d).
+        dual = ((_walsh_features(masks, iu, ju) - xmean[None, :], y - y_mean[None, :])
+                if m <= d else None)
+        feature_prior, noise_var = _ard_prior((gram, sy, yc2, mf), dual, rho, ard_steps, cap,
+                                              tiny + eps * yc2 / mf)
+        feature_prior = jnp.where(ok, feature_prior, jnp.nan)
+        sc, lam = jnp.sqrt(jnp.where(ok, feature_prior, 1.0)), jnp.ones((), dtype)
+        sq_a, _, valid_a = loo_sums(sc, lam[None], ok[None])
+        ard_cv = loo_cv_error(sq_a[None], valid_a[None], yc2, mf)[0, 0]
     # Solve the chosen system once more (one eigendecomposition) rather than keep Q of them.
-    sc, _, vv, _, inv = spectrum(q, lam[None], ok[None])
+    _, vv, _, inv = spectrum(sc, lam[None], ok[None])
     cov = (sc[:, None] * vv) @ (inv[0][:, None] * (vv.T * sc[None, :]))  # [d, d]
     u = cov @ sy  # [d, T] Walsh coefficients
     b = y_mean - xmean @ u
@@ -319,8 +433,10 @@ def _fit_walsh_grid(masks, y, ratio_grid, ridge_grid, ridge_table, ok_table, tie
         cv_error=cv,
         feature_mean=xmean,
         feature_cov=cov,
-        noise_var=noise[qi, ri] / mf,
+        noise_var=noise_var,
         num_train=mf,
+        feature_prior=feature_prior,
+        ard_cv_error=ard_cv,
     )
     return _GridFit(surrogate, best)
 

@@ -14,7 +14,7 @@ import pytest
 import kernattr as ka
 from _select_oracle import greedy_refit_picks
 
-_fit = jax.jit(ka.fit_quadratic, static_argnames=("block_size", "throw"))
+_fit = jax.jit(ka.fit_quadratic, static_argnames=("block_size", "throw", "ard_steps"))
 
 
 def _data(m=40, k=5, t=2, seed=0):
@@ -394,3 +394,113 @@ def test_walsh_solver_bad_input():
         jax.block_until_ready(f(masks, y.at[0, 0].set(jnp.nan), 0.5, 0.1))
     with pytest.raises(Exception, match="ridge"):
         jax.block_until_ready(jax.vmap(lambda r: f(masks, y, 0.5, r).linear)(jnp.array([0.1, -1.0])))
+
+
+def _ard_oracle(masks, y, rho, steps):
+    """numpy EM for the shared per-feature prior, with explicit m x m hat matrices."""
+    masks, y = np.asarray(masks, np.float64), np.asarray(y, np.float64)
+    m, k = masks.shape
+    x = _features(masks, 1.0) * np.sqrt(k + (k * (k - 1) // 2))  # unscaled Walsh features
+    xc, yc = x - x.mean(0), y - y.mean(0)
+
+    def solve(rho):
+        c = np.linalg.inv(xc.T @ xc + np.diag(1.0 / rho))
+        mu = c @ xc.T @ yc
+        h = np.full((m, m), 1.0 / m) + xc @ c @ xc.T
+        i_h = np.eye(m) - h
+        noise = np.sum((yc - xc @ mu) ** 2, axis=0) / np.trace(i_h @ i_h)
+        return c, mu, noise
+
+    for _ in range(steps):
+        c, mu, noise = solve(rho)
+        rho = np.mean(mu**2 / noise, axis=1) + np.diag(c)
+    c, mu, noise = solve(rho)
+    # leave-one-out with the prior held fixed, by m refits
+    err = np.zeros(y.shape[1])
+    for i in range(m):
+        keep = np.arange(m) != i
+        xk, yk = x[keep], y[keep]
+        ck = np.linalg.inv((xk - xk.mean(0)).T @ (xk - xk.mean(0)) + np.diag(1.0 / rho))
+        uk = ck @ (xk - xk.mean(0)).T @ (yk - yk.mean(0))
+        err += (y[i] - yk.mean(0) - (x[i] - xk.mean(0)) @ uk) ** 2
+    return rho, noise, c, y.mean(0) - x.mean(0) @ mu, mu, err / m / y.var(0)
+
+
+@pytest.mark.parametrize("m", [36, 16])  # d = 21 features: the primal and the dual form
+def test_ard_equals_numpy_em_oracle(x64, m):
+    masks, y = _data(m=m, k=6, t=3, seed=11)
+    s0 = _fit(masks, y, ratio=jnp.array([0.1, 1.0]), ridge=jnp.array([0.1, 1.0]))
+    s = _fit(masks, y, ratio=jnp.array([0.1, 1.0]), ridge=jnp.array([0.1, 1.0]), ard_steps=15,
+             block_size=5)
+    # the grid part is the plain fit's
+    np.testing.assert_allclose(s.cv_error, s0.cv_error, rtol=1e-10)
+    assert float(s.ratio[0]) == float(s0.ratio[0]) and float(s.ridge[0]) == float(s0.ridge[0])
+    k, pairs = 6, 15
+    v = np.concatenate([np.ones(k), float(s.ratio[0]) * np.ones(pairs)]) / (k + float(s.ratio[0]) * pairs)
+    rho0 = v / float(s.ridge[0])
+    rho0 = rho0 + 0.01 * rho0.mean()
+    rho, noise, c, b, mu, cv = _ard_oracle(masks, y, rho0, 15)
+    np.testing.assert_allclose(s.feature_prior, rho, rtol=1e-7)
+    np.testing.assert_allclose(s.noise_var, noise, rtol=1e-7)
+    np.testing.assert_allclose(s.feature_cov, c, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(s.ard_cv_error, cv, rtol=1e-7)
+    # predictions on all 64 masks against the oracle's Walsh coefficients
+    new = np.asarray(list(itertools.product([0.0, 1.0], repeat=k)))
+    xn = _features(new, 1.0) * np.sqrt(k + pairs)
+    np.testing.assert_allclose(ka.predict(s, jnp.asarray(new)), b + xn @ mu, rtol=1e-8, atol=1e-9)
+    # the prior moved: a few features are kept, many are pruned
+    assert rho.max() / rho.min() > 1e3
+    # eager equals jit
+    e = ka.fit_quadratic(masks, y, ratio=jnp.array([0.1, 1.0]), ridge=jnp.array([0.1, 1.0]), ard_steps=15)
+    np.testing.assert_allclose(e.pairwise, s.pairwise, rtol=1e-8, atol=1e-10)
+
+
+def test_ard_finds_a_sparse_game_with_few_masks():
+    """K = 16 (136 features), 100 noisy masks, 3 pairs per target: ARD's held-out LDS is far
+    above the grid fit's, its noise estimate near the truth; posterior and selection accept it."""
+    game = ka.synthetic_game(jax.random.key(3), num_tasks=16, num_targets=4, noise=0.1, num_pairs=3)
+    train = ka.sample_subsets(jax.random.key(4), num_tasks=16, num_subsets=100, p=0.5)
+    test = ka.sample_subsets(jax.random.key(5), num_tasks=16, num_subsets=500, p=0.5)
+    y, y_test = game.evaluate(train, jax.random.key(6)), game.evaluate(test, jax.random.key(7))
+    grid = _fit(train, y)
+    ard = _fit(train, y, ard_steps=50)
+    lg, la = float(ka.lds(ka.predict(grid, test), y_test).mean), float(ka.lds(ka.predict(ard, test), y_test).mean)
+    assert la > lg + 0.05 and la > 0.9, (lg, la)
+    assert float(jnp.mean(ard.ard_cv_error)) < float(jnp.min(jnp.mean(grid.cv_error, -1)))
+    np.testing.assert_allclose(jnp.mean(ard.noise_var), 0.01, rtol=0.5)
+    var = ka.posterior_variance(ard, test, include_noise=True)
+    z = (y_test - ka.predict(ard, test)) / jnp.sqrt(var)
+    assert 0.8 < float(jnp.mean(jnp.abs(z) < 1.96)) < 0.99
+    picked = ka.select_masks(jax.random.key(8), ard, 5, num_candidates=64)
+    assert picked.shape == (5, 16) and bool(jnp.all((picked == 0) | (picked == 1)))
+
+
+def test_ard_sharded_equals_single_device(x64):
+    masks, y = _data(m=64, k=6, t=2, seed=7)
+    kw = dict(ratio=jnp.array([0.1, 1.0]), ridge=jnp.array([1e-2, 1.0]), block_size=3, ard_steps=10)
+    ref = _fit(masks, y, **kw)
+    ms, ys = ka.shard_examples((masks, y), ka.data_mesh())
+    got = _fit(ms, ys, **kw)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-9)
+
+
+def test_ard_bad_input():
+    masks, y = _data(m=20, k=5, t=1)
+    for bad in (-1, 2.0, True, None):
+        with pytest.raises(ValueError, match="ard_steps"):
+            ka.fit_quadratic(masks, y, ard_steps=bad)
+    f = jax.jit(lambda x, yy: ka.fit_quadratic(x, yy, ard_steps=5))
+    with pytest.raises(Exception, match="non-finite"):
+        jax.block_until_ready(f(masks, y.at[0, 0].set(jnp.nan)))
+    # a singular grid choice raises before the EM; with throw=False everything is NaN / inf
+    with pytest.raises(ValueError, match="ridge` too small"):
+        ka.fit_quadratic(masks, y, ratio=0.0, ridge=0.0, ard_steps=5)
+    s = ka.fit_quadratic(masks, y, ratio=0.0, ridge=0.0, ard_steps=5, throw=False)
+    assert np.isnan(s.linear).all() and np.isnan(s.feature_prior).all()
+    # noise-free labels: the prior cap keeps float32 finite and exact enough
+    masks80 = ka.sample_subsets(jax.random.key(0), num_tasks=5, num_subsets=80, p=0.5)
+    s = ka.fit_quadratic(masks80, masks80[:, 0] * masks80[:, 1] - masks80[:, 2], ard_steps=20)
+    assert np.isfinite(s.ard_cv_error).all()
+    np.testing.assert_allclose(s.pairwise[0, 1, 0], 1.0, atol=1e-3)
+    np.testing.assert_allclose(s.linear[:, 0], [0, 0, -1, 0, 0], atol=1e-3)
