@@ -7,8 +7,9 @@ in a random order, prefixes of ``--start``, ``--start + --batch``, ... ``--budge
 Active arm: the same first ``--start`` masks, then rounds of ``--batch`` masks chosen by
 ``ka.select_masks`` (integrated variance over a ``--candidates`` pool of Bernoulli(0.9) masks,
 fantasised updates) from the current surrogate, each really fine-tuned, then refitted. Both arms
-fit ``ka.fit_kernel`` (default kernel and grids) or ``ka.fit_quadratic`` (``--surrogate``) and
-are scored on the demo's 100 held-out masks (``--keep-kernel``: the active arm keeps the kernel's
+fit ``ka.fit_kernel`` (default kernel and grids), ``ka.fit_quadratic`` or
+``ka.fit_quadratic(..., ard_steps=--ard-steps)`` (``--surrogate kernel|quadratic|ard``; with
+``ard`` the random arm of ``fit_quadratic`` without ARD is printed too) and are scored on the demo's 100 held-out masks (``--keep-kernel``: the active arm keeps the kernel's
 ``(gamma, mix)`` chosen on the random start): held-out LDS with a 95% bootstrap interval, and the
 paired interval of active - random at every size. Printed per seed and averaged over seeds, with
 the retrains at which active reaches random's LDS at ``--budget`` (target ratio <= 0.7).
@@ -33,9 +34,13 @@ from _active import plot_curves, print_mean_curves, report_reach
 
 def describe(s) -> str:
     """The chosen hyperparameters of a fitted surrogate, in one short string."""
-    if hasattr(s, "gamma"):
+    if getattr(s, "gamma", None) is not None:
         return f"gamma {float(s.gamma[0]):.3g} mix {float(s.mix[0]):.2f} ridge {float(s.ridge[0]):.3g}"
-    return f"ratio {float(s.ratio[0]):.3g} ridge {float(s.ridge[0]):.3g}"
+    out = f"ratio {float(s.ratio[0]):.3g} ridge {float(s.ridge[0]):.3g}"
+    if getattr(s, "feature_prior", None) is not None:
+        fp = np.asarray(s.feature_prior)
+        out += f" ARD: {int(np.sum(fp > 1e-3 * fp.max()))}/{fp.size} features kept"
+    return out
 
 
 def main(argv=None) -> int:
@@ -46,7 +51,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=int, default=100)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--candidates", type=int, default=2048)
-    p.add_argument("--surrogate", default="kernel", choices=["kernel", "quadratic"])
+    p.add_argument("--surrogate", default="kernel", choices=["kernel", "quadratic", "ard"])
+    p.add_argument("--ard-steps", type=int, default=50)
     p.add_argument("--keep-kernel", action="store_true",
                    help="active arm: keep the kernel (gamma, mix) chosen on the random start; ridge by LOO")
     p.add_argument("--pool", default="bernoulli", choices=["bernoulli", "fixed-size"],
@@ -81,8 +87,9 @@ def main(argv=None) -> int:
         return pl.real_labels(cfg, prep.data, prep.apply_fn, prep.params0, prep.init_fn, m,
                               runner=runner)[0]
 
-    fit_fn = ka.fit_kernel if a.surrogate == "kernel" else ka.fit_quadratic
-    fit = jax.jit(lambda x, yy: fit_fn(x, yy))
+    fit = jax.jit({"kernel": ka.fit_kernel, "quadratic": ka.fit_quadratic,
+                   "ard": lambda x, yy: ka.fit_quadratic(x, yy, ard_steps=a.ard_steps)}[a.surrogate])
+    fit_grid = jax.jit(ka.fit_quadratic)
     fit_kept = jax.jit(lambda x, yy, g, w: ka.fit_kernel(x, yy, gamma=g, mix=w))
     density = float(cfg.densities[0]) if len(cfg.densities) == 1 else 0.5
     if a.pool == "bernoulli":
@@ -95,6 +102,7 @@ def main(argv=None) -> int:
     held, y_held = jnp.asarray(masks.heldout), jnp.asarray(gt.heldout)
     sizes = list(range(a.start, a.budget + 1, a.batch))
     rand, act = np.zeros((a.seeds, len(sizes))), np.zeros((a.seeds, len(sizes)))
+    grid = np.zeros((a.seeds, len(sizes)))
     paired = []
     n_real, t_real = 0, 0.0
     for seed in range(a.seeds):
@@ -105,6 +113,9 @@ def main(argv=None) -> int:
             pr = ka.predict(fit(jnp.asarray(pool[:n]), jnp.asarray(y_pool[:n])), held)
             rand[seed, i] = float(ka.lds(pr, y_held).mean)
             preds_r.append(pr)
+            if a.surrogate == "ard":
+                pg = ka.predict(fit_grid(jnp.asarray(pool[:n]), jnp.asarray(y_pool[:n])), held)
+                grid[seed, i] = float(ka.lds(pg, y_held).mean)
         x, yy = pool[: a.start], y_pool[: a.start]
         row, hyper = [], []
         for i, n in enumerate(sizes):
@@ -138,6 +149,10 @@ def main(argv=None) -> int:
         nc = ka.lds_interval(jax.random.key(8), jnp.asarray(gt.heldout_repeat), y_held)
         print(f"noise ceiling (another W0): {float(nc.mean):.3f} [{float(nc.low):.3f}, {float(nc.high):.3f}]")
     report_reach(sizes, rand, act, a.budget, unit="order")
+    if a.surrogate == "ard":
+        print(f"random masks, fit_quadratic without ARD (mean over orders): {np.round(grid.mean(0), 4).tolist()}")
+        report_reach(sizes, grid, rand, a.budget, unit="order",
+                     names=("random without ARD", "random with ARD"), tag="MODEL-RATIO")
     print(f"real fine-tuning of the chosen masks: {n_real} masks in {t_real:.0f} s; total {time.perf_counter() - t0:.0f} s")
     if a.plot:
         plot_curves(a.plot, sizes, r, ac, random_label="random (demo's training masks)",
