@@ -40,6 +40,11 @@ averaged over targets, is chosen (ties as in :func:`kernattr.fit_kernel`). Memor
 ``O(d² + block·(d + R·T))``, independent of ``m``; masks sharded on their leading axis are accumulated
 shard by shard and the ``d x d`` statistics summed over the mesh axis.
 
+With ``ard_steps = n > 0`` the grid's two prior variances (one per degree) are only the start:
+``n`` EM steps learn one prior variance per Walsh coefficient, shared by the targets (automatic
+relevance determination), from the same centred statistics (or, with ``m <= d``, from the
+``[m, d]`` features in an ``m x m`` dual form); see :func:`fit_quadratic`.
+
 Shapes: ``m`` masks, ``K`` tasks, ``T`` targets, ``d = K(K+1)/2`` features, ``Q`` ratios, ``R``
 ridges.
 """
@@ -55,7 +60,7 @@ import numpy as np
 
 from . import _checks
 from ._nystrom import (accumulate_rows, centred_feature_stats, loo_cv_error, loo_row_sums,
-                       mask_mesh, ridge_spectrum)
+                       mask_mesh, replicate, ridge_spectrum)
 from ._surrogates import (default_ridge_grid, hyperparameters_ok, kernel_grids, mask_linear_scale,
                           select_grid_point)
 
@@ -400,8 +405,9 @@ def _fit_walsh_grid(masks, y, ratio_grid, ridge_grid, ridge_table, ok_table, tie
         # would otherwise freeze the pairs at 0).
         rho = jnp.minimum(sc * sc / jnp.maximum(lam, tiny), cap)
         rho = jnp.minimum(rho + 0.01 * jnp.mean(rho), cap)
-        # The dual form holds the centred features and labels in memory ([m, d], m <= d).
-        dual = ((_walsh_features(masks, iu, ju) - xmean[None, :], y - y_mean[None, :])
+        # The dual form holds the centred features and labels in memory ([m, d], m <= d),
+        # replicated on every device when the masks are sharded (m is small here).
+        dual = (replicate((_walsh_features(masks, iu, ju) - xmean[None, :], y - y_mean[None, :]), where)
                 if m <= d else None)
         feature_prior, noise_var = _ard_prior((gram, sy, yc2, mf), dual, rho, ard_steps, cap,
                                               tiny + eps * yc2 / mf)

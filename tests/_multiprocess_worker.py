@@ -5,7 +5,7 @@ Usage: python _multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR
 Each process owns 2 CPU devices; ``jax.distributed.initialize`` joins them (coordinator on
 127.0.0.1:PORT, gloo collectives over loopback) into one 4-device ``data`` mesh. Examples are
 sharded on ``data`` across the processes, subset masks too; a Nyström, a pairwise
-(``fit_quadratic``) and a ``fit_kernel(solver="walsh")`` surrogate are fitted and a kernel system solved by CG on masks sharded the
+(``fit_quadratic``, also with ``ard_steps``) and a ``fit_kernel(solver="walsh")`` surrogate are fitted and a kernel system solved by CG on masks sharded the
 same way. Every process gathers the global
 results and writes them to OUT_DIR/process_<id>.npz for the parent test to compare with the
 single-process computation of :func:`problem`.
@@ -102,8 +102,14 @@ def surrogate_compute(masks, y):
         quad = ka.fit_quadratic(masks, y, ratio=jnp.array([0.0, 0.1, 1.0]), ridge=jnp.array([0.01, 1.0]),
                                 block_size=4)
         walsh = ka.fit_kernel(masks, y, gamma=jnp.array([0.1, 0.4]), ridge=jnp.array([0.01, 1.0]), solver="walsh")
+        ard = ka.fit_quadratic(masks, y, ratio=jnp.array([0.1, 1.0]), ridge=jnp.array([0.01, 1.0]), block_size=4,
+                               ard_steps=10)
+        # 16 masks < 21 features: the dual form (features replicated across the processes)
+        ard16 = ka.fit_quadratic(masks[:16], y[:16], ratio=jnp.array([0.1, 1.0]), ridge=jnp.array([0.01, 1.0]),
+                                 block_size=4, ard_steps=10)
         return ny.surrogate.dual_coef, ny.cv_error, cg.solution, (quad.pairwise, quad.cv_error, quad.noise_var,
-                                                                  walsh.pairwise, walsh.cv_error)
+                                                                  walsh.pairwise, walsh.cv_error,
+                                                                  ard.pairwise, ard.noise_var, ard16.pairwise)
 
     return run(masks, y)
 
@@ -165,6 +171,9 @@ def main():
         quad_noise=quad[2],
         walsh_pairwise=quad[3],
         walsh_cv=quad[4],
+        ard_pairwise=quad[5],
+        ard_noise=quad[6],
+        ard16_pairwise=quad[7],
         quad_replicated=np.asarray(quad_replicated),
     )
     jax.distributed.shutdown()

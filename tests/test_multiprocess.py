@@ -66,6 +66,7 @@ def test_two_processes_match_single_process(tmp_path):
         np.testing.assert_allclose(r["labels"], labels, rtol=1e-4, atol=1e-5)
     # surrogates on masks sharded over the two processes == one device
     ny_coef, ny_cv, cg_sol, quad = worker.surrogate_compute(*worker.surrogate_problem())
+    assert all(np.isfinite(np.asarray(a)).all() for a in quad)
     for i in range(2):
         r = np.load(tmp_path / f"process_{i}.npz")
         assert bool(r["ny_replicated"]) and str(r["cg_spec"]).startswith("P('data'")
@@ -78,4 +79,7 @@ def test_two_processes_match_single_process(tmp_path):
         np.testing.assert_allclose(r["quad_noise"], quad[2], rtol=1e-4)
         np.testing.assert_allclose(r["walsh_cv"], quad[4], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(r["walsh_pairwise"], quad[3], rtol=1e-3, atol=1e-4 * np.abs(quad[3]).max())
+        np.testing.assert_allclose(r["ard_pairwise"], quad[5], rtol=1e-3, atol=1e-3 * np.abs(quad[5]).max())
+        np.testing.assert_allclose(r["ard_noise"], quad[6], rtol=1e-3)
+        np.testing.assert_allclose(r["ard16_pairwise"], quad[7], rtol=1e-3, atol=1e-3 * np.abs(quad[7]).max())
     assert jax.device_count() == 8  # the parent process was left alone

@@ -475,10 +475,12 @@ def test_ard_finds_a_sparse_game_with_few_masks():
     assert picked.shape == (5, 16) and bool(jnp.all((picked == 0) | (picked == 1)))
 
 
-def test_ard_sharded_equals_single_device(x64):
-    masks, y = _data(m=64, k=6, t=2, seed=7)
+@pytest.mark.parametrize("m", [64, 16])  # d = 21: the primal and the dual form
+def test_ard_sharded_equals_single_device(x64, m):
+    masks, y = _data(m=m, k=6, t=2, seed=7)
     kw = dict(ratio=jnp.array([0.1, 1.0]), ridge=jnp.array([1e-2, 1.0]), block_size=3, ard_steps=10)
     ref = _fit(masks, y, **kw)
+    assert np.isfinite(ref.pairwise).all() and np.isfinite(ref.ard_cv_error).all()
     ms, ys = ka.shard_examples((masks, y), ka.data_mesh())
     got = _fit(ms, ys, **kw)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
