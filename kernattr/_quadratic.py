@@ -212,7 +212,9 @@ def fit_quadratic(
         shared by the targets (``ρ_j ← mean_t μ_jt²/σ_t² + C_jj``), so pairs that no target
         needs are shrunk to zero and the few that matter are barely shrunk. The noise ``σ_t²``
         is re-estimated at every step from the residual degrees of freedom
-        (``||y - ŷ||² / tr((I - H)²)``) and is the returned ``noise_var``. It pays when few of
+        (``||y - ŷ||² / tr((I - H)²)``), never below the grid fit's calibrated noise (with fewer
+        masks than features the estimate can otherwise reach 0 by interpolation), and is the
+        returned ``noise_var``. It pays when few of
         the ``K(K-1)/2`` pairs matter and masks are scarce (on sparse synthetic games, 150 random
         masks reach the held-out LDS that the grid fit reaches with 400); it can overfit labels
         with many weak interactions: compare ``ard_cv_error`` with the grid's ``cv_error``.
@@ -409,8 +411,11 @@ def _fit_walsh_grid(masks, y, ratio_grid, ridge_grid, ridge_table, ok_table, tie
         # replicated on every device when the masks are sharded (m is small here).
         dual = (replicate((_walsh_features(masks, iu, ju) - xmean[None, :], y - y_mean[None, :]), where)
                 if m <= d else None)
+        # The noise is never taken below the grid fit's leave-one-out calibrated value: with fewer
+        # masks than features the residual-dof estimate can reach 0 when the labels allow
+        # interpolation (seen on real fine-tuning labels), and the prior variances follow it up.
         feature_prior, noise_var = _ard_prior((gram, sy, yc2, mf), dual, rho, ard_steps, cap,
-                                              tiny + eps * yc2 / mf)
+                                              jnp.maximum(noise_var, tiny + eps * yc2 / mf))
         feature_prior = jnp.where(ok, feature_prior, jnp.nan)
         sc, lam = jnp.sqrt(jnp.where(ok, feature_prior, 1.0)), jnp.ones((), dtype)
         sq_a, _, valid_a = loo_sums(sc, lam[None], ok[None])
