@@ -471,7 +471,7 @@ def test_ard_finds_a_sparse_game_with_few_masks():
     np.testing.assert_allclose(jnp.mean(ard.noise_var), 0.01, rtol=0.5)
     var = ka.posterior_variance(ard, test, include_noise=True)
     z = (y_test - ka.predict(ard, test)) / jnp.sqrt(var)
-    assert 0.8 < float(jnp.mean(jnp.abs(z) < 1.96)) < 0.99
+    assert 0.9 < float(jnp.mean(jnp.abs(z) < 1.96)) < 0.99  # measured 0.97
     picked = ka.select_masks(jax.random.key(8), ard, 5, num_candidates=64)
     assert picked.shape == (5, 16) and bool(jnp.all((picked == 0) | (picked == 1)))
 
