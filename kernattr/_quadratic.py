@@ -275,17 +275,18 @@ def _ard_prior(stats, dual, rho: jax.Array, steps: int, cap: jax.Array,
     Model: ``y_t = Φ_c u_t + ε``, ``u_jt ~ N(0, σ_t² ρ_j)``, ``ε ~ N(0, σ_t²)``. Each step computes
     the posterior ``C = (Φ_cᵀΦ_c + diag(1/ρ))⁻¹``, ``μ_t = C Φ_cᵀ y_t``; the noise from the
     residual degrees of freedom, ``σ_t² = ||y_t - ŷ_t||² / tr((I - H)²)`` (unbiased for the
-    linear smoother ``H``; unlike the marginal-likelihood update it does not collapse to 0 when
-    there are fewer masks than features); then ``ρ_j = mean_t μ_jt²/σ_t² + C_jj`` (the EM update,
-    capped at ``cap [d]``).
+    linear smoother ``H``; it collapses less readily than the marginal-likelihood update with
+    fewer masks than features, but can still reach 0 when the labels allow interpolation, hence
+    ``noise_floor [T]``); then ``ρ_j = mean_t μ_jt²/σ_t² + C_jj`` (the EM update, capped at
+    ``cap [d]``).
 
-    ``stats = (G, Φ_cᵀy, Σ y_c², m)``. With ``dual = None`` (more masks than features) the primal
-    form: ``M = I + RGR`` (``R = diag(√ρ)``, ``M ⪰ I``), ``C = R M⁻¹ R`` and
+    ``stats = (G, Φ_cᵀy, Σ y_c², m)``. With ``dual = None`` (more masks than features) the
+    primal form: ``M = I + RGR`` (``R = diag(√ρ)``, ``M ⪰ I``), ``C = R M⁻¹ R`` and
     ``tr((I - H)²) = m - 1 - d + ||M⁻¹||_F²`` (a sum of positive terms). With
-    ``dual = (Φ_c [m, d], y_c [m, T])``, the centred features and labels (``m <= d``), the dual form: ``B = (I + Φ_c P Φ_cᵀ)⁻¹`` (``P = diag(ρ)``),
-    ``μ = P Φ_cᵀ B y_c``, residuals ``B y_c``, ``C_jj = ρ_j - ρ_j² (Φ_cᵀ B Φ_c)_jj`` and
-    ``tr((I - H)²) = ||B||_F² - 1``: no difference of large numbers near interpolation, which
-    float32 cannot resolve.
+    ``dual = (Φ_c [m, d], y_c [m, T])``, the centred features and labels (``m <= d``), the dual
+    form: ``B = (I + Φ_c P Φ_cᵀ)⁻¹`` (``P = diag(ρ)``), ``μ = P Φ_cᵀ B y_c``, residuals
+    ``B y_c``, ``C_jj = ρ_j - ρ_j² (Φ_cᵀ B Φ_c)_jj`` and ``tr((I - H)²) = ||B||_F² - 1``: no
+    difference of large numbers near interpolation, which float32 cannot resolve.
     """
     gram, sy, yc2, mf = stats
     d = gram.shape[0]
@@ -420,6 +421,11 @@ def _fit_walsh_grid(masks, y, ratio_grid, ridge_grid, ridge_table, ok_table, tie
         sc, lam = jnp.sqrt(jnp.where(ok, feature_prior, 1.0)), jnp.ones((), dtype)
         sq_a, _, valid_a = loo_sums(sc, lam[None], ok[None])
         ard_cv = loo_cv_error(sq_a[None], valid_a[None], yc2, mf)[0, 0]
+        if throw:
+            _checks.error_if(masks, ok & ~valid_a[0],
+                             "fit_quadratic(ard_steps=...): the learned prior makes the scaled Gram "
+                             "matrix singular in the working precision; use float64 or fewer ard_steps.")
+        ok = ok & valid_a[0]
     # Solve the chosen system once more (one eigendecomposition) rather than keep Q of them.
     _, vv, _, inv = spectrum(sc, lam[None], ok[None])
     cov = (sc[:, None] * vv) @ (inv[0][:, None] * (vv.T * sc[None, :]))  # [d, d]
