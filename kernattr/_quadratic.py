@@ -364,9 +364,10 @@ def _fit_walsh_grid(masks, y, ratio_grid, ridge_grid, ridge_table, ok_table, tie
         """:func:`ridge_spectrum` of the Gram scaled by the prior scales ``sc [d]``."""
         return ridge_spectrum(sc[:, None] * gram * sc[None, :], ridges, ok, d)
 
-    def loo_sums(sc, ridges, ok):
-        """Leave-one-out sums ``[R, T]`` x2 and validity ``[R]`` at prior scales ``sc``."""
-        _, vv, valid, inv = spectrum(sc, ridges, ok)
+    def loo_sums(sc, ridges, ok, spec=None):
+        """Leave-one-out sums ``[R, T]`` x2 and validity ``[R]`` at prior scales ``sc``
+        (``spec``: their :func:`spectrum`, if already computed)."""
+        _, vv, valid, inv = spectrum(sc, ridges, ok) if spec is None else spec
         z = vv.T @ (sc[:, None] * sy)  # [d, T]
 
         def loo(rep, blk, v):
@@ -419,15 +420,17 @@ def _fit_walsh_grid(masks, y, ratio_grid, ridge_grid, ridge_table, ok_table, tie
                                               jnp.maximum(noise_var, tiny + eps * yc2 / mf))
         feature_prior = jnp.where(ok, feature_prior, jnp.nan)
         sc, lam = jnp.sqrt(jnp.where(ok, feature_prior, 1.0)), jnp.ones((), dtype)
-        sq_a, _, valid_a = loo_sums(sc, lam[None], ok[None])
+        final = spectrum(sc, lam[None], ok[None])  # also the final solve's, below
+        sq_a, _, valid_a = loo_sums(sc, lam[None], ok[None], final)
         ard_cv = loo_cv_error(sq_a[None], valid_a[None], yc2, mf)[0, 0]
         if throw:
             _checks.error_if(masks, ok & ~valid_a[0],
                              "fit_quadratic(ard_steps=...): the learned prior makes the scaled Gram "
                              "matrix singular in the working precision; use float64 or fewer ard_steps.")
         ok = ok & valid_a[0]
-    # Solve the chosen system once more (one eigendecomposition) rather than keep Q of them.
-    _, vv, _, inv = spectrum(sc, lam[None], ok[None])
+    # Solve the chosen system once more (one eigendecomposition, the ARD one already done above)
+    # rather than keep Q of them; an invalid solve's entries are replaced by NaN below.
+    _, vv, _, inv = final if ard_steps else spectrum(sc, lam[None], ok[None])
     cov = (sc[:, None] * vv) @ (inv[0][:, None] * (vv.T * sc[None, :]))  # [d, d]
     u = cov @ sy  # [d, T] Walsh coefficients
     b = y_mean - xmean @ u
