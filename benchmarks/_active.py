@@ -51,6 +51,24 @@ def report_reach(sizes, rand, act, budget: int, *, unit: str = "seed",
               f"{reach:.0f} = {reach / budget:.2f} of {base}'s (target <= 0.70)")
 
 
+def surrogate_fit(ka, name: str, ard_steps: int):
+    """The jitted ``fit(masks, y)`` a benchmark's ``--surrogate`` names: ``kernel``
+    (``ka.fit_kernel``), ``quadratic`` (``ka.fit_quadratic``) or ``ard``
+    (``ka.fit_quadratic(..., ard_steps=ard_steps)``)."""
+    import jax
+
+    return jax.jit({"kernel": ka.fit_kernel, "quadratic": ka.fit_quadratic,
+                    "ard": lambda x, y: ka.fit_quadratic(x, y, ard_steps=ard_steps)}[name])
+
+
+def report_model_saving(sizes, grid, rand, budget: int, *, unit: str = "seed") -> None:
+    """With ``--surrogate ard``: ``fit_quadratic``'s random-mask curve (``grid``) and the
+    retrains random masks with ARD (``rand``) need for its LDS at ``budget`` (``MODEL-RATIO``)."""
+    print(f"random masks, fit_quadratic without ARD (mean over {unit}s): {np.round(grid.mean(0), 4).tolist()}")
+    report_reach(sizes, grid, rand, budget, unit=unit, names=("random without ARD", "random with ARD"),
+                 tag="MODEL-RATIO")
+
+
 def plot_curves(path: str, sizes, random_curve, active_curve, *, random_label: str,
                 active_label: str, xlabel: str, title: str, ceiling=None) -> None:
     """Save the random and active LDS curves (and an optional noise-ceiling line) to ``path``."""

@@ -9,7 +9,8 @@ grids; ``--surrogate quadratic``: ``ka.fit_quadratic``, default grids; ``--surro
 ``ka.fit_quadratic(..., ard_steps=--ard-steps)``, one learned prior variance per pair; the same
 surrogate for both arms). With ``--surrogate ard`` the random arm of ``fit_quadratic`` (no ARD) is
 also printed, and the retrains at which random masks with ARD reach ITS LDS at ``--budget``
-(the saving that comes from the model rather than from the choice of masks). Both arms are scored by held-out LDS against noisy retrains of 1,000 Bernoulli(1/2)
+(the saving that comes from the model rather than from the choice of masks). Both arms are
+scored by held-out LDS against noisy retrains of 1,000 Bernoulli(1/2)
 masks, averaged over seeds. Printed: the LDS curves, the active - random LDS difference per size with a 95% t-interval over
 seeds, per seed the retrains at which active reaches that seed's random LDS at ``--budget``,
 random's mean LDS at ``--budget`` retrains, the number of retrains at which the mean active curve
@@ -30,7 +31,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _active import plot_curves, print_mean_curves, report_reach
+from _active import plot_curves, print_mean_curves, report_model_saving, report_reach, surrogate_fit
 
 
 def t_quantile(n: int) -> float:
@@ -92,8 +93,7 @@ def main(argv=None) -> int:
         f"seeds={a.seeds} pool={a.candidates} criterion={a.criterion} surrogate={a.surrogate}  devices={jax.device_count()}  "
         f"cpus={os.cpu_count()}  load(1m)={os.getloadavg()[0]:.1f}"
     )
-    fit = jax.jit({"kernel": ka.fit_kernel, "quadratic": ka.fit_quadratic,
-                   "ard": lambda x, yy: ka.fit_quadratic(x, yy, ard_steps=a.ard_steps)}[a.surrogate])
+    fit = surrogate_fit(ka, a.surrogate, a.ard_steps)
     fit_grid = jax.jit(ka.fit_quadratic)
     select = jax.jit(lambda k, s: ka.select_masks(k, s, a.batch, num_candidates=a.candidates, criterion=a.criterion))
     rand, act, ceil, bound = np.zeros((a.seeds, len(sizes))), np.zeros((a.seeds, len(sizes))), [], []
@@ -135,9 +135,7 @@ def main(argv=None) -> int:
     print(f"noise ceiling (mean): {np.mean(ceil):.4f}")
     report_reach(sizes, rand, act, a.budget)
     if a.surrogate == "ard":
-        print(f"random masks, fit_quadratic without ARD (mean): {np.round(grid.mean(0), 4).tolist()}")
-        report_reach(sizes, grid, rand, a.budget, names=("random without ARD", "random with ARD"),
-                     tag="MODEL-RATIO")
+        report_model_saving(sizes, grid, rand, a.budget)
     if a.plot:
         plot_curves(a.plot, sizes, r, ac, random_label="random Bernoulli(1/2)",
                     active_label=f"select_masks ({a.criterion}, {a.surrogate})",

@@ -9,7 +9,8 @@ Active arm: the same first ``--start`` masks, then rounds of ``--batch`` masks c
 fantasised updates) from the current surrogate, each really fine-tuned, then refitted. Both arms
 fit ``ka.fit_kernel`` (default kernel and grids), ``ka.fit_quadratic`` or
 ``ka.fit_quadratic(..., ard_steps=--ard-steps)`` (``--surrogate kernel|quadratic|ard``; with
-``ard`` the random arm of ``fit_quadratic`` without ARD is printed too) and are scored on the demo's 100 held-out masks (``--keep-kernel``: the active arm keeps the kernel's
+``ard`` the random arm of ``fit_quadratic`` without ARD is printed too) and are scored on the
+demo's 100 held-out masks (``--keep-kernel``: the active arm keeps the kernel's
 ``(gamma, mix)`` chosen on the random start): held-out LDS with a 95% bootstrap interval, and the
 paired interval of active - random at every size. Printed per seed and averaged over seeds, with
 the retrains at which active reaches random's LDS at ``--budget`` (target ratio <= 0.7).
@@ -29,7 +30,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _active import plot_curves, print_mean_curves, report_reach
+from _active import plot_curves, print_mean_curves, report_model_saving, report_reach, surrogate_fit
 
 
 def describe(s) -> str:
@@ -87,8 +88,7 @@ def main(argv=None) -> int:
         return pl.real_labels(cfg, prep.data, prep.apply_fn, prep.params0, prep.init_fn, m,
                               runner=runner)[0]
 
-    fit = jax.jit({"kernel": ka.fit_kernel, "quadratic": ka.fit_quadratic,
-                   "ard": lambda x, yy: ka.fit_quadratic(x, yy, ard_steps=a.ard_steps)}[a.surrogate])
+    fit = surrogate_fit(ka, a.surrogate, a.ard_steps)
     fit_grid = jax.jit(ka.fit_quadratic)
     fit_kept = jax.jit(lambda x, yy, g, w: ka.fit_kernel(x, yy, gamma=g, mix=w))
     density = float(cfg.densities[0]) if len(cfg.densities) == 1 else 0.5
@@ -150,9 +150,7 @@ def main(argv=None) -> int:
         print(f"noise ceiling (another W0): {float(nc.mean):.3f} [{float(nc.low):.3f}, {float(nc.high):.3f}]")
     report_reach(sizes, rand, act, a.budget, unit="order")
     if a.surrogate == "ard":
-        print(f"random masks, fit_quadratic without ARD (mean over orders): {np.round(grid.mean(0), 4).tolist()}")
-        report_reach(sizes, grid, rand, a.budget, unit="order",
-                     names=("random without ARD", "random with ARD"), tag="MODEL-RATIO")
+        report_model_saving(sizes, grid, rand, a.budget, unit="order")
     print(f"real fine-tuning of the chosen masks: {n_real} masks in {t_real:.0f} s; total {time.perf_counter() - t0:.0f} s")
     if a.plot:
         plot_curves(a.plot, sizes, r, ac, random_label="random (demo's training masks)",
