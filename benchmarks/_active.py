@@ -70,22 +70,27 @@ def report_model_saving(sizes, grid, rand, budget: int, *, unit: str = "seed") -
 
 
 def plot_curves(path: str, sizes, random_curve, active_curve, *, random_label: str,
-                active_label: str, xlabel: str, title: str, ceiling=None) -> None:
-    """Save the random and active LDS curves (and an optional noise-ceiling line) to ``path``."""
+                active_label: str, xlabel: str, title: str, ceiling=None, extra=(), vline=None) -> None:
+    """Save the random and active LDS curves to ``path``, with an optional noise-ceiling line,
+    ``extra`` ``(label, curve)`` pairs and a vertical line ``vline = (x, label)``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(6, 4.2))
     ax.plot(sizes, random_curve, "o-", label=random_label)
     ax.plot(sizes, active_curve, "s-", label=active_label)
+    for label, curve in extra:
+        ax.plot(sizes, curve, "^--", label=label)
+    if vline is not None:
+        ax.axvline(vline[0], ls="--", c="k", lw=0.8, label=vline[1])
     if ceiling is not None:
         ax.axhline(ceiling, ls=":", c="gray", label="noise ceiling")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("held-out LDS")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")

@@ -15,8 +15,14 @@ masks, averaged over seeds. Printed: the LDS curves, the active - random LDS dif
 seeds, per seed the retrains at which active reaches that seed's random LDS at ``--budget``,
 random's mean LDS at ``--budget`` retrains, the number of retrains at which the mean active curve
 first reaches it (linear interpolation), and the ratio (target <= 0.7, i.e. <= 280 at 400); the noise ceiling; a plot if ``--plot`` is given.
-With ``--surrogate quadratic`` also a lower bound on the retrains that any design chosen
-without the labels needs to match random's posterior variance at the budget (``design_bound``).
+``ORACLE-BOUND`` (any surrogate, noise > 0): the fewest retrains with which ANY selection rule,
+adaptive or not, could match the integrated posterior variance that random masks give at the
+budget, under the ARD surrogate's model with its prior variances set to the game's true
+coefficients (``oracle_bound``); when it is above 0.7 of the budget, the 30% target is out of reach
+for every rule that chooses masks by that model's posterior. With ``--surrogate quadratic`` also
+a lower bound on the retrains that any design chosen without the labels needs to match random's
+posterior variance at the budget, at the hyperparameters the grid fit chose (``design_bound``).
+``--pairs`` sets the interacting pairs per target (default 6, the games everywhere else).
 
     nice -n 10 python benchmarks/bench_active.py --plot /work/notes/active.png
     python benchmarks/bench_active.py --smoke
@@ -64,12 +70,79 @@ def design_bound(s, num_tasks: int) -> float:
     return float(d)
 
 
+def walsh_coefficients(game) -> np.ndarray:
+    """``[d, T]`` coefficients of a noise-free ``ka.synthetic_game`` on the Walsh features
+    (``χ_k``, then ``χ_j χ_k`` for ``j < k``, ``χ = 2 s - 1``; the constant left out): with
+    ``s = (1 + χ)/2``, a pair term ``q_jk s_j s_k`` gives ``q_jk/4`` to ``χ_j χ_k`` and ``q_jk/4`` to
+    ``χ_j`` and to ``χ_k``, and ``l_k s_k`` gives ``l_k/2`` to ``χ_k``."""
+    lin, quad = np.asarray(game.linear, np.float64), np.asarray(game.quadratic, np.float64)
+    k = lin.shape[0]
+    iu, ju = np.triu_indices(k, 1)
+    sym = quad + np.swapaxes(quad, 0, 1)
+    return np.concatenate([lin / 2 + sym.sum(1) / 4, quad[iu, ju] / 4])
+
+
+def waterfill(inv_prior: np.ndarray, budget: float) -> float:
+    """``min Σ_i 1/(inv_prior_i + λ_i)`` over ``λ >= 0`` with ``Σ_i λ_i = budget`` (bisection on the
+    water level ``L``: ``λ_i = max(0, L - inv_prior_i)``)."""
+    lo, hi = 0.0, float(inv_prior.max()) + budget
+    for _ in range(200):
+        level = (lo + hi) / 2
+        if np.maximum(0.0, level - inv_prior).sum() > budget:
+            hi = level
+        else:
+            lo = level
+    return float((1.0 / (inv_prior + np.maximum(0.0, lo - inv_prior))).sum())
+
+
+def oracle_bound(game, masks) -> tuple[float, float, int]:
+    """Fewest retrains with which ANY selection rule, adaptive or not, could reach the integrated
+    posterior variance that random ``masks`` ``[n, K]`` give, under the surrogate's own model with
+    its prior variances set to the truth.
+
+    The model: ``ka.fit_quadratic(..., ard_steps=...)``'s (one prior variance per Walsh coefficient,
+    shared by the targets, a flat intercept), with ``ρ_i = mean_t c_it² / σ²`` from the game's true
+    coefficients ``c`` and noise ``σ``; coefficients with ``ρ_i = 0`` are known to be 0. With the
+    prior known the posterior does not depend on the labels, so an adaptive rule is no better than
+    the best fixed design. Under Bernoulli(1/2) masks the Walsh features are orthonormal, so the
+    integrated variance (units of ``σ²``) is ``f(A) = tr((D⁻¹ + A)⁻¹)`` with ``D = diag(ρ_R)`` on the
+    ``r`` relevant coefficients and ``A = X_cᵀ X_c`` (centred features of the design). Every row of
+    ``±1`` features has squared norm ``r``, so ``tr(A) <= m r``; ``f`` is convex and unchanged by
+    sign flips of coordinates (which keep ``D``), so ``f(diag A) <= f(A)``, and the water-filling
+    minimum over diagonal ``A`` with trace ``m r`` bounds every design of ``m`` masks.
+
+    Returns ``(random_variance, bound_at_n, m_min)``: the random masks' integrated variance, the
+    bound at ``n`` masks (``<=`` the former, a check), and the smallest ``m`` whose bound is
+    ``<=`` the random masks' variance. Needs ``game.noise > 0``.
+    """
+    from kernattr._quadratic import walsh_features
+
+    coef = walsh_coefficients(game)
+    x = np.asarray(walsh_features(jnp.asarray(masks)), np.float64)  # ±1 entries: exact in float32
+    exact = np.asarray(game.evaluate(masks), np.float64)
+    fitted = x @ coef + (exact - x @ coef).mean(0)  # the constant is left out of ``coef``
+    assert np.abs(fitted - exact).max() < 1e-4 * max(1.0, np.abs(exact).max()), "walsh_coefficients"
+    rho = (coef**2).mean(1) / float(game.noise) ** 2
+    rel = rho > 0
+    xr = x[:, rel] - x[:, rel].mean(0)
+    r = int(rel.sum())
+    random_var = float(np.trace(np.linalg.inv(xr.T @ xr + np.diag(1.0 / rho[rel]))))
+    n = masks.shape[0]
+    at_n = waterfill(1.0 / rho[rel], n * r)
+    lo, hi = 1, n  # smallest m with waterfill(m) <= random_var (waterfill decreases in m)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if waterfill(1.0 / rho[rel], mid * r) <= random_var else (mid + 1, hi)
+    return random_var, at_n, lo
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--K", type=int, default=30)
     p.add_argument("--T", type=int, default=8)
     p.add_argument("--noise", type=float, default=0.1)
+    p.add_argument("--pairs", type=int, default=6, help="interacting pairs per target (ka.synthetic_game num_pairs)")
     p.add_argument("--start", type=int, default=100)
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--budget", type=int, default=400)
@@ -89,7 +162,7 @@ def main(argv=None) -> int:
 
     sizes = list(range(a.start, a.budget + 1, a.batch))
     print(
-        f"sizes: K={a.K} T={a.T} noise={a.noise} start={a.start} batch={a.batch} budget={a.budget} "
+        f"sizes: K={a.K} T={a.T} noise={a.noise} pairs={a.pairs} start={a.start} batch={a.batch} budget={a.budget} "
         f"seeds={a.seeds} pool={a.candidates} criterion={a.criterion} surrogate={a.surrogate}  devices={jax.device_count()}  "
         f"cpus={os.cpu_count()}  load(1m)={os.getloadavg()[0]:.1f}"
     )
@@ -98,9 +171,10 @@ def main(argv=None) -> int:
     select = jax.jit(lambda k, s: ka.select_masks(k, s, a.batch, num_candidates=a.candidates, criterion=a.criterion))
     rand, act, ceil, bound = np.zeros((a.seeds, len(sizes))), np.zeros((a.seeds, len(sizes))), [], []
     grid = np.zeros((a.seeds, len(sizes)))
+    oracle = []  # (random variance, bound at the budget, fewest retrains) per seed
     for seed in range(a.seeds):
         kg, km, ky, kt, kyt, kyt2, ks = jax.random.split(jax.random.key(seed), 7)
-        game = ka.synthetic_game(kg, num_tasks=a.K, num_targets=a.T, noise=a.noise)
+        game = ka.synthetic_game(kg, num_tasks=a.K, num_targets=a.T, noise=a.noise, num_pairs=a.pairs)
         test = ka.sample_subsets(kt, num_tasks=a.K, num_subsets=1000, p=0.5)
         y_test = game.evaluate(test, kyt)
         ceil.append(float(ka.lds(game.evaluate(test, kyt2), y_test).mean))
@@ -110,6 +184,8 @@ def main(argv=None) -> int:
             rand[seed, i] = float(ka.lds(ka.predict(fit(pool[:n], y_pool[:n]), test), y_test).mean)
             if a.surrogate == "ard":
                 grid[seed, i] = float(ka.lds(ka.predict(fit_grid(pool[:n], y_pool[:n]), test), y_test).mean)
+        if a.noise > 0:
+            oracle.append(oracle_bound(game, pool))
         if a.surrogate == "quadratic":
             bound.append(design_bound(fit(pool, y_pool), a.K))
         x, yy = pool[: a.start], y_pool[: a.start]
@@ -126,6 +202,15 @@ def main(argv=None) -> int:
         print(f"design bound (quadratic model at the hyperparameters chosen on {a.budget} random masks; "
               f"noise-free, any design chosen without the labels): >= {[round(b) for b in bound]} retrains "
               f"to reach random's integrated posterior variance at {a.budget} (ratio {np.mean(bound) / a.budget:.2f})")
+    if oracle:
+        need = [o[2] for o in oracle]
+        print(f"ORACLE-BOUND any selection rule (adaptive or not), with the surrogate's model and the true "
+              f"prior variances, needs >= {need} retrains (per seed) for the integrated posterior variance random "
+              f"masks give at {a.budget} ({[round(o[0], 4) for o in oracle]}, noise units): ratio "
+              f"{np.mean(need) / a.budget:.2f} (target <= 0.70)")
+        if any(o[1] > o[0] * (1 + 1e-9) for o in oracle):
+            print("ERROR: the bound exceeds the random design's own variance")
+            return 1
     print_mean_curves(sizes, rand, act)
     diff = act - rand
     half = t_quantile(a.seeds) * diff.std(0, ddof=1) / np.sqrt(a.seeds) if a.seeds > 1 else np.full(len(sizes), np.nan)
@@ -137,10 +222,14 @@ def main(argv=None) -> int:
     if a.surrogate == "ard":
         report_model_saving(sizes, grid, rand, a.budget)
     if a.plot:
-        plot_curves(a.plot, sizes, r, ac, random_label="random Bernoulli(1/2)",
+        plot_curves(a.plot, sizes, r, ac, random_label=f"random Bernoulli(1/2), {a.surrogate}",
                     active_label=f"select_masks ({a.criterion}, {a.surrogate})",
                     xlabel="real retrains (masks)",
-                    title=f"synthetic games K={a.K}, T={a.T}, {a.seeds} seeds", ceiling=np.mean(ceil))
+                    title=f"synthetic games K={a.K}, T={a.T}, {a.seeds} seeds", ceiling=np.mean(ceil),
+                    extra=[("random Bernoulli(1/2), fit_quadratic", grid.mean(0))] if a.surrogate == "ard" else (),
+                    vline=(np.mean([o[2] for o in oracle]),
+                           f"fewest retrains any rule needs for random's\nposterior variance at {a.budget} (oracle bound)")
+                    if oracle else None)
     return 0 if np.all(np.isfinite(ac)) else 1
 
 
