@@ -428,6 +428,8 @@ def _fit_walsh_grid(masks, y, ratio_grid, ridge_grid, ridge_table, ok_table, tie
                              "fit_quadratic(ard_steps=...): the learned prior makes the scaled Gram "
                              "matrix singular in the working precision; use float64 or fewer ard_steps.")
         ok = ok & valid_a[0]
+        feature_prior = jnp.where(ok, feature_prior, jnp.nan)
+        noise_var = jnp.where(ok, noise_var, jnp.nan)
     # Solve the chosen system once more (one eigendecomposition, the ARD one already done above)
     # rather than keep Q of them; an invalid solve's entries are replaced by NaN below.
     _, vv, _, inv = final if ard_steps else spectrum(sc, lam[None], ok[None])

@@ -507,3 +507,28 @@ def test_ard_bad_input():
     assert np.isfinite(s.ard_cv_error).all()
     np.testing.assert_allclose(s.pairwise[0, 1, 0], 1.0, atol=1e-3)
     np.testing.assert_allclose(s.linear[:, 0], [0, 0, -1, 0, 0], atol=1e-3)
+
+
+def test_ard_invalid_learned_prior_raises_or_gives_nan(monkeypatch):
+    """The final solve at the learned prior is checked like the grid's: a prior that makes the
+    scaled Gram singular in float32 (forced here: one variance 1e30, the rest 1e-30; no real labels
+    reached this) raises, eagerly and under jit, or gives NaN everywhere with throw=False."""
+    from kernattr import _quadratic
+
+    learned = _quadratic._ard_prior
+
+    def corrupt(*args):
+        rho, noise = learned(*args)
+        return jnp.full_like(rho, 1e-30).at[0].set(1e30), noise
+
+    monkeypatch.setattr(_quadratic, "_ard_prior", corrupt)
+    masks, y = _data(m=40, k=6, t=2)
+    f = jax.jit(lambda x, yy: ka.fit_quadratic(x, yy, ard_steps=3))
+    for fit in (lambda x, yy: ka.fit_quadratic(x, yy, ard_steps=3), f):
+        with pytest.raises(Exception, match="learned prior makes the scaled Gram"):
+            jax.block_until_ready(fit(masks, y))
+    s = ka.fit_quadratic(masks, y, ard_steps=3, throw=False)
+    iu, ju = np.triu_indices(6, 1)  # the diagonal of `pairwise` is 0 by construction
+    for field in (s.linear, s.pairwise[iu, ju], s.intercept, s.feature_cov, s.noise_var, s.feature_prior):
+        assert np.isnan(field).all()
+    assert np.isnan(ka.predict(s, masks)).all()
