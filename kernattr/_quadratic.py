@@ -204,8 +204,9 @@ def fit_quadratic(
       axis: mesh axis name (default ``"data"`` with ``mesh=``).
       throw: raise when the chosen ``ridge`` is too small for the feature Gram matrix (``ridge =
         0`` with fewer masks than features, or ``ratio = 0``) or a traced hyperparameter is
-        invalid; with ``False`` such grid points get ``cv_error = inf`` (and an invalid choice
-        gives NaN coefficients).
+        invalid, or (with ``ard_steps``) the learned prior makes that matrix singular; with
+        ``False`` such grid points get ``cv_error = inf``, and an invalid choice or learned prior
+        gives NaN coefficients (with ``ard_steps`` also NaN ``noise_var`` and ``feature_prior``).
       ard_steps: Python int ``>= 0``. ``0`` (default): one prior variance per degree, chosen on
         the grid. ``n > 0``: automatic relevance determination, a sparse pairwise model. Starting
         from the grid's choice, ``n`` EM steps learn **one prior variance per Walsh coefficient**,
