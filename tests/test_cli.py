@@ -171,3 +171,36 @@ def test_fit_walsh_solver_matches_library(tmp_path):
     np.testing.assert_allclose(rep["task_scores"]["shapley"], shap, rtol=1e-3, atol=1e-5)
     with pytest.raises(SystemExit, match="walsh"):
         main(["fit", "--data", str(f), "--solver", "walsh", "--per-target"])
+
+
+def test_fit_ard_matches_library(tmp_path, capsys, monkeypatch):
+    tr, ytr, te, yte = _game_data()
+    f = _write_json(tmp_path / "d.json", tr, ytr, te, yte)
+    out = tmp_path / "r.json"
+    assert main(["fit", "--data", str(f), "--json", str(out), "--ard-steps", "10", *GRID]) == 0
+    rep = json.loads(out.read_text())
+    text = capsys.readouterr().out
+    data = ka.load_subsets(f)
+    ard = jax.jit(lambda x, y: ka.fit_quadratic(x, y, ard_steps=10))(data.train_masks, data.train_labels)
+    res = ka.lds(ka.predict(ard, data.test_masks), data.test_labels)
+    q = rep["quadratic_ard"]
+    np.testing.assert_allclose(q["lds"], float(res.mean), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(q["cv_error"], float(jnp.mean(ard.ard_cv_error)), rtol=1e-4)
+    np.testing.assert_allclose(q["grid_cv_error"], rep["quadratic"]["cv_error"], rtol=1e-6)
+    assert q["ard_steps"] == 10 and f"{q['lds']:.4f}" in text and "quadratic+ARD" in text
+    # without the flag: no ARD row
+    assert main(["fit", "--data", str(f), "--json", str(out), *GRID]) == 0
+    assert json.loads(out.read_text())["quadratic_ard"] is None
+    assert "quadratic+ARD" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["fit", "--data", str(f), "--ard-steps", "-1"])
+    with pytest.raises(SystemExit):
+        main(["fit", "--data", str(f), "--ard-steps", "2.5"])
+    # too many tasks for the d x d EM step (limit lowered so that K = 6, m = 60 > 21 features hit it)
+    from kernattr.experiments import fit as fit_module
+
+    monkeypatch.setattr(fit_module, "ARD_MAX_TASKS", 4)
+    with pytest.raises(ValueError, match="at most 4 tasks"):
+        fit_module.fit_report(data, gamma=[0.1], ridge=[1.0], ard_steps=5)
+    with pytest.raises(ValueError, match="ard_steps"):
+        fit_module.fit_report(data, gamma=[0.1], ridge=[1.0], ard_steps=True)

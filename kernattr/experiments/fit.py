@@ -96,8 +96,14 @@ def _nanmean(x) -> float:
     return float(np.nanmean(x)) if np.any(np.isfinite(x)) else float("nan")
 
 
+# ARD with more masks than pair features runs a d x d Cholesky per EM step (d = K(K+1)/2): ~1-2 s a
+# step at K = 100 on 2 CPU cores, ~10^12 flops a step at K = 200.
+ARD_MAX_TASKS = 100
+
+
 @functools.lru_cache(maxsize=16)
-def _compiled(kernel, per_target, gamma, ridge, linear_ridge, mix=None, select="mse", solver="direct"):
+def _compiled(kernel, per_target, gamma, ridge, linear_ridge, mix=None, select="mse", solver="direct",
+              ard_steps=0):
     """Jitted (fit, evaluate, attribute) for one configuration, cached across calls."""
     grids = {k: v for k, v in (("gamma", gamma), ("ridge", ridge), ("mix", mix)) if v is not None}
 
@@ -105,10 +111,11 @@ def _compiled(kernel, per_target, gamma, ridge, linear_ridge, mix=None, select="
         # Grids as numpy constants in the masks' dtype (concrete at trace time).
         kw = {k: np.asarray(v, masks.dtype) for k, v in grids.items()}
         quad = fit_quadratic(masks, y) if masks.shape[1] <= MAX_TASKS else None
+        ard = fit_quadratic(masks, y, ard_steps=ard_steps) if ard_steps else None
         return (fit_linear(masks, y, ridge=linear_ridge),
                 fit_kernel(masks, y, kernel=kernel, per_target=per_target, select=select, solver=solver,
                            **kw),
-                quad)
+                quad, ard)
 
     def evaluate(sur, masks, y):
         pred = predict(sur, masks)
@@ -123,7 +130,7 @@ def _compiled(kernel, per_target, gamma, ridge, linear_ridge, mix=None, select="
 def fit_report(data: SubsetData, *, kernel: str = "linear+rbf", gamma=None, ridge=None,
                mix=None, select: str = "mse", linear_ridge: float = 0.0,
                per_target: bool = False, top: int = 5, lower_is_better: bool = False,
-               solver: str = "direct") -> dict:
+               solver: str = "direct", ard_steps: int = 0) -> dict:
     """All figures of ``kernattr fit`` for a :class:`kernattr.SubsetData` with a test part.
 
     Fits :func:`kernattr.fit_linear`, :func:`kernattr.fit_kernel` and, for ``K <= 200`` tasks,
@@ -147,10 +154,15 @@ def fit_report(data: SubsetData, *, kernel: str = "linear+rbf", gamma=None, ridg
         thousand training masks) or ``"walsh"`` (the kernel's degree <= 2 Walsh part exactly,
         higher degrees as ridge; cost linear in ``m``, ``K <= 200``; see
         :func:`kernattr.fit_kernel`).
+      ard_steps: ``n > 0`` also fits ``fit_quadratic(..., ard_steps=n)`` (one learned prior
+        variance per pair, for sparse interactions), reported as ``quadratic_ard``. At most
+        ``ARD_MAX_TASKS = 100`` tasks, or 200 when there are no more training masks than the
+        ``K(K+1)/2`` pair features (then each EM step is ``m x m``).
 
     Returns:
-      A JSON-ready dict: ``data``, ``linear``, ``kernel`` and ``quadratic`` (``lds``,
-      ``lds_per_target``, ``normalized_error``, ...; ``quadratic`` is ``None`` above 200 tasks),
+      A JSON-ready dict: ``data``, ``linear``, ``kernel``, ``quadratic`` and ``quadratic_ard``
+      (``lds``, ``lds_per_target``, ``normalized_error``, ...; ``quadratic`` is ``None`` above 200
+      tasks, ``quadratic_ard`` without ``ard_steps``; both carry their LOO ``cv_error``),
       ``lds_ratio_kernel_over_linear``, ``task_scores`` and ``top_tasks`` (``loo``,
       ``shapley``).
 
@@ -166,6 +178,14 @@ def fit_report(data: SubsetData, *, kernel: str = "linear+rbf", gamma=None, ridg
     te_m, te_y = data.test_masks, data.test_labels
     if te_m is None:
         raise ValueError("`data` has no test masks; split it first (split_heldout).")
+    if isinstance(ard_steps, bool) or not isinstance(ard_steps, (int, np.integer)) or ard_steps < 0:
+        raise ValueError(f"`ard_steps` must be a Python int >= 0, got {ard_steps!r}.")
+    k, m = int(tr_m.shape[1]), int(tr_m.shape[0])
+    if ard_steps and (k > MAX_TASKS or (k > ARD_MAX_TASKS and m > k * (k + 1) // 2)):
+        raise ValueError(f"`ard_steps` with K = {k} tasks and {m} training masks: at most "
+                         f"{ARD_MAX_TASKS} tasks, or at most {MAX_TASKS} with no more masks than the "
+                         f"{k * (k + 1) // 2} pair features (each EM step is a Cholesky of the "
+                         "smaller of the two).")
     fit, evaluate, attribute = _compiled(
         kernel, per_target,
         None if gamma is None else tuple(float(g) for g in np.ravel(gamma)),
@@ -174,8 +194,9 @@ def fit_report(data: SubsetData, *, kernel: str = "linear+rbf", gamma=None, ridg
         None if mix is None else tuple(float(w) for w in np.ravel(mix)),
         select,
         solver,
+        int(ard_steps),
     )
-    lin, ker, quad = fit(tr_m, tr_y)
+    lin, ker, quad, ard = fit(tr_m, tr_y)
 
     out: dict = {
         "data": {
@@ -186,8 +207,8 @@ def fit_report(data: SubsetData, *, kernel: str = "linear+rbf", gamma=None, ridg
             "dtype": str(tr_m.dtype),
         }
     }
-    out["quadratic"] = None
-    for name, sur in (("linear", lin), ("kernel", ker), ("quadratic", quad)):
+    out["quadratic"] = out["quadratic_ard"] = None
+    for name, sur in (("linear", lin), ("kernel", ker), ("quadratic", quad), ("quadratic_ard", ard)):
         if sur is None:
             continue
         res, nerr = evaluate(sur, te_m, te_y)
@@ -217,7 +238,12 @@ def fit_report(data: SubsetData, *, kernel: str = "linear+rbf", gamma=None, ridg
         out["quadratic"].update(
             ratio=float(quad.ratio[0]), ridge=float(quad.ridge[0]),
             ratio_grid=np.asarray(quad.ratio_grid, float).tolist(),
-            ridge_grid=np.asarray(quad.ridge_grid, float).tolist())
+            ridge_grid=np.asarray(quad.ridge_grid, float).tolist(),
+            cv_error=float(jnp.min(jnp.mean(quad.cv_error, axis=-1))))
+    if ard is not None:
+        out["quadratic_ard"].update(
+            ard_steps=int(ard_steps), cv_error=_nanmean(ard.ard_cv_error),
+            grid_cv_error=float(jnp.min(jnp.mean(ard.cv_error, axis=-1))))
     edges = []
     for name, grid, chosen in (("gamma", gamma_grid, ker.gamma),
                                ("ridge", ker.ridge_grid, ker.ridge)):
