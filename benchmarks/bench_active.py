@@ -51,8 +51,9 @@ def variance_lower_bound(prior: np.ndarray, m: int) -> float:
     that ANY ``m`` masks can give a Bayesian linear model on Walsh features with prior variances
     ``prior [r]`` (``D = diag(prior)``, ``X_c`` the design's centred ``±1`` features).
 
-    Under Bernoulli(1/2) masks the Walsh features are orthonormal, so that trace is the variance
-    of the predictions integrated over the masks users query. Two bounds, the larger returned:
+    Under Bernoulli(1/2) masks the Walsh features are orthonormal, so that trace is the posterior
+    variance of the predictions averaged over Bernoulli(1/2) masks (the held-out masks here). Two
+    bounds, the larger returned:
     - *orthogonal*: ``f(A) = tr((D⁻¹ + A)⁻¹)`` is convex and unchanged by coordinate sign flips
       (which keep ``D``), so ``f(A) >= f(diag A)``; every ``±1`` feature has ``(X_cᵀX_c)_ii <= m``
       and ``f`` falls as a diagonal grows, so ``f(A) >= Σ_i 1/(1/prior_i + m)``, attained by an
@@ -68,7 +69,8 @@ def variance_lower_bound(prior: np.ndarray, m: int) -> float:
 
 def fewest_masks(prior: np.ndarray, variance: float, limit: int) -> int:
     """Smallest ``m <= limit`` whose :func:`variance_lower_bound` is ``<= variance`` (``limit``
-    when none: the bound is below ``variance`` at a design that reaches it)."""
+    if no smaller ``m`` is; when ``variance`` is what some ``limit`` masks give, the bound at
+    ``limit`` is below it, so the answer is exact)."""
     lo, hi = 0, limit  # the bound does not increase with m
     while lo < hi:
         mid = (lo + hi) // 2
