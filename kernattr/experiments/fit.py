@@ -96,7 +96,7 @@ def _nanmean(x) -> float:
     return float(np.nanmean(x)) if np.any(np.isfinite(x)) else float("nan")
 
 
-# ARD with more masks than pair features runs a d x d Cholesky per EM step (d = K(K+1)/2): ~1-2 s a
+# ARD with more masks than pair features runs a d x d Cholesky per EM step (d = K(K+1)/2): ~2 s a
 # step at K = 100 on 2 CPU cores, ~10^12 flops a step at K = 200.
 ARD_MAX_TASKS = 100
 
