@@ -419,7 +419,6 @@ def _fit_walsh_grid(masks, y, ratio_grid, ridge_grid, ridge_table, ok_table, tie
         # interpolation (seen on real fine-tuning labels), and the prior variances follow it up.
         feature_prior, noise_var = _ard_prior((gram, sy, yc2, mf), dual, rho, ard_steps, cap,
                                               jnp.maximum(noise_var, tiny + eps * yc2 / mf))
-        feature_prior = jnp.where(ok, feature_prior, jnp.nan)
         sc, lam = jnp.sqrt(jnp.where(ok, feature_prior, 1.0)), jnp.ones((), dtype)
         final = spectrum(sc, lam[None], ok[None])  # also the final solve's, below
         sq_a, _, valid_a = loo_sums(sc, lam[None], ok[None], final)
