@@ -33,12 +33,18 @@ def _write_json(path, tr, ytr, te=None, yte=None):
     return path
 
 
-def test_fit_json_matches_library(tmp_path, capsys):
+def _fit_on_game(tmp_path, *flags):
+    """Write :func:`_game_data` as JSON and run ``kernattr fit --json`` on it with ``flags``;
+    returns the data file and the report."""
     tr, ytr, te, yte = _game_data()
     f = _write_json(tmp_path / "d.json", tr, ytr, te, yte)
     out = tmp_path / "r.json"
-    assert main(["fit", "--data", str(f), "--json", str(out), "--top", "3", *GRID]) == 0
-    rep = json.loads(out.read_text())
+    assert main(["fit", "--data", str(f), "--json", str(out), *flags]) == 0
+    return f, json.loads(out.read_text())
+
+
+def test_fit_json_matches_library(tmp_path, capsys):
+    f, rep = _fit_on_game(tmp_path, "--top", "3", *GRID)
     text = capsys.readouterr().out
     assert "held-out LDS" in text and "top tasks by Shapley" in text
 
@@ -155,11 +161,7 @@ def test_parser_structure_and_light_import():
 
 
 def test_fit_walsh_solver_matches_library(tmp_path):
-    tr, ytr, te, yte = _game_data()
-    f = _write_json(tmp_path / "d.json", tr, ytr, te, yte)
-    out = tmp_path / "r.json"
-    assert main(["fit", "--data", str(f), "--json", str(out), "--solver", "walsh", *GRID]) == 0
-    rep = json.loads(out.read_text())
+    f, rep = _fit_on_game(tmp_path, "--solver", "walsh", *GRID)
     data = ka.load_subsets(f)
     wk = ka.fit_kernel(data.train_masks, data.train_labels, gamma=np.array([0.1, 0.4]),
                        ridge=np.array([0.01, 1.0]), solver="walsh")
@@ -174,11 +176,7 @@ def test_fit_walsh_solver_matches_library(tmp_path):
 
 
 def test_fit_ard_matches_library(tmp_path, capsys, monkeypatch):
-    tr, ytr, te, yte = _game_data()
-    f = _write_json(tmp_path / "d.json", tr, ytr, te, yte)
-    out = tmp_path / "r.json"
-    assert main(["fit", "--data", str(f), "--json", str(out), "--ard-steps", "10", *GRID]) == 0
-    rep = json.loads(out.read_text())
+    f, rep = _fit_on_game(tmp_path, "--ard-steps", "10", *GRID)
     text = capsys.readouterr().out
     data = ka.load_subsets(f)
     ard = jax.jit(lambda x, y: ka.fit_quadratic(x, y, ard_steps=10))(data.train_masks, data.train_labels)
@@ -189,8 +187,7 @@ def test_fit_ard_matches_library(tmp_path, capsys, monkeypatch):
     np.testing.assert_allclose(q["grid_cv_error"], rep["quadratic"]["cv_error"], rtol=1e-6)
     assert q["ard_steps"] == 10 and f"{q['lds']:.4f}" in text and "quadratic+ARD" in text
     # without the flag: no ARD row
-    assert main(["fit", "--data", str(f), "--json", str(out), *GRID]) == 0
-    assert json.loads(out.read_text())["quadratic_ard"] is None
+    assert _fit_on_game(tmp_path, *GRID)[1]["quadratic_ard"] is None
     assert "quadratic+ARD" not in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["fit", "--data", str(f), "--ard-steps", "-1"])
