@@ -225,7 +225,8 @@ def plot_predictions(pred: Any, actual: Any, *, target: Optional[int] = 0, lds: 
 
 
 def plot_workflow(result: Any, *, target: int = 0, names: Optional[Sequence[str]] = None):
-    """Shapley values with intervals, interactions and (with held-out labels) predictions.
+    """Shapley values with intervals, interactions and (with held-out labels) predictions of one
+    target; the title of the predictions panel carries the LDS over all targets.
 
     Args:
       result: :class:`kernattr.WorkflowResult`.
@@ -244,5 +245,5 @@ def plot_workflow(result: Any, *, target: int = 0, names: Optional[Sequence[str]
                       title="interactions")
     if panels == 3:
         plot_predictions(predict(result.surrogate, result.heldout_masks), result.heldout_labels,
-                         target=None, lds=result.lds, ax=axes[2], title="held-out")
+                         target=target, lds=result.lds, ax=axes[2], title="held-out")
     return fig

@@ -47,3 +47,13 @@ def test_help_texts_give_ranges_not_single_figures():
     out = subprocess.run([sys.executable, "-m", "kernattr.cli", "--help"], capture_output=True,
                          text=True, cwd=ROOT, check=True).stdout
     assert "demo" in out and "2-10 minutes on 2 CPU cores" in out
+
+
+def test_your_model_notebook_uses_public_api_only():
+    import json
+
+    nb = json.loads((ROOT / "notebooks" / "your_model.ipynb").read_text())
+    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    assert "ka.workflow(" in code and "ka.run_workflow(" in code
+    for private in ("kernattr._", "kernattr.experiments", "from kernattr import _"):
+        assert private not in code
