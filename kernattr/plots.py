@@ -234,7 +234,17 @@ def plot_workflow(result: Any, *, target: int = 0, names: Optional[Sequence[str]
       names: ``K`` task names.
 
     Returns:
-      A matplotlib ``Figure`` with 2 axes (3 when ``result`` has held-out real labels).
+      A matplotlib ``Figure``: the scores, the heatmap and its colour bar, and (when ``result``
+      has held-out real labels) the predictions.
+
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import types, jax.numpy as jnp, kernattr as ka, kernattr.plots as kp
+    >>> v = jnp.array([[0.2], [-0.1]])
+    >>> result = types.SimpleNamespace(  # the fields of a WorkflowResult that are drawn
+    ...     shapley=ka.AttributionIntervals(v, 0.1 + 0 * v, v - 0.2, v + 0.2),
+    ...     interactions=jnp.zeros((2, 2, 1)), heldout_masks=None)
+    >>> len(kp.plot_workflow(result).axes)
+    3
     """
     plt = _pyplot()
     panels = 3 if result.heldout_masks is not None else 2

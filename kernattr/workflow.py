@@ -402,6 +402,17 @@ class Workflow:
       config: :class:`WorkflowConfig` (static).
       apply_fn: ``apply_fn(params, x)`` of one example (static).
       params: the trained parameters ``W0`` (a pytree; what gradients are taken of).
+
+    >>> import jax, jax.numpy as jnp, kernattr as ka
+    >>> wf = ka.workflow(lambda p, x: x @ p, jnp.ones(3), num_tasks=2, loss="squared",
+    ...                  num_masks=8, proj_kind="identity")
+    >>> masks = jax.jit(wf.sample_masks)(jax.random.key(0))
+    >>> x, t = jnp.eye(3)[jnp.array([0, 1, 2, 0])], jnp.array([0, 0, 1, 1])
+    >>> features = jax.jit(wf.features)
+    >>> train = features(jax.random.key(1), x, jnp.ones(4), t)
+    >>> target = features(jax.random.key(1), x[:2], jnp.zeros(2))
+    >>> jax.jit(wf.estimate)(train, target, masks).shape
+    (8, 2)
     """
 
     config: WorkflowConfig

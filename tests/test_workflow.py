@@ -220,3 +220,20 @@ def test_bad_run_input():
         ka.run_workflow(key, wf, x, y[:-1], t, xt, yt, progress=False)
     with pytest.raises(ValueError, match="both"):
         ka.run_workflow(key, wf, x, y, t, xt, yt, real_masks=jnp.ones((3, K)), progress=False)
+
+
+def test_nystrom_stage_equals_public_call(runs):
+    """With num_landmarks the fit stage is fit_kernel's Nystrom path (key draws the landmarks)."""
+    res = runs["plain"][0]
+    wf = ka.workflow(_plain, _weights(), num_tasks=K, loss="softmax", num_landmarks=8, **OPTIONS)
+    key = jax.random.key(9)
+    s = jax.jit(wf.fit)(res.masks, res.labels, key=key)
+    kw = {k: jnp.asarray(OPTIONS[k]) for k in ("gamma", "ridge", "mix")}
+    ref = jax.jit(lambda m, y, k: ka.fit_kernel(m, y, num_landmarks=8, key=k, **kw))(
+        res.masks, res.labels, key)
+    assert isinstance(s, ka.NystromSurrogate)
+    _equal(s, ref)
+    attrs = jax.jit(wf.attributions)(s)
+    np.testing.assert_allclose(attrs.shapley.value, ka.shapley_values(ref), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="key"):
+        wf.fit(res.masks, res.labels)
