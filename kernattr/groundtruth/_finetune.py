@@ -482,8 +482,9 @@ def finetune_fn(
 
     Args:
       apply_fn: ``apply_fn(params, x) -> scalar or [C]`` for ONE unbatched example.
-      loss, optimizer, num_steps, batch_size, prox, mask_chunk_size, init_fn, shared_init,
-        common_random_numbers: as in :func:`finetune_on_masks`.
+      loss: as in :func:`finetune_on_masks`, and so are ``optimizer``, ``num_steps``,
+        ``batch_size``, ``prox``, ``mask_chunk_size``, ``init_fn``, ``shared_init`` and
+        ``common_random_numbers``.
 
     Returns:
       ``train(params0, inputs [n, ...], labels [n], task_ids [n], masks [m, K], key=None)`` ->
