@@ -237,3 +237,21 @@ def test_nystrom_stage_equals_public_call(runs):
     np.testing.assert_allclose(attrs.shapley.value, ka.shapley_values(ref), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="key"):
         wf.fit(res.masks, res.labels)
+
+
+def test_as_apply_fn_linen_extra_collections_and_call_kwargs():
+    class WithStats(linen.Module):
+        @linen.compact
+        def __call__(self, x, train: bool = True):
+            x = linen.Dense(3)(x)
+            return linen.BatchNorm(use_running_average=not train)(x)
+
+    module = WithStats()
+    x = jax.random.normal(jax.random.key(0), (5, 2))
+    variables = module.init(jax.random.key(1), x, train=False)
+    apply_fn, params = ka.as_apply_fn(module, variables, call_kwargs={"train": False})
+    assert set(params) == {"Dense_0", "BatchNorm_0"} and "batch_stats" in variables
+    expected = module.apply(variables, x, train=False)
+    np.testing.assert_allclose(jax.vmap(apply_fn, (None, 0))(params, x), expected, rtol=1e-6)
+    with pytest.raises(TypeError, match="Linen modules only"):
+        ka.as_apply_fn(_plain, _weights(), call_kwargs={"train": False})
