@@ -17,11 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._attribution import loo_scores, shapley_values
-from .._loaders import SubsetData
 from .._metrics import lds, normalized_error
-from .._quadratic import MAX_TASKS, fit_quadratic
-from .._surrogates import fit_kernel, fit_linear, kernel_grids, predict
+from ..data._loaders import SubsetData
+from ..readouts._attribution import loo_scores, shapley_values
+from ..surrogates._dispatch import fit_kernel, predict
+from ..surrogates._krr import fit_linear, kernel_grids
+from ..surrogates._quadratic import MAX_TASKS, fit_quadratic
 
 __all__ = ["Split", "fit_report", "json_safe", "split_heldout"]
 

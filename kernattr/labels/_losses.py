@@ -19,7 +19,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from kernattr._checks import task_counts
+from .._checks import task_counts
 
 LossName = Literal["squared", "logistic", "softmax"]
 MetricName = Literal["loss", "margin", "output"]
