@@ -1,6 +1,6 @@
 """Sphinx configuration of the kernattr documentation site.
 
-Build (from the repository root): ``sphinx-build -W --keep-going -b html docs docs/_build/html``.
+Build (from the repository root): ``sphinx-build -W --keep-going -j auto -b html docs docs/_build/html``.
 The build executes the tutorial notebooks (myst-nb) and writes the generated result tables
 (``docs/results/_generated/``) before reading the sources.
 """

@@ -102,4 +102,4 @@ def test_readme_is_a_short_user_guide():
     # CI (.ci/run) runs exactly these commands.
     assert 'pip install -e ".[test]" && python -m pytest -q -n 2' in text
     assert 'pip install -e ".[demo]" && kernattr demo' in text
-    assert "sphinx-build -W --keep-going -b html docs docs/_build/html" in text
+    assert "sphinx-build -W --keep-going -j auto -b html docs docs/_build/html" in text
