@@ -85,6 +85,7 @@ gen_results.write_all(os.path.join(DOCS, "results"))
 
 # --- API reference -------------------------------------------------------------------------
 autosummary_generate = True
+templates_path = ["_templates"]   # API pages titled by the short name (`fit_kernel`)
 autosummary_imported_members = True
 autodoc_default_options = {"members": False, "show-inheritance": False}
 autodoc_typehints = "description"
