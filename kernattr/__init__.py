@@ -97,6 +97,18 @@ from ._baselines import influence_scores as influence_scores
 from ._baselines import tracin_scores as tracin_scores
 from ._baselines import trak_scores as trak_scores
 
+# --- workflow, save/load (workflow.py, io.py): a user's model -> attributions; results on disk
+from .workflow import Attributions as Attributions
+from .workflow import Workflow as Workflow
+from .workflow import WorkflowConfig as WorkflowConfig
+from .workflow import WorkflowResult as WorkflowResult
+from .workflow import WorkflowTimings as WorkflowTimings
+from .workflow import as_apply_fn as as_apply_fn
+from .workflow import run_workflow as run_workflow
+from .workflow import workflow as workflow
+from .io import load as load
+from .io import save as save
+
 try:
     __version__ = _metadata.version("kernattr")
 except _metadata.PackageNotFoundError:  # a source tree that was never installed
@@ -167,4 +179,15 @@ __all__ = [
     "synthetic_game",
     "tracin_scores",
     "trak_scores",
+    # workflow, save/load (lib)
+    "Attributions",
+    "Workflow",
+    "WorkflowConfig",
+    "WorkflowResult",
+    "WorkflowTimings",
+    "as_apply_fn",
+    "load",
+    "run_workflow",
+    "save",
+    "workflow",
 ]
