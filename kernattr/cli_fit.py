@@ -307,7 +307,7 @@ def results_markdown(results: dict) -> str:
     >>> r = {"data": {"num_tasks": 4, "num_targets": 1, "num_train": 30, "num_test": 10},
     ...      "linear": {"lds": 0.5, "normalized_error": 0.4},
     ...      "kernel": {"lds": 0.9, "normalized_error": 0.1}}
-    >>> print(results_markdown(r).splitlines()[4])
+    >>> print(results_markdown(r).splitlines()[5])
     | kernel | 0.900 | 0.100 |
     """
     d = results["data"]
