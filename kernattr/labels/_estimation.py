@@ -647,7 +647,7 @@ def _estimate(
                 "singular or the result not finite. Use `ridge` > 0 (rank-deficient statistics "
                 "at ridge=0), or pass throw=False and inspect estimate_subset_labels(..., diagnostics=True).converged."
             )
-        _checks.error_if(ok, ridge_ok & ~ok, msg)
+        ok = _checks.error_if(ok, ridge_ok & ~ok, msg)
     ok = ok & ridge_ok
     labels = jnp.where(ridge_ok, labels, jnp.nan)
     return SubsetEstimates(labels, theta, ok, iters, gnorm, hvps)
