@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from . import predict
+from .surrogates._dispatch import predict
 
 __all__ = ["plot_interactions", "plot_predictions", "plot_scores", "plot_workflow"]
 

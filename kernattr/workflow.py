@@ -31,25 +31,17 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
-from . import (
-    AttributionIntervals,
-    LDSInterval,
-    MultiFidelitySurrogate,
-    attribution_intervals,
-    estimate_subset_labels,
-    fit_kernel,
-    fit_multifidelity,
-    gradient_features,
-    interaction_scores,
-    lds_interval,
-    loo_scores,
-    make_projector,
-    predict,
-    sample_subsets,
-    shapley_values,
-)
+from ._metrics import LDSInterval, lds_interval
+from .data._subsets import sample_subsets
+from .labels._estimation import estimate_subset_labels
+from .labels._gradients import gradient_features
+from .labels._projection import make_projector
+from .readouts._attribution import interaction_scores, loo_scores, shapley_values
+from .readouts._uncertainty import AttributionIntervals, attribution_intervals
+from .surrogates._dispatch import fit_kernel, predict
+from .surrogates._krr import MultiFidelitySurrogate
+from .surrogates._multifidelity import fit_multifidelity
 
 __all__ = [
     "Attributions",
@@ -622,6 +614,8 @@ def run_workflow(
     >>> res.shapley.value.shape, res.interactions.shape
     ((4, 5), (4, 4, 5))
     """
+    from tqdm.auto import tqdm
+
     if not isinstance(wf, Workflow):
         raise TypeError(f"`wf` must be a kernattr.Workflow (kernattr.workflow(...)), got "
                         f"{type(wf).__name__}.")
