@@ -184,7 +184,7 @@ def finetune_on_masks(
 
     ``L_s(W) = Σ_i w_i(s) ℓ(f(x_i; W), y_i) + (prox/2) ||W − W_start||²``
 
-    with ``w = kernattr.labels._losses.task_weights`` (each selected task's MEAN loss counts equally,
+    with ``w = kernattr.task_weights`` (each selected task's MEAN loss counts equally,
     ``w_i = s[t_i] / (n_{t_i} Σ_k s_k)``, so the weights sum to 1) and ``ℓ`` the shared per-example
     loss (``"squared"``: ``½(f−y)²``, ``"logistic"``: ``log(1+e^{−z f})``, ``"softmax"``: cross
     entropy) — the same objective the gradient estimator linearizes. ``num_steps`` optimizer steps

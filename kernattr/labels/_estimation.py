@@ -6,7 +6,7 @@ For every mask ``s`` (a 0/1 row over the ``K`` tasks) the linearized model
     θ_s = argmin_θ  Σ_i w_i(s) ℓ(f0_i + G_i θ, y_i) + (ridge / 2) ||θ||²,
 
 with the paper's weighting ``w_i(s) = s[t_i] / (n_{t_i} Σ_k s_k)`` (each selected task's MEAN
-loss counts equally, the weights sum to 1; :func:`kernattr.labels._losses.task_weights`). The label of
+loss counts equally, the weights sum to 1; :func:`kernattr.task_weights`). The label of
 the mask is then the target metric of every target example at ``f0_t + G_t θ_s``.
 
 Two solvers (``solver=``):
