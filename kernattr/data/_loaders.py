@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._checks import check_masks, check_rank, error_if, is_concrete
+from .._checks import check_masks, check_rank, error_if, is_concrete
 
 __all__ = ["FORMATS", "GROUP_RULES", "SubsetData", "group_masks", "load_subsets"]
 

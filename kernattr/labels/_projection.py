@@ -26,12 +26,12 @@ Kinds (all scaled so that ``E[P Pᵀ] = I``, i.e. ``E[<Pᵀu, Pᵀv>] = <u, v>``
   and reused for every chunk of examples.
 * ``"identity"``: ``P = I`` (``d = D``), no projection; for small models and exactness tests.
 
-A *parameter filter* selects the leaves that are projected (and, in :mod:`kernattr._gradients`,
+A *parameter filter* selects the leaves that are projected (and, in :mod:`kernattr.labels._gradients`,
 differentiated); the other leaves are held fixed and do not count in ``D``.
 
 Names: ``__all__`` is the public API (re-exported by :mod:`kernattr`). :func:`columns`,
 :func:`make_plan`, :func:`apply_flat` and :func:`check_tree` are the package-internal interface
-that :mod:`kernattr._gradients` builds on (so they carry no underscore: no underscored name is
+that :mod:`kernattr.labels._gradients` builds on (so they carry no underscore: no underscored name is
 imported across files); every other helper here is private to this module and underscored.
 """
 
@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._checks import check_key
+from .._checks import check_key
 
 __all__ = ["Projector", "make_projector", "project", "projector_matrix"]
 

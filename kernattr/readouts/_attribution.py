@@ -39,9 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._nystrom import NystromSurrogate
-from ._quadratic import QuadraticSurrogate
-from ._surrogates import (
+from ..surrogates._nystrom import NystromSurrogate
+from ..surrogates._quadratic import QuadraticSurrogate
+from ..surrogates._krr import (
     KernelSurrogate,
     LinearSurrogate,
     MultiFidelitySurrogate,

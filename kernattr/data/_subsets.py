@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._checks import check_count, check_key, is_concrete
+from .._checks import check_count, check_key, is_concrete
 
 __all__ = ["PairMasks", "leave_one_out_masks", "pair_masks", "sample_subsets"]
 

@@ -23,12 +23,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import _checks
-from ._metrics import column_spearman
-from ._surrogates import (
+from .. import _checks
+from .._metrics import column_spearman
+from ._krr import (
     KERNELS,
     MultiFidelitySurrogate,
-    fit_kernel,
+    fit_kernel_direct,
     kernel_grids,
     kernel_predict,
     loo_residual_grid,
@@ -113,7 +113,7 @@ def fit_multifidelity(
         raise ValueError(f"`real_masks` has {m} rows; at least 3 real labels are needed.")
     t = real_y.shape[1]
 
-    cheap = fit_kernel(cheap_masks, cheap_y, **kernel_options)
+    cheap = fit_kernel_direct(cheap_masks, cheap_y, **kernel_options)
     dtype = jnp.result_type(cheap.dual_coef.dtype, real_y.dtype, real_masks.dtype)
     real_masks = real_masks.astype(dtype)
     real_y = real_y.astype(dtype)
@@ -174,7 +174,7 @@ def fit_multifidelity(
     else:
         best = select_grid_point(pooled.reshape(-1, 1), gam_flat, rid_flat, mix_flat)[0]
         rho_t = rho_grid.reshape(-1, t)[best]
-    residual = fit_kernel(real_masks, real_y - rho_t[None, :] * c, **kernel_options)
+    residual = fit_kernel_direct(real_masks, real_y - rho_t[None, :] * c, **kernel_options)
     shape = (num_g, num_w, num_r, t)
     return MultiFidelitySurrogate(
         cheap=cheap,

@@ -58,11 +58,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _checks
-from ._nystrom import (accumulate_rows, centred_feature_stats, loo_cv_error, loo_row_sums,
-                       mask_mesh, replicate, ridge_spectrum)
-from ._surrogates import (default_ridge_grid, hyperparameters_ok, kernel_grids, mask_linear_scale,
-                          select_grid_point)
+from .. import _checks
+from .._sharding import mask_mesh, replicate
+from ._feature_ridge import (accumulate_rows, centred_feature_stats, loo_cv_error, loo_row_sums,
+                             ridge_spectrum)
+from ._krr import (default_ridge_grid, hyperparameters_ok, kernel_grids, mask_linear_scale,
+                   select_grid_point)
 
 __all__ = ["QuadraticSurrogate", "fit_quadratic", "default_ratio_grid"]
 

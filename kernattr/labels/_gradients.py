@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _checks, _sharding
+from .. import _checks, _sharding
 from ._features import GradientFeatures
 from ._projection import Projector, apply_flat, check_tree, columns, make_plan
 

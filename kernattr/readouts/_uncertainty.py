@@ -36,12 +36,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _checks
+from .. import _checks
 from ._attribution import loo_scores, shapley_values
-from ._linalg import eigh
-from ._nystrom import NystromSurrogate
-from ._quadratic import QuadraticSurrogate, attribution_functionals, walsh_features
-from ._surrogates import KernelSurrogate, surrogate_gram
+from .._linalg import eigh
+from ..surrogates._nystrom import NystromSurrogate
+from ..surrogates._quadratic import QuadraticSurrogate, attribution_functionals, walsh_features
+from ..surrogates._krr import KernelSurrogate, surrogate_gram
 
 __all__ = ["AttributionIntervals", "attribution_intervals", "posterior_variance", "select_masks"]
 

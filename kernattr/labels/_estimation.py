@@ -6,7 +6,7 @@ For every mask ``s`` (a 0/1 row over the ``K`` tasks) the linearized model
     θ_s = argmin_θ  Σ_i w_i(s) ℓ(f0_i + G_i θ, y_i) + (ridge / 2) ||θ||²,
 
 with the paper's weighting ``w_i(s) = s[t_i] / (n_{t_i} Σ_k s_k)`` (each selected task's MEAN
-loss counts equally, the weights sum to 1; :func:`kernattr._losses.task_weights`). The label of
+loss counts equally, the weights sum to 1; :func:`kernattr.task_weights`). The label of
 the mask is then the target metric of every target example at ``f0_t + G_t θ_s``.
 
 Two solvers (``solver=``):
@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from . import _checks
+from .. import _checks
 from ._features import GradientFeatures
 from ._solver_fast import chol_solve, fast_system, pack
 from ._solver_newton import newton_cg, objective, outputs_at, weighted_grad
@@ -470,7 +470,7 @@ def estimate_subsets(
       masks: ``[m, K]`` 0/1 subsets of tasks (float, int or bool). Masks sharded along their first
         axis with a ``NamedSharding`` are solved shard by shard (``shard_map``); the result keeps
         that sharding on its first axis.
-      loss: ``"squared"``, ``"logistic"`` or ``"softmax"`` (:mod:`kernattr._losses`).
+      loss: ``"squared"``, ``"logistic"`` or ``"softmax"`` (:mod:`kernattr.labels._losses`).
       metric: target metric: ``"loss"``, ``"margin"`` or ``"output"``.
       ridge: ``>= 0`` weight of ``(ridge / 2) ||θ||²`` (a scalar; may be traced, e.g. vmapped).
       solver: ``"fast"`` (one Newton step from ``θ = 0`` by per-task statistics, exact for
@@ -538,7 +538,7 @@ def estimate_subset_labels(
       masks: ``[m, K]`` 0/1 subsets. Masks sharded on their first axis (``NamedSharding``) are
         solved per shard; the output keeps that sharding on its first axis.
       loss: ``"squared"``, ``"logistic"`` or ``"softmax"``.
-      metric: ``"loss"``, ``"margin"`` or ``"output"`` (:func:`kernattr._losses.example_metric`).
+      metric: ``"loss"``, ``"margin"`` or ``"output"`` (:func:`kernattr.labels._losses.example_metric`).
       ridge: ``>= 0`` ridge on ``θ`` (scalar, may be traced).
       solver: ``"fast"``: per-task statistics ``A_k``, ``b_k`` at ``θ = 0`` computed once, then
         one Newton step per mask (``K d² + d³`` per mask; exact for squared loss, a first-order

@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from . import _checks
-from ._nystrom import draw_landmarks, features, fit_nystrom, mask_mesh, nystrom_map, replicate, shard_rows
-from ._surrogates import KernelSpec, KernelSurrogate, check_kernel_config, mask_linear_scale, surrogate_gram
+from .. import _checks
+from .._sharding import mask_mesh, replicate, shard_rows
+from ._nystrom import draw_landmarks, features, fit_nystrom, nystrom_map
+from ._krr import KernelSpec, KernelSurrogate, check_kernel_config, mask_linear_scale, surrogate_gram
 
 __all__ = ["CGResult", "fit_kernel_cg", "solve_kernel_cg"]
 

@@ -1,10 +1,11 @@
-"""What ``kernattr fit`` computes: surrogates on masks and scores you already have.
+"""The engine of ``kernattr fit``: surrogates on masks and scores you already have.
 
 :func:`fit_report` fits a linear surrogate (datamodels) and a kernel surrogate (bandwidth and
 ridge chosen by closed-form leave-one-out CV) on the training rows of a
 :class:`kernattr.SubsetData`, evaluates both on its held-out rows, and ranks tasks by the kernel
 surrogate's leave-one-out and Shapley scores. :func:`split_heldout` makes a held-out part when
-the data has none. Light: imports neither flax nor optax.
+the data has none. :func:`results_markdown` renders its JSON report as Markdown tables. Sits
+beside the CLI (:mod:`kernattr.cli` parses the flags and prints); imports neither flax nor optax.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._attribution import loo_scores, shapley_values
-from .._loaders import SubsetData
-from .._metrics import lds, normalized_error
-from .._quadratic import MAX_TASKS, fit_quadratic
-from .._surrogates import fit_kernel, fit_linear, kernel_grids, predict
+from ._metrics import lds, normalized_error
+from .data._loaders import SubsetData
+from .readouts._attribution import loo_scores, shapley_values
+from .surrogates._dispatch import fit_kernel, predict
+from .surrogates._krr import fit_linear, kernel_grids
+from .surrogates._quadratic import MAX_TASKS, fit_quadratic
 
 __all__ = ["Split", "fit_report", "json_safe", "split_heldout"]
 
@@ -96,8 +98,8 @@ def _nanmean(x) -> float:
     return float(np.nanmean(x)) if np.any(np.isfinite(x)) else float("nan")
 
 
-# ARD with more masks than pair features runs a d x d Cholesky per EM step (d = K(K+1)/2): ~2 s a
-# step at K = 100 on 2 CPU cores, ~10^12 flops a step at K = 200.
+# ARD with more masks than pair features runs a d x d Cholesky per EM step (d = K(K+1)/2), whose
+# cost grows as K^6: the default limit keeps a step short (see the scale results page).
 ARD_MAX_TASKS = 100
 
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._checks import check_count, check_key, check_masks
+from .._checks import check_count, check_key, check_masks
 from ._subsets import sample_subsets
 
 __all__ = ["GAME_KINDS", "SyntheticGame", "example_data", "synthetic_game"]
@@ -216,7 +216,7 @@ def example_data(
       A JSON-serialisable dict.
 
     Example:
-      >>> from kernattr._games import example_data
+      >>> from kernattr.data._games import example_data
       >>> d = example_data(num_train=10, num_test=4)
       >>> len(d["train_w"]), len(d["test_subset_scores"][0])
       (10, 8)
