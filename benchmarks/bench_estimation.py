@@ -27,6 +27,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 import kernattr as ka
+from _records import record
 from _timing import time_compiled
 from kernattr._losses import task_weights
 
@@ -152,6 +153,11 @@ def main(argv=None):
         print(f"{solver:>5}: compile {comp:.2f} s, run {wall:.3f} s ({wall / args.m * 1e3:.2f} "
               f"ms/mask), converged {conv}/{args.m}, Newton iterations mean {iters.mean():.1f} "
               f"max {iters.max()}, RATIO vs sklearn {sk_total / wall:.1f}x")  # fmt: skip
+        record(f"{solver} subset labels", figure=wall, unit="s", anchor=sk_total,
+               anchor_name="sklearn LogisticRegression loop" + ("" if sk_masks == args.m else
+                                                                " (extrapolated)"),
+               higher_is_better=False, target={"exact": 10.0, "fast": 100.0}.get(solver),
+               sizes=dict(m=args.m, n=args.n, K=args.K, d=args.d, T=args.T))
         if solver == "exact":
             target_x = 10.0
             mx, med = rel_dev(est.labels[:sk_masks], sk_labels)

@@ -31,6 +31,7 @@ import numpy as np
 import scipy.stats as ss
 
 import kernattr as ka
+from _records import record
 
 
 def bench_speed(num_masks: int, num_targets: int, reps: int) -> tuple[float, float]:
@@ -85,6 +86,13 @@ def bench_speed(num_masks: int, num_targets: int, reps: int) -> tuple[float, flo
     print(f"  max |per-target difference| vs scipy: {err:.2e}; mean LDS kernattr "
           f"{float(res.mean):.6f} scipy {ref_mean:.6f}")
     print(f"  RATIO scipy loop / kernattr = {ratio:.1f}x (target >= 20x)")
+    sizes = dict(m=num_masks, T=num_targets)
+    record("lds over T targets", figure=ka_s, unit="s", anchor=sc_s,
+           anchor_name="scipy.stats.spearmanr loop", higher_is_better=False, sizes=sizes,
+           target=20.0)
+    record("lds over T targets (vectorised anchor)", figure=ka_s, unit="s", anchor=vec_s,
+           anchor_name="scipy.stats.rankdata(axis=0) + numpy Pearson", higher_is_better=False,
+           sizes=sizes)
     return ratio, err
 
 
