@@ -29,7 +29,7 @@ from threadpoolctl import threadpool_limits
 import kernattr as ka
 from _records import record
 from _timing import time_compiled
-from kernattr._losses import task_weights
+from kernattr.labels._losses import task_weights
 
 
 def make_problem(seed, n, num_tasks, d, num_targets, num_masks):

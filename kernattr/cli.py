@@ -213,7 +213,7 @@ def _print_report(rep: dict, source: str, split: str) -> None:
 def _run_fit(args: argparse.Namespace) -> int:
     import jax
 
-    from ._loaders import load_subsets
+    from .data._loaders import load_subsets
     from .experiments.fit import fit_report, json_safe, split_heldout
 
     _out_file("--json", args.json_out)

@@ -1,4 +1,4 @@
-"""Tests for kernattr._estimation: subset-label estimation against independent oracles."""
+"""Tests for kernattr.labels._estimation: subset-label estimation against independent oracles."""
 
 import functools
 
@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from scipy.optimize import minimize
 
 import kernattr as ka
-from kernattr._losses import task_weights
+from kernattr.labels._losses import task_weights
 
 K = 4
 
@@ -493,7 +493,7 @@ def test_bad_values_under_jit():
 
 
 def test_weights_follow_task_weights():
-    """The oracle's weighting equals kernattr._losses.task_weights (mean loss per selected task)."""
+    """The oracle's weighting equals kernattr.labels._losses.task_weights (mean loss per selected task)."""
     train, _ = random_problem("squared", seed=14)
     w = np.asarray(task_weights(jnp.asarray(MASKS, jnp.float32), train.task_ids, K))
     for j, mask in enumerate(MASKS):

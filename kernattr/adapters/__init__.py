@@ -4,13 +4,15 @@ Flax is imported lazily: ``import kernattr.adapters`` works without flax install
 use of a name below imports it.
 
 Public names:
-  from_nnx: any ``flax.nnx.Module`` -> ``(apply_fn, params)``, without mutating the model.
-  Transformer: a small decoder-only NNX transformer for short token sequences.
-  answer_fn / answer_output / OUTPUTS: output functions for the answer token (logit of the
-    correct class, margin, log-odds, full logits).
-  make_sac / SAC / SACParams / Batch / make_train_step / sac_losses / td_targets /
-    sac_output_fn / pack_examples / actor_mean_labels / tanh_gaussian_log_prob / squash /
-    Actor / TwinCritic / TrainState: soft actor-critic as pure functions, and its adapters.
+
+- ``from_nnx``: any ``flax.nnx.Module`` -> ``(apply_fn, params)``, without mutating the model.
+- ``Transformer``: a small decoder-only NNX transformer for short token sequences.
+- ``answer_fn`` / ``answer_output`` / ``OUTPUTS``: output functions for the answer token (logit
+  of the correct class, margin, log-odds, full logits).
+- ``make_sac`` / ``SAC`` / ``SACParams`` / ``Batch`` / ``make_train_step`` / ``sac_losses`` /
+  ``td_targets`` / ``sac_output_fn`` / ``pack_examples`` / ``actor_mean_labels`` /
+  ``tanh_gaussian_log_prob`` / ``squash`` / ``Actor`` / ``TwinCritic`` / ``TrainState``: soft
+  actor-critic as pure functions, and its adapters.
 """
 
 from __future__ import annotations

@@ -17,11 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._attribution import loo_scores, shapley_values
-from .._loaders import SubsetData
 from .._metrics import lds, normalized_error
-from .._quadratic import MAX_TASKS, fit_quadratic
-from .._surrogates import fit_kernel, fit_linear, kernel_grids, predict
+from ..data._loaders import SubsetData
+from ..readouts._attribution import loo_scores, shapley_values
+from ..surrogates._dispatch import fit_kernel, predict
+from ..surrogates._krr import fit_linear, kernel_grids
+from ..surrogates._quadratic import MAX_TASKS, fit_quadratic
 
 __all__ = ["Split", "fit_report", "json_safe", "split_heldout"]
 
@@ -264,3 +265,46 @@ def fit_report(data: SubsetData, *, kernel: str = "linear+rbf", gamma=None, ridg
         out["task_scores"][name] = mean_s.tolist()
         out["top_tasks"][name] = [{"task": int(k), "score": float(mean_s[k])} for k in order]
     return out
+
+
+def results_markdown(results: dict) -> str:
+    """Markdown table of a ``kernattr fit --json`` report (for the docs site).
+
+    Pure function of the dict written by :func:`fit_report`: each fitted surrogate's held-out LDS
+    and normalized error, and the kernel's selected settings.
+
+    Args:
+      results: the dict of :func:`fit_report` (keys ``data``, ``linear``, ``kernel``; optionally
+        ``quadratic``, ``quadratic_ard``).
+
+    Returns:
+      Markdown text ending with a newline.
+
+    Raises:
+      KeyError: when ``data``, ``linear`` or ``kernel`` is missing.
+
+    >>> r = {"data": {"num_tasks": 4, "num_targets": 1, "num_train": 30, "num_test": 10},
+    ...      "linear": {"lds": 0.5, "normalized_error": 0.4},
+    ...      "kernel": {"lds": 0.9, "normalized_error": 0.1}}
+    >>> print(results_markdown(r).splitlines()[4])
+    | kernel | 0.900 | 0.100 |
+    """
+    d = results["data"]
+    lines = [f"K = {d['num_tasks']} tasks, T = {d['num_targets']} targets, "
+             f"{d['num_train']} training / {d['num_test']} held-out masks.", "",
+             "| surrogate | held-out LDS | normalized error |", "|---|---|---|"]
+    for name in ("linear", "kernel", "quadratic", "quadratic_ard"):
+        r = results.get(name)
+        if r:
+            lines.append(f"| {name} | {r['lds']:.3f} | {r['normalized_error']:.3f} |")
+    k = results["kernel"]
+
+    def setting(v):
+        vals = sorted({float(x) for x in (v if isinstance(v, list) else [v])})
+        return " / ".join(f"{x:.3g}" for x in vals)
+
+    if k.get("gamma") is not None:
+        lines += ["", f"Kernel ({k.get('kernel', 'linear+rbf')}) settings chosen by leave-one-out "
+                  f"CV: gamma {setting(k['gamma'])}, mix {setting(k.get('mix', 0.0))}, "
+                  f"ridge {setting(k.get('ridge', 0.0))}."]
+    return "\n".join(lines) + "\n"

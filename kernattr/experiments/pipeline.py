@@ -859,3 +859,54 @@ def format_table(results: dict) -> str:
         lines.append(f"noise ceiling: {nc['lds']:.3f} [{nc['lds_ci'][0]:.3f}, {nc['lds_ci'][1]:.3f}]"
                      f" ({nc.get('what', 'LDS of a retraining with another seed')})")
     return "\n".join(lines)
+
+
+def results_markdown(results: dict) -> str:
+    """Markdown tables of a ``results.json`` written by :func:`run_pipeline` (for the docs site).
+
+    Pure function of the dict: the methods' LDS with its 95% bootstrap interval and the
+    leave-one-out correlations, the paired differences, the estimator's error against "nothing
+    changes" and the noise ceiling. Timings are left out (they depend on the machine).
+
+    Args:
+      results: the dict of ``results.json`` (keys ``methods``, ``estimator``; optionally
+        ``paired``, ``noise_ceiling``, ``config``).
+
+    Returns:
+      Markdown text (tables and a few lines), ending with a newline.
+
+    Raises:
+      KeyError: when ``methods`` or ``estimator`` is missing.
+
+    >>> r = {"methods": {"kernel": {"lds": 0.8, "lds_ci": [0.7, 0.9], "loo_pearson": 0.5,
+    ...                             "loo_spearman": 0.4}},
+    ...      "estimator": {"relative_error": 0.1, "no_change_relative_error": 0.5,
+    ...                    "spearman": 0.9}}
+    >>> print(results_markdown(r).splitlines()[2])
+    | kernel | 0.800 | [0.700, 0.900] | 0.500 | 0.400 |
+    """
+    methods = results["methods"]
+    est = results["estimator"]
+
+    def num(x, fmt):
+        return "n/a" if x is None else format(x, fmt)
+
+    lines = ["| method | LDS | 95% CI | LOO r | LOO ρ |", "|---|---|---|---|---|"]
+    for name, m in methods.items():
+        lo, hi = m.get("lds_ci", [None, None])
+        lines.append(f"| {name} | {num(m['lds'], '.3f')} | [{num(lo, '.3f')}, {num(hi, '.3f')}] | "
+                     f"{num(m.get('loo_pearson'), '.3f')} | {num(m.get('loo_spearman'), '.3f')} |")
+    paired = results.get("paired") or {}
+    if paired:
+        lines += ["", "| a − b (paired, same bootstrap resamples) | mean | 95% CI |", "|---|---|---|"]
+        for name, (mean, lo, hi) in paired.items():
+            lines.append(f"| {name.replace('-', ' − ', 1)} | {mean:+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
+    lines += ["", f"Estimator on the held-out masks: relative error "
+              f"{est['relative_error']:.1%} against {est['no_change_relative_error']:.1%} for "
+              f"\"nothing changes\"; Spearman {est['spearman']:.3f} across masks."]
+    nc = results.get("noise_ceiling")
+    if nc:
+        lo, hi = nc.get("lds_ci", [float("nan")] * 2)
+        lines.append(f"Noise ceiling: {nc['lds']:.3f} [{lo:.3f}, {hi:.3f}]"
+                     + (f" ({nc['what']})." if nc.get("what") else "."))
+    return "\n".join(lines) + "\n"

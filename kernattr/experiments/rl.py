@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._losses import task_weights
+from ..labels._losses import task_weights
 from ._rl_common import (SACAttributionConfig, lds_summary, paired_summary, sac_batch,
                          sac_optimizers)
 from .plots import save_figure

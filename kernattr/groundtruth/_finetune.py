@@ -16,7 +16,7 @@ import optax
 
 from .. import _checks
 from .._checks import check_count, check_key, num_examples
-from .._losses import check_loss_metric, example_loss, example_metric, task_weights
+from ..labels._losses import check_loss_metric, example_loss, example_metric, task_weights
 
 __all__ = ["FinetuneLabels", "evaluate_targets", "finetune_labels", "finetune_on_masks"]
 
@@ -184,7 +184,7 @@ def finetune_on_masks(
 
     ``L_s(W) = Σ_i w_i(s) ℓ(f(x_i; W), y_i) + (prox/2) ||W − W_start||²``
 
-    with ``w = kernattr._losses.task_weights`` (each selected task's MEAN loss counts equally,
+    with ``w = kernattr.labels._losses.task_weights`` (each selected task's MEAN loss counts equally,
     ``w_i = s[t_i] / (n_{t_i} Σ_k s_k)``, so the weights sum to 1) and ``ℓ`` the shared per-example
     loss (``"squared"``: ``½(f−y)²``, ``"logistic"``: ``log(1+e^{−z f})``, ``"softmax"``: cross
     entropy) — the same objective the gradient estimator linearizes. ``num_steps`` optimizer steps
@@ -334,7 +334,7 @@ def evaluate_targets(
     """Target metric of every target example under every mask's parameters.
 
     ``F[j, t] = example_metric(f(x_t; W_j), y_t)`` with the shared metric definitions of
-    :mod:`kernattr._losses` (``"loss"``; ``"margin"``; ``"output"``), the same numbers the
+    :mod:`kernattr.labels._losses` (``"loss"``; ``"margin"``; ``"output"``), the same numbers the
     estimator returns as ``F̂``.
 
     Args:
@@ -482,8 +482,9 @@ def finetune_fn(
 
     Args:
       apply_fn: ``apply_fn(params, x) -> scalar or [C]`` for ONE unbatched example.
-      loss, optimizer, num_steps, batch_size, prox, mask_chunk_size, init_fn, shared_init,
-        common_random_numbers: as in :func:`finetune_on_masks`.
+      loss: as in :func:`finetune_on_masks`, and so are ``optimizer``, ``num_steps``,
+        ``batch_size``, ``prox``, ``mask_chunk_size``, ``init_fn``, ``shared_init`` and
+        ``common_random_numbers``.
 
     Returns:
       ``train(params0, inputs [n, ...], labels [n], task_ids [n], masks [m, K], key=None)`` ->
