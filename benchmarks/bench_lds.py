@@ -21,6 +21,14 @@ Usage: python benchmarks/bench_lds.py [--smoke] [--skip-speed] [--targets T] [--
 
 import argparse
 import functools
+import os
+
+# The compiled programs below contain host callbacks (kernattr's jitted input checks, some inside
+# loops). With JAX's asynchronous CPU dispatch such programs can hang: jax-ml/jax#25861 (open)
+# reports it and its fix, running them inline; this smoke run hung intermittently with the same
+# signature (main thread waiting in XLA, every worker thread idle). Timings are taken after
+# block_until_ready either way. Set the variable yourself to override.
+os.environ.setdefault("JAX_CPU_ENABLE_ASYNC_DISPATCH", "0")
 import statistics
 import sys
 import time

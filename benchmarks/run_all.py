@@ -164,11 +164,34 @@ def results_markdown(results: dict) -> str:
                 f"| {_fmt(r.get('anchor'), r['unit'])} ({r['anchor_name']}) "
                 f"| {'-' if ratio is None else f'{ratio:.3g}x'}{met} "
                 f"| {'-' if target is None else f'{target:g}x'} | {sizes} | {r.get('dtype', '')} |")
+    gpt2 = results.get("gpt2")
+    if gpt2:
+        lines += ["", gpt2_markdown(gpt2)]
     lines += ["", "| benchmark | wall time | exit status |", "|---|---|---|"]
     for name, b in results.get("benchmarks", {}).items():
         status = "timed out" if b.get("timed_out") else str(b.get("returncode"))
         lines.append(f"| {name.removeprefix('bench_')} | {b['seconds']:.1f} s | {status} |")
     return "\n".join(lines) + "\n"
+
+
+def gpt2_markdown(rows: list) -> str:
+    """Scaling table of ``bench_gpt2.py --json`` rows: per model size and projector kind,
+    examples/s, peak RSS and JL error of kernattr and of the torch.func anchor."""
+    lines = ["| model | D | projector | kernattr ex/s | torch.func ex/s | speed ratio "
+             "| kernattr peak RSS | torch.func peak RSS | memory ratio | JL error kernattr "
+             "| JL error torch.func |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        j, t = r["jax"], r.get("torch")
+        tf = (lambda k, f: f.format(t[k]) if t and t.get(k) is not None else "-")
+        ratio = f"{j['examples_per_s'] / t['examples_per_s']:.2f}x" if t else "-"
+        mem = f"{t['peak_rss_mb'] / j['peak_rss_mb']:.2f}x" if t else "-"
+        t_mem = f"{t['peak_rss_mb'] / 1024:.2f} GB" if t else "-"
+        lines.append(
+            f"| {r['size']} ({r['layers']} x {r['d_model']}) | {r['D'] / 1e6:.1f}M | {r['kind']} "
+            f"| {j['examples_per_s']:.3f} | {tf('examples_per_s', '{:.3f}')} | {ratio} "
+            f"| {j['peak_rss_mb'] / 1024:.2f} GB | {t_mem} | {mem} "
+            f"| {j['jl_entry_err']:.4f} | {tf('jl_entry_err', '{:.4f}')} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
