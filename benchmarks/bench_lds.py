@@ -22,24 +22,26 @@ Usage: python benchmarks/bench_lds.py [--smoke] [--skip-speed] [--targets T] [--
 import argparse
 import functools
 import os
-
-# The compiled programs below contain host callbacks (kernattr's jitted input checks, some inside
-# loops). With JAX's asynchronous CPU dispatch such programs can hang: jax-ml/jax#25861 (open)
-# reports it and its fix, running them inline; this smoke run hung intermittently with the same
-# signature (main thread waiting in XLA, every worker thread idle). Timings are taken after
-# block_until_ready either way. Set the variable yourself to override.
-os.environ.setdefault("JAX_CPU_ENABLE_ASYNC_DISPATCH", "0")
 import statistics
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import scipy.stats as ss
 
-import kernattr as ka
-from _records import record
+# The compiled programs below contain host callbacks (kernattr's jitted input checks, some inside
+# loops). With JAX's asynchronous CPU dispatch such programs can hang: jax-ml/jax#25861 (open)
+# reports it and its fix, running them inline; this smoke run hung intermittently with the same
+# signature (main thread waiting in XLA, every worker thread idle). Timings are taken after
+# block_until_ready either way. KERNATTR_BENCH_ASYNC_DISPATCH=1 keeps JAX's default.
+if os.environ.get("KERNATTR_BENCH_ASYNC_DISPATCH", "0") != "1":
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import scipy.stats as ss  # noqa: E402
+
+import kernattr as ka  # noqa: E402
+from _records import record  # noqa: E402
 
 
 def bench_speed(num_masks: int, num_targets: int, reps: int) -> tuple[float, float]:

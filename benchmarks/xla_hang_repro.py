@@ -12,7 +12,7 @@ process's CPU time stops advancing for ``--stall`` seconds it prints every threa
 
 Usage:
   python benchmarks/xla_hang_repro.py --iters 20000            # JAX's default (async dispatch)
-  python benchmarks/xla_hang_repro.py --iters 20000 --no-async # JAX_CPU_ENABLE_ASYNC_DISPATCH=0
+  python benchmarks/xla_hang_repro.py --iters 20000 --no-async # jax_cpu_enable_async_dispatch=False
 """
 
 from __future__ import annotations
@@ -57,10 +57,11 @@ def main(argv=None) -> int:
     p.add_argument("--stall", type=float, default=30.0)
     p.add_argument("--no-async", action="store_true", help="jax_cpu_enable_async_dispatch=False")
     a = p.parse_args(argv)
-    if a.no_async:
-        os.environ["JAX_CPU_ENABLE_ASYNC_DISPATCH"] = "0"
     import jax
     import jax.numpy as jnp
+
+    if a.no_async:
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
 
     seen = [0]
 
