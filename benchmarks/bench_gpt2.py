@@ -310,6 +310,8 @@ def main(argv=None) -> int:
     ap.add_argument("--d", type=int, default=256, help="projected dimension")
     ap.add_argument("--sample", type=int, default=4, help="examples for the JL accuracy")
     ap.add_argument("--rows", type=int, default=65536, help="torch projection block rows")
+    ap.add_argument("--torch-sizes", default="small,medium,gpt2,tiny",
+                    help="sizes at which the torch.func anchor runs too")
     ap.add_argument("--json", default=None, help="also write all runs here")
     ap.add_argument("--worker", choices=["jax", "torch"])
     ap.add_argument("--kind", default="sjlt")
@@ -349,8 +351,10 @@ def main(argv=None) -> int:
             if i == 0:
                 json.dump(rj["exact_gram"], open(gfile, "w"))
             rj.pop("exact_gram")
+            print(f"  {size} {kind} JAX: {rj['examples_per_s']:.3f} ex/s, peak "
+                  f"{rj['peak_rss_mb']:.0f} MB, compile {rj['compile_s']:.1f} s", flush=True)
             rt = None
-            if have_torch:
+            if have_torch and size in a.torch_sizes.split(","):
                 rt = run_worker(["--worker", "torch", "--kind", kind],
                                 dict(base, load_params=pfile, exact_gram=gfile))
             D = rj["num_params"]
@@ -359,6 +363,8 @@ def main(argv=None) -> int:
             ok &= rj["finite"] and rj["rel_dev_vs_exact_projection"] < 1e-3
             ok &= rt is None or (rt["finite"] and rt["num_params"] == D
                                  and rt["exact_gram_rel_dev_vs_jax"] < 1e-3)
+            if a.json:  # after every run, so that a long run keeps what it measured
+                json.dump(rows, open(a.json, "w"), indent=1)
             speed = rj["examples_per_s"] / rt["examples_per_s"] if rt else float("nan")
             mem = rt["peak_rss_mb"] / rj["peak_rss_mb"] if rt else float("nan")
             print(f"{size:>6} D={D / 1e6:6.1f}M {kind:<10} JAX {rj['examples_per_s']:7.3f} ex/s "

@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=5000)
     p.add_argument("--steps", type=int, default=50, help="while-loop trips per call")
     p.add_argument("--size", type=int, default=64)
+    p.add_argument("--branches", type=int, default=4, help="independent loops per program")
     p.add_argument("--stall", type=float, default=30.0)
     p.add_argument("--no-async", action="store_true", help="jax_cpu_enable_async_dispatch=False")
     a = p.parse_args(argv)
@@ -76,8 +77,13 @@ def main(argv=None) -> int:
 
     @jax.jit
     def f(x):
-        _, x = jax.lax.while_loop(lambda c: c[0] < a.steps, body, (0, x))
-        jax.debug.callback(on_host, jnp.sum(jnp.isnan(x)))
+        # --branches independent loops: XLA:CPU may run them (and their callbacks) concurrently
+        outs = []
+        for b in range(a.branches):
+            _, xb = jax.lax.while_loop(lambda c: c[0] < a.steps, body, (0, x + b))
+            jax.debug.callback(on_host, jnp.sum(jnp.isnan(xb)))
+            outs.append(xb)
+        x = sum(outs)
         return jnp.sum(x), x[0]
 
     x = jnp.ones((a.size, a.size), jnp.float32) / a.size
