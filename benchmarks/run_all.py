@@ -130,28 +130,12 @@ def _fmt(x, unit: str = "") -> str:
     return f"{x:.4g}" + (f" {unit}" if unit else "")
 
 
-def results_markdown(results: dict) -> str:
-    """Markdown tables of a run_all result (the JSON written by ``--json``).
-
-    Args:
-      results: the dict ``run_all.py --json`` writes (``environment``, ``smoke``,
-        ``benchmarks`` -> ``{name: {records, seconds, returncode, ...}}``).
-
-    Returns:
-      Markdown: a line on the machine, one table row per record (benchmark, figure, anchor,
-      ratio, target, sizes), then the benchmark run times.
-    """
-    env = results.get("environment", {})
+def _records_table(benchmarks: dict) -> list:
     lines = [
-        f"Run {results.get('created', '?')} ({'smoke sizes' if results.get('smoke') else 'full sizes'}): "
-        f"JAX {env.get('jax', '?')}, backend `{env.get('backend', '?')}`, device "
-        f"`{env.get('device_kind', '?')}` x {env.get('device_count', '?')}, {env.get('cpus', '?')} "
-        f"CPUs, load {env.get('load_1m', float('nan')):.1f} at the start.",
-        "",
         "| benchmark | figure | contender | anchor | ratio (>1: better) | target | sizes | dtype |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, b in results.get("benchmarks", {}).items():
+    for name, b in benchmarks.items():
         for r in b.get("records", []):
             sizes = ", ".join(f"{k}={v}" for k, v in r.get("sizes", {}).items())
             ratio = r.get("ratio")
@@ -164,9 +148,39 @@ def results_markdown(results: dict) -> str:
                 f"| {_fmt(r.get('anchor'), r['unit'])} ({r['anchor_name']}) "
                 f"| {'-' if ratio is None else f'{ratio:.3g}x'}{met} "
                 f"| {'-' if target is None else f'{target:g}x'} | {sizes} | {r.get('dtype', '')} |")
+    return lines
+
+
+def results_markdown(results: dict) -> str:
+    """Markdown tables of a run_all result (the JSON written by ``--json``).
+
+    Args:
+      results: the dict ``run_all.py --json`` writes (``environment``, ``smoke``,
+        ``benchmarks`` -> ``{name: {records, seconds, returncode, ...}}``).
+
+    Returns:
+      Markdown: a line on the machine, one table row per record (benchmark, figure, anchor,
+      ratio, target, sizes); the same for the optional ``full_size`` runs
+      (``{name: {records}}``); the optional ``gpt2`` scaling table (``bench_gpt2.py --json``
+      rows); then the benchmark run times.
+    """
+    env = results.get("environment", {})
+    lines = [
+        f"Run {results.get('created', '?')} ({'smoke sizes' if results.get('smoke') else 'full sizes'}): "
+        f"JAX {env.get('jax', '?')}, backend `{env.get('backend', '?')}`, device "
+        f"`{env.get('device_kind', '?')}` x {env.get('device_count', '?')}, {env.get('cpus', '?')} "
+        f"CPUs, load {env.get('load_1m', float('nan')):.1f} at the start.",
+        "",
+    ]
+    lines += _records_table(results.get("benchmarks", {}))
+    full = results.get("full_size")
+    if full:
+        lines += ["", "Full-size runs of some benchmarks (separate runs, same machine):", ""]
+        lines += _records_table(full)
     gpt2 = results.get("gpt2")
     if gpt2:
-        lines += ["", gpt2_markdown(gpt2)]
+        lines += ["", "Per-example projected gradients of GPT-2-shaped models "
+                  "(`bench_gpt2.py`, separate run):", "", gpt2_markdown(gpt2)]
     lines += ["", "| benchmark | wall time | exit status |", "|---|---|---|"]
     for name, b in results.get("benchmarks", {}).items():
         status = "timed out" if b.get("timed_out") else str(b.get("returncode"))
