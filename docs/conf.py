@@ -1,6 +1,6 @@
 """Sphinx configuration of the kernattr documentation site.
 
-Build (from the repository root): ``sphinx-build -W --keep-going -b html docs docs/_build/html``.
+Build (from the repository root): ``sphinx-build -W --keep-going -j auto -b html docs docs/_build/html``.
 The build executes the tutorial notebooks (myst-nb) and writes the generated result tables
 (``docs/results/_generated/``) before reading the sources.
 """
@@ -56,6 +56,8 @@ nb_execution_timeout = 300
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True
 nb_merge_streams = True
+# stderr (progress bars, tqdm's notebook notice) is not part of the pages; errors still fail the build.
+nb_output_stderr = "remove"
 
 
 def _copy_notebooks() -> None:
@@ -85,6 +87,7 @@ gen_results.write_all(os.path.join(DOCS, "results"))
 
 # --- API reference -------------------------------------------------------------------------
 autosummary_generate = True
+templates_path = ["_templates"]   # API pages titled by the short name (`fit_kernel`)
 autosummary_imported_members = True
 autodoc_default_options = {"members": False, "show-inheritance": False}
 autodoc_typehints = "description"

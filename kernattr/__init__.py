@@ -97,6 +97,11 @@ from ._baselines import influence_scores as influence_scores
 from ._baselines import tracin_scores as tracin_scores
 from ._baselines import trak_scores as trak_scores
 
+# --- building blocks for code on top of kernattr (layout): a jit-safe value check, and the
+# per-example weights of a mask's training objective
+from ._checks import error_if as error_if
+from .labels._losses import task_weights as task_weights
+
 # --- workflow, save/load (workflow.py, io.py): a user's model -> attributions; results on disk
 from .workflow import Attributions as Attributions
 from .workflow import Workflow as Workflow
@@ -145,7 +150,6 @@ __all__ = [
     "bootstrap_interval",
     "data_mesh",
     "estimate_subset_labels",
-    "estimate_subsets",
     "estimator_error",
     "fit_kernel",
     "fit_linear",
@@ -179,6 +183,9 @@ __all__ = [
     "synthetic_game",
     "tracin_scores",
     "trak_scores",
+    # building blocks (layout)
+    "error_if",
+    "task_weights",
     # workflow, save/load (lib)
     "Attributions",
     "Workflow",

@@ -27,25 +27,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import (
-    AttributionIntervals,
-    BootstrapInterval,
-    CGResult,
-    EstimatorError,
-    GradientFeatures,
-    KernelSurrogate,
-    LDSInterval,
-    LDSResult,
-    LinearSurrogate,
-    MultiFidelitySurrogate,
-    NystromSurrogate,
-    PairedLDSInterval,
-    PairMasks,
-    QuadraticSurrogate,
-    SubsetData,
-    SubsetEstimates,
-    SyntheticGame,
-)
+from ._metrics import BootstrapInterval, EstimatorError, LDSInterval, LDSResult, PairedLDSInterval
+from .data._games import SyntheticGame
+from .data._loaders import SubsetData
+from .data._subsets import PairMasks
+from .labels._estimation import SubsetEstimates
+from .labels._features import GradientFeatures
+from .readouts._uncertainty import AttributionIntervals
+from .surrogates._cg import CGResult
+from .surrogates._krr import KernelSurrogate, LinearSurrogate, MultiFidelitySurrogate
+from .surrogates._nystrom import NystromSurrogate
+from .surrogates._quadratic import QuadraticSurrogate
 from .workflow import Attributions, WorkflowConfig, WorkflowResult, WorkflowTimings
 
 __all__ = ["FORMAT_VERSION", "FormatError", "load", "register_type", "save"]

@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from . import predict
+from .surrogates._dispatch import predict
 
 __all__ = ["plot_interactions", "plot_predictions", "plot_scores", "plot_workflow"]
 
@@ -225,7 +225,8 @@ def plot_predictions(pred: Any, actual: Any, *, target: Optional[int] = 0, lds: 
 
 
 def plot_workflow(result: Any, *, target: int = 0, names: Optional[Sequence[str]] = None):
-    """Shapley values with intervals, interactions and (with held-out labels) predictions.
+    """Shapley values with intervals, interactions and (with held-out labels) predictions of one
+    target; the title of the predictions panel carries the LDS over all targets.
 
     Args:
       result: :class:`kernattr.WorkflowResult`.
@@ -233,7 +234,17 @@ def plot_workflow(result: Any, *, target: int = 0, names: Optional[Sequence[str]
       names: ``K`` task names.
 
     Returns:
-      A matplotlib ``Figure`` with 2 axes (3 when ``result`` has held-out real labels).
+      A matplotlib ``Figure``: the scores, the heatmap and its colour bar, and (when ``result``
+      has held-out real labels) the predictions.
+
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import types, jax.numpy as jnp, kernattr as ka, kernattr.plots as kp
+    >>> v = jnp.array([[0.2], [-0.1]])
+    >>> result = types.SimpleNamespace(  # the fields of a WorkflowResult that are drawn
+    ...     shapley=ka.AttributionIntervals(v, 0.1 + 0 * v, v - 0.2, v + 0.2),
+    ...     interactions=jnp.zeros((2, 2, 1)), heldout_masks=None)
+    >>> len(kp.plot_workflow(result).axes)
+    3
     """
     plt = _pyplot()
     panels = 3 if result.heldout_masks is not None else 2
@@ -244,5 +255,5 @@ def plot_workflow(result: Any, *, target: int = 0, names: Optional[Sequence[str]
                       title="interactions")
     if panels == 3:
         plot_predictions(predict(result.surrogate, result.heldout_masks), result.heldout_labels,
-                         target=None, lds=result.lds, ax=axes[2], title="held-out")
+                         target=target, lds=result.lds, ax=axes[2], title="held-out")
     return fig

@@ -32,23 +32,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import (
-    AttributionIntervals,
-    LDSInterval,
-    MultiFidelitySurrogate,
-    attribution_intervals,
-    estimate_subset_labels,
-    fit_kernel,
-    fit_multifidelity,
-    gradient_features,
-    interaction_scores,
-    lds_interval,
-    loo_scores,
-    make_projector,
-    predict,
-    sample_subsets,
-    shapley_values,
-)
+from ._metrics import LDSInterval, lds_interval
+from .data._subsets import sample_subsets
+from .labels._estimation import estimate_subset_labels
+from .labels._gradients import gradient_features
+from .labels._projection import make_projector
+from .readouts._attribution import interaction_scores, loo_scores, shapley_values
+from .readouts._uncertainty import AttributionIntervals, attribution_intervals
+from .surrogates._dispatch import fit_kernel, predict
+from .surrogates._krr import MultiFidelitySurrogate
+from .surrogates._multifidelity import fit_multifidelity
 
 __all__ = [
     "Attributions",
@@ -402,6 +395,17 @@ class Workflow:
       config: :class:`WorkflowConfig` (static).
       apply_fn: ``apply_fn(params, x)`` of one example (static).
       params: the trained parameters ``W0`` (a pytree; what gradients are taken of).
+
+    >>> import jax, jax.numpy as jnp, kernattr as ka
+    >>> wf = ka.workflow(lambda p, x: x @ p, jnp.ones(3), num_tasks=2, loss="squared",
+    ...                  num_masks=8, proj_kind="identity")
+    >>> masks = jax.jit(wf.sample_masks)(jax.random.key(0))
+    >>> x, t = jnp.eye(3)[jnp.array([0, 1, 2, 0])], jnp.array([0, 0, 1, 1])
+    >>> features = jax.jit(wf.features)
+    >>> train = features(jax.random.key(1), x, jnp.ones(4), t)
+    >>> target = features(jax.random.key(1), x[:2], jnp.zeros(2))
+    >>> jax.jit(wf.estimate)(train, target, masks).shape
+    (8, 2)
     """
 
     config: WorkflowConfig
@@ -456,11 +460,29 @@ class Workflow:
 
 
 # The driver's compiled stages: module-level functions of (static config, arrays), so runs
-# with the same configuration and shapes reuse jax's compilation cache whatever the model.
+# with the same settings and shapes reuse jax's compilation cache whatever the model. Each
+# stage sees only the configuration fields it reads (_FIELDS), so changing e.g. the number of
+# real runs does not recompile the gradient or estimation stages.
 _STAGES = {
     "masks": _sample_masks, "features": Workflow.features, "labels": _estimate, "surrogate": _fit,
     "attributions": _attributions, "lds": _lds,
 }
+_FIELDS = {
+    "masks": ("num_masks", "density"),
+    "features": ("proj_dim", "proj_kind", "chunk_size"),
+    "labels": ("metric", "estimator_ridge", "solver"),
+    "surrogate": ("kernel", "gamma", "ridge", "mix", "num_landmarks"),
+    "attributions": ("level",),
+    "lds": ("num_resamples", "level"),
+}
+
+
+def _stage_config(cfg: WorkflowConfig, stage: str) -> WorkflowConfig:
+    """``cfg`` with the fields that ``stage`` does not read at their defaults."""
+    kept = {name: getattr(cfg, name) for name in _FIELDS[stage]}
+    return WorkflowConfig(num_tasks=cfg.num_tasks, loss=cfg.loss, **kept)
+
+
 _JITTED = {name: jax.jit(fn) for name, fn in _STAGES.items()}
 
 
@@ -601,16 +623,19 @@ def run_workflow(
     _check_real(real_masks, real_labels, cfg, train_fn)
     k_masks, k_proj, k_real, k_held, k_fit, k_boot = jax.random.split(key, 6)
     f = _JITTED if jit else _STAGES
+    c = {name: _stage_config(cfg, name) for name in _STAGES}
+    wf_features = Workflow(config=c["features"], apply_fn=wf.apply_fn, params=wf.params)
     batch = cfg.mask_batch or cfg.num_masks
     starts = list(range(0, cfg.num_masks, batch))
     total = 5 + len(starts) + cfg.num_real + cfg.num_heldout + (1 if cfg.num_heldout else 0)
     with tqdm(total=total, disable=not progress, leave=False) as bar:
         clock = _Clock(bar)
-        masks = clock.run("masks", f["masks"], cfg, k_masks)
-        train = clock.run("features", f["features"], wf, k_proj, train_inputs, train_labels,
-                          task_ids)
-        target = clock.run("features", f["features"], wf, k_proj, target_inputs, target_labels)
-        labels = jnp.concatenate([clock.run("labels", f["labels"], cfg, train, target,
+        masks = clock.run("masks", f["masks"], c["masks"], k_masks)
+        train = clock.run("features", f["features"], wf_features, k_proj, train_inputs,
+                          train_labels, task_ids)
+        target = clock.run("features", f["features"], wf_features, k_proj, target_inputs,
+                           target_labels)
+        labels = jnp.concatenate([clock.run("labels", f["labels"], c["labels"], train, target,
                                             masks[s:s + batch]) for s in starts])
         num_targets = labels.shape[1]
         heldout_masks = heldout_labels = None
@@ -623,12 +648,13 @@ def run_workflow(
                                            num_subsets=cfg.num_heldout, p=cfg.density)
             heldout_labels = _real_runs(clock, train_fn, heldout_masks, num_targets, labels.dtype)
         fit_key = k_fit if cfg.num_landmarks else None
-        surrogate = clock.run("surrogate", f["surrogate"], cfg, masks, labels, real_masks,
-                              real_labels, fit_key)
-        attrs = clock.run("attributions", f["attributions"], cfg, surrogate)
+        surrogate = clock.run("surrogate", f["surrogate"], c["surrogate"], masks, labels,
+                              real_masks, real_labels, fit_key)
+        attrs = clock.run("attributions", f["attributions"], c["attributions"], surrogate)
         lds = None
         if cfg.num_heldout:
-            lds = clock.run("lds", f["lds"], cfg, k_boot, surrogate, heldout_masks, heldout_labels)
+            lds = clock.run("lds", f["lds"], c["lds"], k_boot, surrogate, heldout_masks,
+                            heldout_labels)
     return WorkflowResult(
         config=cfg, masks=masks, labels=labels, real_masks=real_masks, real_labels=real_labels,
         heldout_masks=heldout_masks, heldout_labels=heldout_labels, surrogate=surrogate,

@@ -88,3 +88,11 @@ def test_plot_workflow_panels():
         heldout_masks = None
     fig = kp.plot_workflow(R())
     assert len(fig.axes) == 3  # scores, heatmap, its colour bar
+
+
+def test_missing_matplotlib_is_a_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)  # import fails as if absent
+    with pytest.raises(ImportError, match=r"kernattr\[plots\]"):
+        kp.plot_scores(np.ones(3))

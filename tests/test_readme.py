@@ -24,7 +24,8 @@ def _blocks(text: str, lang: str = "python") -> list[str]:
     return re.findall(rf"^```{lang}\n(.*?)^```", text, re.S | re.M)
 
 
-def test_readme_python_blocks_run_in_order(capsys):
+def test_readme_python_blocks_run_in_order(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                # the README saves a file
     text = open(os.path.join(ROOT, "README.md")).read()
     blocks = _blocks(text)
     assert len(blocks) >= 3
@@ -38,6 +39,8 @@ def test_readme_python_blocks_run_in_order(capsys):
     assert namespace["shapley"].value.shape == (namespace["K"], 8)
     assert namespace["nxt"].shape == (10, 12)
     assert float(ka.lds(ka.predict(namespace["ker"], namespace["test"]), namespace["y_test"])) > 0.8
+    restored = ka.load(tmp_path / "attributions.npz")
+    assert bool((restored.shapley.value == namespace["shapley"].value).all())
 
 
 def test_guides_blocks_are_executed():

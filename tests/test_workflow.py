@@ -220,3 +220,38 @@ def test_bad_run_input():
         ka.run_workflow(key, wf, x, y[:-1], t, xt, yt, progress=False)
     with pytest.raises(ValueError, match="both"):
         ka.run_workflow(key, wf, x, y, t, xt, yt, real_masks=jnp.ones((3, K)), progress=False)
+
+
+def test_nystrom_stage_equals_public_call(runs):
+    """With num_landmarks the fit stage is fit_kernel's Nystrom path (key draws the landmarks)."""
+    res = runs["plain"][0]
+    wf = ka.workflow(_plain, _weights(), num_tasks=K, loss="softmax", num_landmarks=8, **OPTIONS)
+    key = jax.random.key(9)
+    s = jax.jit(wf.fit)(res.masks, res.labels, key=key)
+    kw = {k: jnp.asarray(OPTIONS[k]) for k in ("gamma", "ridge", "mix")}
+    ref = jax.jit(lambda m, y, k: ka.fit_kernel(m, y, num_landmarks=8, key=k, **kw))(
+        res.masks, res.labels, key)
+    assert isinstance(s, ka.NystromSurrogate)
+    _equal(s, ref)
+    attrs = jax.jit(wf.attributions)(s)
+    np.testing.assert_allclose(attrs.shapley.value, ka.shapley_values(ref), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="key"):
+        wf.fit(res.masks, res.labels)
+
+
+def test_as_apply_fn_linen_extra_collections_and_call_kwargs():
+    class WithStats(linen.Module):
+        @linen.compact
+        def __call__(self, x, train: bool = True):
+            x = linen.Dense(3)(x)
+            return linen.BatchNorm(use_running_average=not train)(x)
+
+    module = WithStats()
+    x = jax.random.normal(jax.random.key(0), (5, 2))
+    variables = module.init(jax.random.key(1), x, train=False)
+    apply_fn, params = ka.as_apply_fn(module, variables, call_kwargs={"train": False})
+    assert set(params) == {"Dense_0", "BatchNorm_0"} and "batch_stats" in variables
+    expected = module.apply(variables, x, train=False)
+    np.testing.assert_allclose(jax.vmap(apply_fn, (None, 0))(params, x), expected, rtol=1e-6)
+    with pytest.raises(TypeError, match="Linen modules only"):
+        ka.as_apply_fn(_plain, _weights(), call_kwargs={"train": False})

@@ -93,11 +93,38 @@ def per_task_weights(coef: jax.Array, counts: jax.Array, task_ids: jax.Array) ->
 
 
 def task_weights(masks: jax.Array, task_ids: jax.Array, num_tasks: int) -> jax.Array:
-    """Per-example weights ``[m, n]`` so each selected task's MEAN loss counts equally.
+    """Per-example weights ``[m, n]`` of the training objective of each mask: every selected
+    task's MEAN loss counts equally.
 
     ``w[j, i] = s_j[t_i] / (n_{t_i} · Σ_k s_j[k])``; an all-zero mask gives all-zero weights
-    (no training: the model stays at ``W0``). Rows sum to 1 otherwise.
+    (no training: the model stays at ``W0``). Rows sum to 1 otherwise. These are the weights
+    under the estimator (:func:`kernattr.estimate_subset_labels`) and real fine-tuning
+    (:mod:`kernattr.groundtruth`), so code that trains its own models on masks uses them to
+    train on the same objective.
+
+    Args:
+      masks: ``[m, K]`` 0/1 masks.
+      task_ids: ``[n]`` integer task of every example, in ``0..K-1``.
+      num_tasks: ``K`` (static int).
+
+    Returns:
+      ``[m, n]`` weights, in the masks' float dtype.
+
+    Raises:
+      ValueError / TypeError: masks not ``[m, K]`` with ``K = num_tasks``, or ``task_ids`` not
+      an integer vector.
+
+    >>> import jax.numpy as jnp, kernattr as ka
+    >>> ka.task_weights(jnp.array([[1.0, 0.0], [1.0, 1.0]]), jnp.array([0, 0, 1]), 2).tolist()
+    [[0.5, 0.5, 0.0], [0.25, 0.25, 0.5]]
     """
+    masks, task_ids = jnp.asarray(masks), jnp.asarray(task_ids)
+    if masks.ndim != 2 or masks.shape[1] != num_tasks:
+        raise ValueError(f"`masks` must be [m, K] with K = num_tasks = {num_tasks}, "
+                         f"got shape {tuple(masks.shape)}.")
+    if task_ids.ndim != 1 or not jnp.issubdtype(task_ids.dtype, jnp.integer):
+        raise TypeError(f"`task_ids` must be an integer vector [n], got {task_ids.dtype}"
+                        f"{tuple(task_ids.shape)}.")
     total = jnp.sum(masks, axis=1, keepdims=True)  # [m, 1]
     per_example = per_task_weights(masks, task_counts(task_ids, num_tasks), task_ids)
     return per_example / jnp.maximum(total, 1.0)
