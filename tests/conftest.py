@@ -1,5 +1,6 @@
 """Test configuration, set before JAX starts: 8 fake CPU devices, strict rank promotion, a
-cheaper XLA CPU backend, and a persistent compilation cache shared by the test processes.
+cheaper XLA CPU backend, programs executed inline (no asynchronous CPU dispatch), and a
+persistent compilation cache shared by the test processes.
 
 Most of the suite's time is XLA compiling small programs that then run for milliseconds. LLVM's
 optimisation level 0 without its expensive passes cuts that compile time (measured on 2 cores:
@@ -38,6 +39,10 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# kernattr's compiled programs carry host callbacks (its input checks, some inside loops); with
+# JAX's asynchronous CPU dispatch such programs can hang (jax-ml/jax#25861): run them inline, as
+# the `kernattr` command does.
+jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 @pytest.fixture
