@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -249,19 +250,34 @@ def main(argv=None) -> int:
             print(r["output_tail"], flush=True)
         return name, r
 
+    done = {}
+
+    def snapshot() -> dict:
+        """The results so far (benchmarks in ``names`` order); written after every benchmark so
+        that an interrupted run keeps what it measured."""
+        res = dict(created=started, smoke=a.smoke, command=" ".join([os.path.basename(
+            sys.argv[0]), *(argv if argv is not None else sys.argv[1:])]),
+            total_seconds=time.perf_counter() - t0, environment=environment,
+            benchmarks={n: {k: v for k, v in done[n].items() if k != "output_tail"}
+                        for n in names if n in done})
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return res
+
+    lock = threading.Lock()
+
+    def job_and_save(name):
+        n, r = job(name)
+        with lock:
+            done[n] = r
+            snapshot()
+
     with ThreadPoolExecutor(max(1, a.jobs)) as pool:
-        done = dict(pool.map(job, names))
-    results = dict(created=started, smoke=a.smoke, command=" ".join([os.path.basename(
-        sys.argv[0]), *(argv if argv is not None else sys.argv[1:])]),
-        total_seconds=time.perf_counter() - t0, environment=environment,
-        benchmarks={n: done[n] for n in names})
-    for b in results["benchmarks"].values():
-        b.pop("output_tail", None)
+        list(pool.map(job_and_save, names))
+    results = snapshot()
     print()
     print(results_markdown(results))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(results, f, indent=1)
     problems = check(results, names)
     for prob in problems:
         print(f"run_all: {prob}", file=sys.stderr)
