@@ -213,7 +213,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
     p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--only", default="", help="comma list of benchmark names (without bench_)")
+    p.add_argument("--only", default="", help="comma list of benchmark names (without bench_), run in this order")
     p.add_argument("--jobs", type=int, default=1,
                    help="benchmarks run at once (timings of parallel runs share the cores)")
     p.add_argument("--timeout", type=float, default=None,
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
         unknown = wanted - set(names)
         if unknown:
             p.error(f"unknown benchmark(s) {sorted(unknown)}; known: {names}")
-        names = [n for n in names if n in wanted]
+        names = [f"bench_{n.removeprefix('bench_')}" for n in a.only.split(",")]  # given order
     extra = {}
     for item in a.args:
         n, _, rest = item.partition("=")
