@@ -56,6 +56,8 @@ nb_execution_timeout = 300
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True
 nb_merge_streams = True
+# stderr (progress bars, tqdm's notebook notice) is not part of the pages; errors still fail the build.
+nb_output_stderr = "remove"
 
 
 def _copy_notebooks() -> None:
