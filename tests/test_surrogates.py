@@ -114,7 +114,8 @@ def test_kernel_matrix_matches_numpy(x64):
 # Closed-form LOO-CV vs brute-force refits
 # ---------------------------------------------------------------------------------------------
 def _brute_loo(masks, y, kernel, gammas, ridges, fit_intercept, mixes=(0.0,), **kw):
-    """LOO error [G, W, R, T] and LOO Spearman [G, W, R, T] by refitting without each row."""
+    """LOO error [G, W, R, T] and LOO Spearman [G, W, R, T] by refitting without each row's mask
+    (leave-one-distinct-mask-out: a duplicated mask leaves with all its copies)."""
     m, t = y.shape
     out = np.zeros((len(gammas), len(mixes), len(ridges), t))
     rho = np.zeros_like(out)
@@ -127,7 +128,7 @@ def _brute_loo(masks, y, kernel, gammas, ridges, fit_intercept, mixes=(0.0,), **
         kw["mix"] = w
         res = np.zeros((m, t))
         for i in range(m):
-            keep = np.arange(m) != i
+            keep = ~np.all(masks == masks[i], axis=1)
             xk, yk = masks[keep], y[keep]
             kk = _np_kernel(xk, xk, kernel, g, **kw)
             if fit_intercept:
