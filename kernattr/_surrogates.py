@@ -115,7 +115,8 @@ class KernelSurrogate(NamedTuple):
 
     Attributes:
       masks: ``[m, K]`` training masks (the kernel centres).
-      dual_coef: ``[m, T]`` dual coefficients ``α``.
+      dual_coef: ``[m, T]`` dual coefficients ``α`` (copies of a mask share its coefficient
+        equally; only the sum over the copies enters the model).
       intercept: ``[T]`` unpenalised intercept (0 when ``fit_intercept=False``).
       gamma: ``[T]`` bandwidth used for each target (all equal unless selected per target).
       ridge: ``[T]`` ridge used for each target.
@@ -205,23 +206,28 @@ def _base_kernel(kernel: str) -> str:
     return "rbf" if kernel == "linear+rbf" else kernel
 
 
-def _gram(kernel: str, degree: int, coef0: float, a: jax.Array, b: jax.Array, gamma) -> jax.Array:
-    """Single-kernel matrix ``[m_a, m_b]`` between 0/1 masks ``a [m_a, K]`` and ``b [m_b, K]``."""
+def _gram(kernel: str, degree: int, coef0: float, a: jax.Array, b: jax.Array, gamma,
+          minus_one: bool = False) -> jax.Array:
+    """Single-kernel matrix ``[m_a, m_b]`` between 0/1 masks ``a [m_a, K]`` and ``b [m_b, K]``.
+
+    ``minus_one``: the RBF kernel minus the constant 1, as ``expm1`` (accurate when the
+    bandwidth is small and the kernel is nearly constant)."""
     inner = a @ b.T
     if kernel == "rbf":
         # On 0/1 masks ||a-b||² is the Hamming distance, an integer: exact from the inner products.
         na = jnp.sum(a, axis=1)
         nb = jnp.sum(b, axis=1)
         dist = jnp.maximum(na[:, None] + nb[None, :] - 2.0 * inner, 0.0)
-        return jnp.exp(-gamma * dist)
+        return jnp.expm1(-gamma * dist) if minus_one else jnp.exp(-gamma * dist)
     if kernel == "polynomial":
         return (gamma * inner + coef0) ** degree
     return inner
 
 
-def _mixed_gram(kernel, degree, coef0, a, b, gamma, mix, linear_scale) -> jax.Array:
-    """``mix·<a,b>/linear_scale + (1-mix)·rbf`` for ``"linear+rbf"``, else the single kernel."""
-    base = _gram(_base_kernel(kernel), degree, coef0, a, b, gamma)
+def _mixed_gram(kernel, degree, coef0, a, b, gamma, mix, linear_scale, minus_one=False) -> jax.Array:
+    """``mix·<a,b>/linear_scale + (1-mix)·rbf`` for ``"linear+rbf"``, else the single kernel
+    (``minus_one``: the RBF part minus its constant 1, see :func:`_gram`)."""
+    base = _gram(_base_kernel(kernel), degree, coef0, a, b, gamma, minus_one)
     if kernel != "linear+rbf":
         return base
     return (mix / linear_scale) * (a @ b.T) + (1.0 - mix) * base
@@ -229,6 +235,19 @@ def _mixed_gram(kernel, degree, coef0, a, b, gamma, mix, linear_scale) -> jax.Ar
 
 # Named (non-underscore) for the Nyström / CG modules that share it.
 check_kernel_config = _check_kernel_config
+
+
+def intercept_free_gram(spec: KernelSpec, a: jax.Array, gamma, mix, linear_scale) -> jax.Array:
+    """The kernel between training masks ``a`` as the fit's eigendecomposition needs it.
+
+    With an unpenalised intercept a constant added to the kernel changes nothing (the dual
+    coefficients are orthogonal to the constant), so the RBF part enters as ``exp(-γ·d) - 1``
+    computed by ``expm1``: at small bandwidths the kernel is nearly constant and subtracting
+    the constant after rounding would lose most of the digits that the fit depends on.
+    """
+    minus_one = spec.fit_intercept and _base_kernel(spec.kernel) == "rbf"
+    return _mixed_gram(spec.kernel, spec.degree, spec.coef0, a, a, gamma, mix, linear_scale,
+                       minus_one)
 
 
 def surrogate_gram(
@@ -637,7 +656,7 @@ def grouped_loo(kmat: jax.Array, groups: DuplicateGroups, yc: jax.Array, ridge_g
     exact LOO residual (penalised least squares in a fixed feature space), and ``r̃_g / d_g``
     that of the mean label. ``valid``: :func:`nonsingular`, and ``ridge = 0`` also needs every
     mask distinct (the kernel on the ``m`` rows is singular otherwise). ``resid_hi/lo``
-    repeat the residuals with every eigenvalue moved by ``eps·Σ_g c_g k(x_g, x_g)``, a bound
+    repeat the residuals with every eigenvalue moved by ``eps·||D K D||_F``, a bound
     on what rounding the kernel entries and the eigendecomposition can move it by: their
     spread is the numerical error of a criterion computed from ``resid``. The final fit is
     ``β = U diag(1/(e + λ)) z``.
@@ -649,7 +668,7 @@ def grouped_loo(kmat: jax.Array, groups: DuplicateGroups, yc: jax.Array, ridge_g
     valid = nonsingular(jnp.min(e), e_max, ridge_grid, m) & ((ridge_grid > 0) | all_distinct)
     kappa = (e_max + ridge_grid) / jnp.maximum(jnp.min(e) + ridge_grid, jnp.finfo(e.dtype).tiny)
     z = u.T @ (d[:, None] * yc)  # [r, T]
-    shift = float(jnp.finfo(e.dtype).eps) * jnp.sum(groups.counts * jnp.diagonal(kmat))
+    shift = float(jnp.finfo(e.dtype).eps) * jnp.sqrt(jnp.sum((d[:, None] * kmat * d[None, :]) ** 2))
     resid = _weighted_resid(u, e, z, d, ridge_grid, valid)
     hi = _weighted_resid(u, e + shift, z, d, ridge_grid, valid)
     lo = _weighted_resid(u, jnp.maximum(e - shift, 0.0), z, d, ridge_grid, valid)
@@ -855,9 +874,21 @@ def fit_kernel(
 
     ``per_target=True`` chooses the grid point separately for every target (with either
     criterion); otherwise one point serves all targets (one kernel matrix at prediction time).
-    Near-ties (within a relative ``sqrt(eps)`` of the best) go to the largest ridge, then the
-    smallest gamma, then the largest mix, so eager and jitted runs agree
-    (:func:`select_grid_point`).
+
+    Repeated masks are repeated measurements of one mask: the rows are first collapsed into one
+    weighted row per distinct mask (its count and mean label; the fitted model is the same as
+    on the duplicated rows), and "leave-one-out" leaves out a distinct mask with all its
+    copies (leaving out one copy while the others stay would make every model look perfect).
+    Without duplicates this is the ordinary leave-one-out. The collapse sorts the masks, so
+    the criterion does not depend on the order of the rows. Grid points whose criteria differ
+    by less than their numerical error (the change when every eigenvalue moves by its rounding
+    bound, and at least a relative ``sqrt(eps)``) are ties, which go to the largest ridge, then
+    the smallest gamma, then the largest mix, so eager, jitted and permuted runs agree
+    (:func:`select_grid_point`); :attr:`KernelSurrogate.status` records when the tie rule, not
+    the data, decided (bit 1), and when the chosen ``kernel + ridge·I`` is ill-conditioned for
+    the dtype (bit 2). In float32 the smallest ridges of the default grid are often
+    ill-conditioned: predictions and attributions then carry rounding error that float64 (or a
+    grid starting at a larger ridge) removes.
 
     Args:
       masks: ``[m, K]`` 0/1 training masks.
@@ -989,7 +1020,8 @@ def _pair_loo(spec: KernelSpec, groups: DuplicateGroups, yc_u: jax.Array, rows_y
 
     def per_pair(g, w, g_ok):
         kmat = surrogate_gram(spec, groups.masks, groups.masks, g, w, linear_scale)
-        gl = grouped_loo(kmat, groups, yc_u, grid.ridge, spec.fit_intercept)
+        gl = grouped_loo(intercept_free_gram(spec, groups.masks, g, w, linear_scale), groups,
+                         yc_u, grid.ridge, spec.fit_intercept)
         resid, kappa, e, u, z = gl.resid, gl.kappa, gl.e, gl.u, gl.z
         valid = gl.valid & grid.ridge_ok & g_ok  # [R]; invalid hyperparameters: never chosen
 
@@ -1091,13 +1123,11 @@ def _fit_direct(masks, y, spec: KernelSpec, grid: _DirectGrid, *, select, per_ta
         intercept = y_mean - jnp.einsum("gi,gt,it->t", loo.colmean, onehot.astype(dtype), alpha_u)
     else:
         intercept = jnp.zeros((t,), dtype)
-    # the unique solution on the m rows: copies share their mask's coefficient equally, plus
-    # (y_i - mean label of the mask) / ridge, which sums to 0 over the copies (predictions and
-    # attributions depend on the sums only)
-    dev = y[groups.order] - groups.y_mean[groups.group]
-    safe_ridge = jnp.where(ridge_t > 0, ridge_t, 1.0)
-    per_row = ((alpha_u / jnp.maximum(groups.counts, 1.0)[:, None])[groups.group]
-               + jnp.where(ridge_t > 0, dev / safe_ridge[None, :], 0.0))
+    # copies of a mask share its coefficient equally. (The m-row solution adds
+    # (y_i - mean label of the mask) / ridge to each copy; those terms sum to 0 over the copies,
+    # so predictions, attributions and the posterior are the same, and leaving them out keeps
+    # the float32 sums free of their cancellation at small ridges.)
+    per_row = (alpha_u / jnp.maximum(groups.counts, 1.0)[:, None])[groups.group]
     alpha = jnp.zeros((m, t), dtype).at[groups.order].set(per_row)
     alpha = jnp.where(hyper_ok[None, :], alpha, jnp.nan)
     intercept = jnp.where(hyper_ok, intercept, jnp.nan)

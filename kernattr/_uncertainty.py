@@ -40,8 +40,8 @@ from . import _checks
 from ._attribution import loo_scores, shapley_values
 from ._nystrom import NystromSurrogate
 from ._quadratic import QuadraticSurrogate, attribution_functionals, walsh_features
-from ._surrogates import (KernelSurrogate, group_duplicates, nonsingular, surrogate_gram,
-                          weighted_eigh)
+from ._surrogates import (KernelSurrogate, group_duplicates, intercept_free_gram, nonsingular,
+                          surrogate_gram, weighted_eigh)
 
 __all__ = ["AttributionIntervals", "attribution_intervals", "posterior_variance", "select_masks"]
 
@@ -111,7 +111,7 @@ def _exact_posterior(s: KernelSurrogate) -> _Posterior:
     mf = jnp.sum(counts)
     d = jnp.sqrt(counts)
     kmat = surrogate_gram(spec, x, x, *kp)
-    e, u, e_max = weighted_eigh(kmat, counts, spec.fit_intercept)
+    e, u, e_max = weighted_eigh(intercept_free_gram(spec, x, *kp), counts, spec.fit_intercept)
     ok = nonsingular(jnp.min(e), e_max, lam, m, slack=0.5) & ((lam > 0) | jnp.all(counts > 0))
     _checks.error_if(
         x, ~ok, "the surrogate's kernel matrix + ridge·I is singular; refit with ridge > 0."
