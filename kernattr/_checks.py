@@ -13,6 +13,7 @@ Two kinds of checks:
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import jax
@@ -102,10 +103,26 @@ def error_if(x: Any, pred: jax.Array, msg: str, exc: type[Exception] = ValueErro
     def _raise(c):
         c = int(np.asarray(c))
         if c > 0:
-            raise exc(msg.format(count=c))
+            err = exc(msg.format(count=c))
+            err._kernattr_check = True  # raised on purpose: JAX need not log it (see below)
+            raise err
 
     jax.debug.callback(_raise, count)
     return x
+
+
+class _DropCheckErrors(logging.Filter):
+    """Drop JAX's "jax.debug.callback failed" log record (with its traceback) when the failing
+    callback is one of :func:`error_if`'s checks: the error itself reaches the caller as one
+    clean exception. Failures of other callbacks are logged as before."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        info = record.exc_info
+        return not (info and getattr(info[1], "_kernattr_check", False))
+
+
+# The logger JAX reports failing debug callbacks on (named, so no JAX internals are imported).
+logging.getLogger("jax._src.debugging").addFilter(_DropCheckErrors())
 
 
 def check_masks(masks: Any, name: str = "masks", num_tasks: int | None = None) -> jax.Array:
@@ -141,6 +158,11 @@ def check_labels(y: Any, num_rows: int, name: str = "y") -> tuple[jax.Array, boo
     if was_1d:
         y = y[:, None]
     check_same_rows(num_rows, y.shape[0], "masks", name)
+    if y.shape[1] == 0:
+        raise ValueError(
+            f"`{name}` has shape {tuple(y.shape)}: no target columns; pass labels [m] or [m, T] "
+            "with T >= 1."
+        )
     error_if(
         y,
         ~jnp.isfinite(y),

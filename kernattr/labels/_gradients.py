@@ -319,7 +319,9 @@ def gradient_features_fn(
     Args:
       apply_fn: ``apply_fn(params, x)`` -> scalar or ``[C]`` for ONE example.
       projector: a :class:`kernattr.Projector` (:func:`kernattr.make_projector`).
-      num_tasks, chunk_size, method, mesh, throw: as in :func:`gradient_features`.
+      num_tasks, chunk_size, method, mesh, throw: as in :func:`gradient_features`;
+        ``num_tasks`` checks the ids of calls with ``task_ids`` (the training set), so one
+        configured function also serves the target set (``task_ids=None``).
 
     Returns:
       ``features(params, inputs [n, ...], labels [n], task_ids [n] | None)`` ->
@@ -340,8 +342,9 @@ def gradient_features_fn(
         num_tasks = _checks.check_count(num_tasks, "num_tasks")
 
     def features(params: Any, inputs: Any, labels: Any, task_ids: Any = None) -> GradientFeatures:
+        # num_tasks checks the training set's ids; a target set (task_ids=None) has none
         return gradient_features(apply_fn, params, inputs, labels, projector, task_ids=task_ids,
-                                 num_tasks=num_tasks, chunk_size=chunk_size, method=method,
-                                 mesh=mesh, throw=throw)
+                                 num_tasks=None if task_ids is None else num_tasks,
+                                 chunk_size=chunk_size, method=method, mesh=mesh, throw=throw)
 
     return features
