@@ -150,7 +150,6 @@ __all__ = [
     "bootstrap_interval",
     "data_mesh",
     "estimate_subset_labels",
-    "estimate_subsets",
     "estimator_error",
     "fit_kernel",
     "fit_linear",

@@ -37,7 +37,7 @@ from ._checks import is_concrete, num_examples
 
 __all__ = [
     "data_mesh", "shard_examples", "example_mesh", "map_over_examples", "mask_mesh", "replicate",
-    "shard_rows",
+    "replicate_if_sharded", "shard_rows",
 ]
 
 
@@ -214,3 +214,14 @@ def shard_rows(x: Any, where) -> Any:
         return x
     sh = NamedSharding(where[0], PartitionSpec(where[1]))
     return jax.tree_util.tree_map(lambda a: jax.sharding.reshard(a, sh), x)
+
+
+def replicate_if_sharded(x: jax.Array) -> jax.Array:
+    """``x`` replicated when it is sharded over an Explicit mesh axis (e.g. examples on a
+    ``data`` axis), else ``x``: for computations that need every row on every device (the
+    estimator needs every example on every mask shard)."""
+    sharding = jax.typeof(x).sharding
+    if isinstance(sharding, NamedSharding) and any(e is not None for e in sharding.spec):
+        if any(t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types):
+            return jax.sharding.reshard(x, NamedSharding(sharding.mesh, PartitionSpec()))
+    return x

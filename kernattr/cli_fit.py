@@ -178,16 +178,7 @@ def fit_report(data: SubsetData, *, kernel: str = "linear+rbf", gamma=None, ridg
     """
     tr_m, tr_y = data.train_masks, data.train_labels
     te_m, te_y = data.test_masks, data.test_labels
-    if te_m is None:
-        raise ValueError("`data` has no test masks; split it first (split_heldout).")
-    if isinstance(ard_steps, bool) or not isinstance(ard_steps, (int, np.integer)) or ard_steps < 0:
-        raise ValueError(f"`ard_steps` must be a Python int >= 0, got {ard_steps!r}.")
-    k, m = int(tr_m.shape[1]), int(tr_m.shape[0])
-    if ard_steps and (k > MAX_TASKS or (k > ARD_MAX_TASKS and m > k * (k + 1) // 2)):
-        raise ValueError(f"`ard_steps` with K = {k} tasks and {m} training masks: at most "
-                         f"{ARD_MAX_TASKS} tasks, or at most {MAX_TASKS} with no more masks than the "
-                         f"{k * (k + 1) // 2} pair features (each EM step is a Cholesky of the "
-                         "smaller of the two).")
+    _check_fit_args(data, ard_steps)
     fit, evaluate, attribute = _compiled(
         kernel, per_target,
         None if gamma is None else tuple(float(g) for g in np.ravel(gamma)),
@@ -211,20 +202,58 @@ def fit_report(data: SubsetData, *, kernel: str = "linear+rbf", gamma=None, ridg
     }
     out["quadratic"] = out["quadratic_ard"] = None
     for name, sur in (("linear", lin), ("kernel", ker), ("quadratic", quad), ("quadratic_ard", ard)):
-        if sur is None:
-            continue
-        res, nerr = evaluate(sur, te_m, te_y)
-        out[name] = {
-            "lds": float(res.mean),
-            "lds_per_target": np.asarray(res.per_target, float).tolist(),
-            "normalized_error": _nanmean(nerr),
-            "normalized_error_per_target": np.asarray(nerr, float).tolist(),
-        }
+        if sur is not None:
+            out[name] = _heldout_figures(evaluate, sur, te_m, te_y)
     if solver == "walsh":  # a QuadraticSurrogate: the searched grids are fit_kernel's
-        gamma_grid, mix_grid, _ = kernel_grids(kernel, int(tr_m.shape[1]), gamma, mix, ridge, tr_m.dtype)
+        grids = kernel_grids(kernel, int(tr_m.shape[1]), gamma, mix, ridge, tr_m.dtype)[:2]
     else:
-        gamma_grid, mix_grid = ker.gamma_grid, ker.mix_grid
-    out["kernel"].update(
+        grids = ker.gamma_grid, ker.mix_grid
+    out["kernel"].update(_kernel_settings(ker, *grids, kernel=kernel, solver=solver, select=select))
+    if quad is not None:
+        out["quadratic"].update(
+            ratio=float(quad.ratio[0]), ridge=float(quad.ridge[0]),
+            ratio_grid=np.asarray(quad.ratio_grid, float).tolist(),
+            ridge_grid=np.asarray(quad.ridge_grid, float).tolist(),
+            cv_error=float(jnp.min(jnp.mean(quad.cv_error, axis=-1))))
+    if ard is not None:
+        out["quadratic_ard"].update(
+            ard_steps=int(ard_steps), cv_error=_nanmean(ard.ard_cv_error),
+            grid_cv_error=float(jnp.min(jnp.mean(ard.cv_error, axis=-1))))
+    lin_lds, ker_lds = out["linear"]["lds"], out["kernel"]["lds"]
+    out["lds_ratio_kernel_over_linear"] = ker_lds / lin_lds if lin_lds != 0 else float("nan")
+    out["task_scores"], out["top_tasks"] = _top_tasks(attribute(ker), top, lower_is_better)
+    return out
+
+
+def _check_fit_args(data: SubsetData, ard_steps: Any) -> None:
+    """The test part and ``ard_steps`` of :func:`fit_report` (``ValueError`` naming the fix)."""
+    if data.test_masks is None:
+        raise ValueError("`data` has no test masks; split it first (split_heldout).")
+    if isinstance(ard_steps, bool) or not isinstance(ard_steps, (int, np.integer)) or ard_steps < 0:
+        raise ValueError(f"`ard_steps` must be a Python int >= 0, got {ard_steps!r}.")
+    k, m = int(data.train_masks.shape[1]), int(data.train_masks.shape[0])
+    if ard_steps and (k > MAX_TASKS or (k > ARD_MAX_TASKS and m > k * (k + 1) // 2)):
+        raise ValueError(f"`ard_steps` with K = {k} tasks and {m} training masks: at most "
+                         f"{ARD_MAX_TASKS} tasks, or at most {MAX_TASKS} with no more masks than the "
+                         f"{k * (k + 1) // 2} pair features (each EM step is a Cholesky of the "
+                         "smaller of the two).")
+
+
+def _heldout_figures(evaluate, surrogate, masks, labels) -> dict:
+    """Held-out LDS and normalized error of one surrogate (overall and per target)."""
+    res, nerr = evaluate(surrogate, masks, labels)
+    return {
+        "lds": float(res.mean),
+        "lds_per_target": np.asarray(res.per_target, float).tolist(),
+        "normalized_error": _nanmean(nerr),
+        "normalized_error_per_target": np.asarray(nerr, float).tolist(),
+    }
+
+
+def _kernel_settings(ker, gamma_grid, mix_grid, *, kernel: str, solver: str, select: str) -> dict:
+    """The kernel surrogate's chosen settings, its grids, LOO error and which choices sit at an
+    edge of their grid."""
+    out = dict(
         kernel=kernel,
         solver=solver,
         gamma=np.asarray(ker.gamma, float).tolist(),
@@ -236,36 +265,27 @@ def fit_report(data: SubsetData, *, kernel: str = "linear+rbf", gamma=None, ridg
         mix_grid=np.asarray(mix_grid, float).tolist(),
         cv_error=float(jnp.min(jnp.mean(ker.cv_error, axis=-1))),
     )
-    if quad is not None:
-        out["quadratic"].update(
-            ratio=float(quad.ratio[0]), ridge=float(quad.ridge[0]),
-            ratio_grid=np.asarray(quad.ratio_grid, float).tolist(),
-            ridge_grid=np.asarray(quad.ridge_grid, float).tolist(),
-            cv_error=float(jnp.min(jnp.mean(quad.cv_error, axis=-1))))
-    if ard is not None:
-        out["quadratic_ard"].update(
-            ard_steps=int(ard_steps), cv_error=_nanmean(ard.ard_cv_error),
-            grid_cv_error=float(jnp.min(jnp.mean(ard.cv_error, axis=-1))))
     edges = []
     for name, grid, chosen in (("gamma", gamma_grid, ker.gamma),
                                ("ridge", ker.ridge_grid, ker.ridge)):
         g, c = np.asarray(grid), np.asarray(chosen)
         if g.size > 1 and np.any(np.isin(c, [g.min(), g.max()])):
             edges.append(name)
-    out["kernel"]["at_grid_edge"] = edges
-    lin_lds, ker_lds = out["linear"]["lds"], out["kernel"]["lds"]
-    out["lds_ratio_kernel_over_linear"] = ker_lds / lin_lds if lin_lds != 0 else float("nan")
+    out["at_grid_edge"] = edges
+    return out
 
-    scores = attribute(ker)
+
+def _top_tasks(scores: dict, top: int, lower_is_better: bool) -> tuple[dict, dict]:
+    """``(task_scores, top_tasks)``: each score averaged over targets ``[K]``, and the ``top``
+    tasks by it (most negative first for losses)."""
     sign = -1.0 if lower_is_better else 1.0
-    out["task_scores"] = {}
-    out["top_tasks"] = {}
+    task_scores, top_tasks = {}, {}
     for name, s in scores.items():
         mean_s = np.asarray(jnp.mean(s, axis=1), float)  # [K], averaged over targets
         order = np.argsort(-sign * mean_s, kind="stable")[:top]
-        out["task_scores"][name] = mean_s.tolist()
-        out["top_tasks"][name] = [{"task": int(k), "score": float(mean_s[k])} for k in order]
-    return out
+        task_scores[name] = mean_s.tolist()
+        top_tasks[name] = [{"task": int(k), "score": float(mean_s[k])} for k in order]
+    return task_scores, top_tasks
 
 
 def results_markdown(results: dict) -> str:

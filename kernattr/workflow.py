@@ -31,7 +31,6 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from ._metrics import LDSInterval, lds_interval
 from .data._subsets import sample_subsets
@@ -615,6 +614,8 @@ def run_workflow(
     >>> res.shapley.value.shape, res.interactions.shape
     ((4, 5), (4, 4, 5))
     """
+    from tqdm import tqdm  # text bar (tqdm.auto warns in notebooks without ipywidgets)
+
     if not isinstance(wf, Workflow):
         raise TypeError(f"`wf` must be a kernattr.Workflow (kernattr.workflow(...)), got "
                         f"{type(wf).__name__}.")

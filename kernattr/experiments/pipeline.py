@@ -134,10 +134,8 @@ class PipelineConfig:
 
 # Full fine-tuning (overrides of PipelineConfig's defaults), the base of ``kernattr reproduce
 # modular``, ``suite`` and ``atlas``: strong fine-tuning of every parameter (prox 0.03, 200 steps)
-# and dense masks (density 0.9), where the regime study measured the kernel's largest advantage
-# over a linear surrogate on real labels (prox 10 / 1 / 0.1 / 0.03 at density 0.9: x1.02 / x1.02 /
-# x1.10 / x1.16 LDS; prox 0 overfits and the advantage vanishes). The linearization at W0 is the
-# bottleneck there: influence functions beat the kernel on estimated labels.
+# and dense masks (density 0.9), the regime where the regime study found the kernel's largest
+# advantage over a linear surrogate on real labels (its figures are on the modular results page).
 FULL_FINETUNE = {"prox": 0.03, "finetune_steps": 200, "densities": (0.9,)}
 
 
@@ -685,7 +683,6 @@ def evaluate_stage(cfg: PipelineConfig, masks: MaskSet, gt: GroundTruth, est: Es
     key ``seed + 7``; the same resamples for every method, so ``paired`` intervals are paired).
     """
     import kernattr as ka
-    import kernattr.groundtruth as kgt
 
     key = jax.random.key(cfg.seed + 7)
     actual = jnp.asarray(gt.heldout)
@@ -703,7 +700,7 @@ def evaluate_stage(cfg: PipelineConfig, masks: MaskSet, gt: GroundTruth, est: Es
         d = ka.paired_lds_interval(key, jnp.asarray(meth.preds[a]), jnp.asarray(meth.preds[b]),
                                    actual, num_resamples=num_resamples)
         paired[f"{a}-{b}"] = [float(d.mean), float(d.low), float(d.high)]
-    err = kgt.estimator_error(jnp.asarray(est.heldout), actual, F0=jnp.asarray(gt.F0))
+    err = ka.estimator_error(jnp.asarray(est.heldout), actual, F0=jnp.asarray(gt.F0))
     per_mask = np.abs(est.heldout.mean(1) - gt.heldout.mean(1)) / np.abs(gt.heldout.mean(1))
     per_mask0 = np.abs(gt.F0.mean() - gt.heldout.mean(1)) / np.abs(gt.heldout.mean(1))
     per_mask_full = np.abs(gt.full.mean() - gt.heldout.mean(1)) / np.abs(gt.heldout.mean(1))

@@ -232,12 +232,9 @@ def finetune_on_masks(
         the start (the regime a first-order estimator is for). ``0`` disables it.
       mask_chunk_size: masks trained together in one ``vmap``; memory grows with it. ``None``
         trains all ``m`` masks at once. Chunks run through ``lax.map`` (jit-compatible), one chunk
-        after the other. Trade-off measured on 2 shared CPU cores (benchmarks/bench_groundtruth.py):
-        for tiny models (D≈500, n≈90) vmapping masks is 2.5–4x faster than a Python loop of
-        jitted single-mask runs; for a 4.4k-parameter MLP on n≈400 examples one mask's step is
-        already matmul-bound and batching masks was slower (0.5x) than the loop, while
-        ``mask_chunk_size=1`` (masks in sequence inside one program) was on par with it. Try 1–4
-        on CPU for such models; large chunks pay off on accelerators.
+        after the other. Vmapping masks pays off while one mask's step leaves the hardware idle
+        (tiny models, accelerators); once a step is matmul-bound (larger models on CPU) small
+        chunks (1–4) are as fast and use less memory (the benchmarks page has the trade-off).
       init_fn: ``init_fn(key) -> params`` for retraining from scratch; ``None`` fine-tunes from
         ``params0``.
       shared_init: with ``init_fn``, start every mask from the same init (see above).

@@ -44,6 +44,7 @@ target metric at the base model ``W0`` (for any ``ridge``, including 0).
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -53,9 +54,11 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from .. import _checks
+from .._sharding import replicate_if_sharded
 from ._features import GradientFeatures
 from ._solver_fast import chol_solve, fast_system, pack
-from ._solver_newton import newton_cg, objective, outputs_at, weighted_grad
+from ._solver_newton import (NewtonProblem, NewtonStart, newton_cg, objective, outputs_at,
+                             weighted_grad)
 from ._losses import (
     check_loss_metric,
     curvature_apply,
@@ -104,20 +107,33 @@ class SubsetEstimates(NamedTuple):
 # ----------------------------------------------------------------------------- validation
 
 
-def _replicate(x: jax.Array) -> jax.Array:
-    """``x`` replicated when it is sharded over an Explicit mesh axis (e.g. examples on a
-    ``data`` axis): the estimator needs every example on every mask shard."""
-    sharding = jax.typeof(x).sharding
-    if isinstance(sharding, NamedSharding) and any(e is not None for e in sharding.spec):
-        if any(t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types):
-            return jax.sharding.reshard(x, NamedSharding(sharding.mesh, PartitionSpec()))
-    return x
-
-
 def _check_features(
     feats: Any, name: str, loss: str, *, train: bool
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
     """Validated ``(grads [n, C, d], outputs [n, C], labels [n], task_ids [n] | None)``."""
+    grads, outputs, labels = _feature_arrays(feats, name)
+    grads, outputs = _feature_shapes(feats, grads, outputs, name, loss)
+    n, c, _ = grads.shape
+    _checks.check_rank(labels, 1, f"{name}.labels", "[n] (one label per example)")
+    if labels.shape[0] != n:
+        raise ValueError(
+            f"`{name}.labels` has {labels.shape[0]} entries but `{name}.grads` has {n} examples."
+        )
+    bad = ~(jnp.all(jnp.isfinite(grads), axis=(1, 2)) & jnp.all(jnp.isfinite(outputs), axis=1))
+    grads = _checks.error_if(
+        grads,
+        bad,
+        f"`{name}` has {{count}} examples with non-finite grads or outputs (NaN/inf); "
+        "drop them or fix the model before estimating.",
+    )
+    labels = _check_label_values(labels, name, loss, c)
+    task_ids = _check_train_task_ids(feats.task_ids, name, n) if train else feats.task_ids
+    return grads, outputs, labels, task_ids
+
+
+def _feature_arrays(feats: Any, name: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(grads, outputs, labels)`` of a :class:`GradientFeatures` as arrays (replicated when
+    sharded over an Explicit mesh axis), with float ``grads``/``outputs`` of one dtype."""
     if not isinstance(feats, GradientFeatures):
         raise TypeError(
             f"`{name}` must be a kernattr.GradientFeatures(grads, outputs, labels, task_ids), "
@@ -127,7 +143,7 @@ def _check_features(
     for field, arr in (("grads", grads), ("outputs", outputs)):
         if arr is None or isinstance(arr, (str, bytes)):
             raise TypeError(f"`{name}.{field}` must be an array, got {arr!r}.")
-    grads, outputs, labels = (_replicate(jnp.asarray(a)) for a in (grads, outputs, labels))
+    grads, outputs, labels = (replicate_if_sharded(jnp.asarray(a)) for a in (grads, outputs, labels))
     for field, arr in (("grads", grads), ("outputs", outputs)):
         if not jnp.issubdtype(arr.dtype, jnp.floating):
             raise TypeError(
@@ -141,6 +157,11 @@ def _check_features(
         )
     if jnp.issubdtype(labels.dtype, jnp.complexfloating):
         raise TypeError(f"`{name}.labels` must be real, got dtype {labels.dtype}.")
+    return grads, outputs, labels
+
+
+def _feature_shapes(feats, grads, outputs, name: str, loss: str) -> tuple[jax.Array, jax.Array]:
+    """``(grads [n, C, d], outputs [n, C])``: scalar-output losses get ``C = 1``."""
     scalar = loss in ("squared", "logistic")
     if scalar:
         _checks.check_rank(grads, 2, f"{name}.grads", f"[n, d] for loss={loss!r} (scalar outputs)")
@@ -157,61 +178,55 @@ def _check_features(
             f"`{name}.outputs` has shape {tuple(feats.outputs.shape)} but `{name}.grads` has shape "
             f"{tuple(feats.grads.shape)}; outputs must be [n]{'' if scalar else ', C'} matching grads."
         )
-    _checks.check_rank(labels, 1, f"{name}.labels", "[n] (one label per example)")
-    if labels.shape[0] != n:
-        raise ValueError(
-            f"`{name}.labels` has {labels.shape[0]} entries but `{name}.grads` has {n} examples."
-        )
-    bad = ~(jnp.all(jnp.isfinite(grads), axis=(1, 2)) & jnp.all(jnp.isfinite(outputs), axis=1))
-    _checks.error_if(
-        grads,
-        bad,
-        f"`{name}` has {{count}} examples with non-finite grads or outputs (NaN/inf); "
-        "drop them or fix the model before estimating.",
-    )
+    return grads, outputs
+
+
+def _check_label_values(labels: jax.Array, name: str, loss: str, c: int) -> jax.Array:
+    """Labels a loss can take (eagerly and under ``jit``): 0/1 for logistic, class ids in
+    ``0..C-1`` for softmax, finite floats for squared."""
     if loss == "logistic":
-        _checks.error_if(
+        return _checks.error_if(
             labels,
             (labels != 0) & (labels != 1),
             f"`{name}.labels` must be 0/1 for loss='logistic' ({{count}} entries are not).",
         )
-    elif loss == "softmax":
+    if loss == "softmax":
         if jnp.issubdtype(labels.dtype, jnp.floating):
             notint = (labels != jnp.round(labels)) | ~jnp.isfinite(labels)
         else:
             notint = jnp.zeros(labels.shape, bool)
-        _checks.error_if(
+        return _checks.error_if(
             labels,
             notint | (labels < 0) | (labels >= c),
             f"`{name}.labels` must be class ids in 0..{c - 1} for loss='softmax' "
             f"({{count}} entries are not).",
         )
-    else:
-        labels = _checks.as_float_array(labels, f"{name}.labels")
-        _checks.error_if(
-            labels,
-            ~jnp.isfinite(labels),
-            f"`{name}.labels` contains {{count}} non-finite values (NaN/inf).",
-        )
-    task_ids = feats.task_ids
-    if train:
-        if task_ids is None:
-            raise ValueError(
-                f"`{name}.task_ids` is None: the training features need the task of every example."
-            )
-        task_ids = _replicate(jnp.asarray(task_ids))
-        if not jnp.issubdtype(task_ids.dtype, jnp.integer):
-            raise TypeError(
-                f"`{name}.task_ids` must be an integer array, got dtype {task_ids.dtype}."
-            )
-        _checks.check_rank(task_ids, 1, f"{name}.task_ids", "[n] (task of each example)")
-        if task_ids.shape[0] != n:
-            raise ValueError(
-                f"`{name}.task_ids` has {task_ids.shape[0]} entries but `{name}.grads` has {n} "
-                "examples."
-            )
-    return grads, outputs, labels, task_ids
+    labels = _checks.as_float_array(labels, f"{name}.labels")
+    return _checks.error_if(
+        labels,
+        ~jnp.isfinite(labels),
+        f"`{name}.labels` contains {{count}} non-finite values (NaN/inf).",
+    )
 
+
+def _check_train_task_ids(task_ids: Any, name: str, n: int) -> jax.Array:
+    """Integer ``[n]`` task ids of the training features (replicated when sharded)."""
+    if task_ids is None:
+        raise ValueError(
+            f"`{name}.task_ids` is None: the training features need the task of every example."
+        )
+    task_ids = replicate_if_sharded(jnp.asarray(task_ids))
+    if not jnp.issubdtype(task_ids.dtype, jnp.integer):
+        raise TypeError(
+            f"`{name}.task_ids` must be an integer array, got dtype {task_ids.dtype}."
+        )
+    _checks.check_rank(task_ids, 1, f"{name}.task_ids", "[n] (task of each example)")
+    if task_ids.shape[0] != n:
+        raise ValueError(
+            f"`{name}.task_ids` has {task_ids.shape[0]} entries but `{name}.grads` has {n} "
+            "examples."
+        )
+    return task_ids
 
 
 def check_feature_pair(train: Any, target: Any, loss: str):
@@ -341,10 +356,9 @@ def _solve_chunk(data: _Data, masks, ridge, *, loss, solver, max_iter, tol, diag
     theta = jnp.where(use[None, :], data.theta_bar[:, None], 0.0)
     z = jnp.where(use[None, None, :], data.z_bar[:, :, None], data.outputs[:, :, None])
     grad = jnp.where(use[None, :], (coef @ data.b_bar).T + ridge * theta, g0)
-    return newton_cg(
-        data.grads, data.labels, weights, chol, jnp.linalg.norm(g0, axis=0), singular,
-        theta, z, grad, ridge, loss=loss, max_iter=max_iter, tol=tol,
-    )  # fmt: skip
+    problem = NewtonProblem(data.grads, data.labels, weights, ridge, chol, singular)
+    start = NewtonStart(theta, z, grad, jnp.linalg.norm(g0, axis=0))
+    return newton_cg(problem, start, loss=loss, max_iter=max_iter, tol=tol)
 
 
 def _prepare(g, f0, y, t, counts, ridge, *, loss, num_tasks, anchor_steps) -> _Data:
@@ -461,51 +475,27 @@ def estimate_subsets(
     tol: float | None = None,
     throw: bool = True,
 ) -> SubsetEstimates:
-    """Estimated subset labels with solver diagnostics (see :func:`estimate_subset_labels`).
+    """Deprecated: use ``estimate_subset_labels(..., diagnostics=True)``, which this calls.
 
-    Args:
-      train: training features; ``grads [n, d]`` (squared/logistic) or ``[n, C, d]`` (softmax),
-        ``outputs [n]`` / ``[n, C]``, ``labels [n]``, ``task_ids [n]`` in ``0..K-1``.
-      target: target features (``T`` examples, same ``d`` and ``C``); ``task_ids`` is ignored.
-      masks: ``[m, K]`` 0/1 subsets of tasks (float, int or bool). Masks sharded along their first
-        axis with a ``NamedSharding`` are solved shard by shard (``shard_map``); the result keeps
-        that sharding on its first axis.
-      loss: ``"squared"``, ``"logistic"`` or ``"softmax"`` (:mod:`kernattr.labels._losses`).
-      metric: target metric: ``"loss"``, ``"margin"`` or ``"output"``.
-      ridge: ``>= 0`` weight of ``(ridge / 2) ||θ||²`` (a scalar; may be traced, e.g. vmapped).
-      solver: ``"fast"`` (one Newton step from ``θ = 0`` by per-task statistics, exact for
-        squared loss), ``"anchored"`` (one exact Newton step from the all-tasks solution, same
-        per-mask cost) or ``"exact"`` (Newton-CG to convergence).
-      mask_chunk_size: masks solved at once (per device); ``None`` picks one that bounds memory.
-        Results do not depend on it (up to floating-point rounding of the matmuls).
-      max_iter: Newton iterations for ``"exact"``.
-      tol: ``"exact"`` stops a mask once its estimated distance to the optimum,
-        ``P⁻¹ ∇L(θ)`` with ``P`` the preconditioner, or its last full Newton step is within
-        ``tol`` of ``θ``, in the Euclidean norm or in the norm of the data Hessian (the model's
-        outputs on the training examples, blind to directions the features do not span, such
-        as those of a projection wider than the gradients' rank): a relative accuracy of
-        ``θ``. Default ``1e-4`` in float32 (whose
-        gradients stall near ``1e-5`` relative at ``n`` of about 1e4) and ``1e-10`` in float64.
-      throw: raise ``ValueError`` (under ``jit`` through a host callback) when a mask's system is
-        singular (e.g. ``ridge=0`` with rank-deficient statistics), a result is not finite, or
-        ``"exact"`` did not converge; with ``False`` inspect ``converged`` instead. A traced
-        ``ridge`` that is negative, NaN or inf raises too (a concrete one raises at once); with
-        ``False`` every mask is then reported not ``converged`` and its labels are NaN.
+    Warns ``DeprecationWarning`` (one name per concept: the estimator is
+    :func:`estimate_subset_labels`; its diagnostics are a keyword away).
 
-    Returns:
-      :class:`SubsetEstimates` with ``labels [m, T]``, ``theta [m, d]``, ``converged [m]``,
-      ``num_iterations [m]``, ``grad_norm [m]``.
-
-    >>> import jax.numpy as jnp, kernattr as ka
-    >>> tr = ka.GradientFeatures(jnp.eye(4), jnp.zeros(4), jnp.ones(4), jnp.array([0, 0, 1, 1]))
-    >>> tg = ka.GradientFeatures(jnp.eye(4)[:2], jnp.zeros(2), jnp.ones(2))
-    >>> est = estimate_subsets(tr, tg, jnp.array([[1.0, 0.0]]), loss="squared", ridge=1.0)
-    >>> est.labels.shape, bool(est.converged[0])
-    ((1, 2), True)
+    >>> import warnings, jax, jax.numpy as jnp, kernattr as ka
+    >>> G = jax.random.normal(jax.random.key(0), (4, 3))
+    >>> tr = ka.GradientFeatures(G, jnp.zeros(4), jnp.arange(4.0), jnp.array([0, 0, 1, 1]))
+    >>> tg = ka.GradientFeatures(G[:1], jnp.zeros(1), jnp.zeros(1))
+    >>> with warnings.catch_warnings(record=True) as w:
+    ...     warnings.simplefilter("always")
+    ...     est = estimate_subsets(tr, tg, jnp.array([[1.0, 0.0]]), loss="squared", ridge=1.0)
+    >>> est.labels.shape, w[0].category.__name__
+    ((1, 1), 'DeprecationWarning')
     """
-    return _estimate(
+    warnings.warn("kernattr.estimate_subsets is deprecated; use "
+                  "kernattr.estimate_subset_labels(..., diagnostics=True).", DeprecationWarning,
+                  stacklevel=2)
+    return estimate_subset_labels(
         train, target, masks, loss=loss, metric=metric, ridge=ridge, solver=solver,
-        mask_chunk_size=mask_chunk_size, max_iter=max_iter, tol=tol, throw=throw, diag=True,
+        mask_chunk_size=mask_chunk_size, max_iter=max_iter, tol=tol, throw=throw, diagnostics=True,
     )  # fmt: skip
 
 
@@ -522,7 +512,8 @@ def estimate_subset_labels(
     max_iter: int = 50,
     tol: float | None = None,
     throw: bool = True,
-) -> jax.Array:
+    diagnostics: bool = False,
+) -> jax.Array | SubsetEstimates:
     """Target metric of the linearized model trained on each subset of tasks, ``[m, T]``.
 
     For each mask ``s`` fits ``θ_s = argmin Σ_i w_i(s) ℓ(f0_i + G_i θ, y_i) + (ridge/2)||θ||²``
@@ -550,12 +541,15 @@ def estimate_subset_labels(
       mask_chunk_size: masks solved at once per device (bounds memory); ``None``: automatic.
       max_iter: Newton iterations for ``"exact"``.
       tol: relative accuracy of ``θ`` for ``"exact"`` (default 1e-4 in float32, 1e-10 in
-        float64; see :func:`estimate_subsets`).
-      throw: raise on singular systems, non-finite results or non-convergence (see
-        :func:`estimate_subsets` for the diagnostics when ``False``).
+        float64).
+      throw: raise on singular systems, non-finite results or non-convergence; with ``False``
+        read the diagnostics instead (``diagnostics=True``).
+      diagnostics: return the solver's diagnostics with the labels (static).
 
     Returns:
-      ``[m, T]`` estimated labels (dtype of ``train.grads``).
+      ``[m, T]`` estimated labels (dtype of ``train.grads``); with ``diagnostics=True`` a
+      :class:`~kernattr.SubsetEstimates` (``labels``, ``theta [m, d]``, ``converged [m]``,
+      ``num_iterations``, ``grad_norm``, ``num_hvps``).
 
     >>> import jax, jax.numpy as jnp, kernattr as ka
     >>> G = jax.random.normal(jax.random.key(0), (6, 3))
@@ -565,10 +559,12 @@ def estimate_subset_labels(
     >>> estimate_subset_labels(tr, tg, masks, loss="squared", ridge=0.1).shape
     (2, 2)
     """
-    return _estimate(
+    est = _estimate(
         train, target, masks, loss=loss, metric=metric, ridge=ridge, solver=solver,
-        mask_chunk_size=mask_chunk_size, max_iter=max_iter, tol=tol, throw=throw, diag=False,
-    ).labels  # fmt: skip
+        mask_chunk_size=mask_chunk_size, max_iter=max_iter, tol=tol, throw=throw,
+        diag=bool(diagnostics),
+    )  # fmt: skip
+    return est if diagnostics else est.labels
 
 
 def _estimate(
@@ -613,7 +609,7 @@ def _estimate(
     m = masks.shape[0]
     sharded = _mask_axis(masks)
     if not sharded:
-        masks = _replicate(masks)
+        masks = replicate_if_sharded(masks)
     local_m = m // sharded[2] if sharded else m
     if mask_chunk_size is None:
         chunk = max(1, _CHUNK_BUDGET // per_mask)
@@ -643,13 +639,13 @@ def _estimate(
                 f"estimate_subset_labels: {{count}} masks did not converge within "
                 f"max_iter={max_iter} to tol={tol:g} (or their Newton system is singular / the "
                 "result not finite): raise max_iter or tol, use `ridge` > 0, or pass throw=False "
-                "and inspect estimate_subsets(...).converged."
+                "and inspect estimate_subset_labels(..., diagnostics=True).converged."
             )
         else:
             msg = (
                 "estimate_subset_labels: {count} masks could not be solved: the Newton system is "
                 "singular or the result not finite. Use `ridge` > 0 (rank-deficient statistics "
-                "at ridge=0), or pass throw=False and inspect estimate_subsets(...).converged."
+                "at ridge=0), or pass throw=False and inspect estimate_subset_labels(..., diagnostics=True).converged."
             )
         _checks.error_if(ok, ridge_ok & ~ok, msg)
     ok = ok & ridge_ok

@@ -28,12 +28,10 @@ The RBF kernel on 0/1 masks is a product kernel, ``exp(-γ·Hamming) = Π_k (a +
 interactions among ``K`` tasks needs the ``1 + K + K(K-1)/2`` functions of degree <= 2. With ``L``
 well below that (``L = 512`` for ``K = 100``: 5,051 functions) the Nyström fit recovers the
 first-order part and little of the interactions (a rank limit: ``L`` columns span at most ``L``
-of the ~K²/2 nearly equally weighted pair directions, however they are chosen); measured at
-m = 5,000, K = 100 (``benchmarks/bench_scale.py``): held-out LDS 0.70 (L = 512), 0.73 (1,024),
-0.78 (2,048) against 0.935 for the exact fit. Take ``L`` above that dimension when interactions
-matter (at K = 12, L = 128 > 79 matches the exact fit), use the exact CG solve, or
-:func:`kernattr.fit_quadratic`, which fits exactly the functions of degree <= 2 (at m = 5,000,
-K = 100: LDS 0.956).
+of the ~K²/2 nearly equally weighted pair directions, however they are chosen; the results
+pages show how much that costs). Take ``L`` above that dimension when interactions matter, use
+the exact CG solve, or :func:`kernattr.fit_quadratic`, which fits exactly the functions of
+degree <= 2.
 
 Sharding: when the masks carry a ``NamedSharding`` on their leading axis (or ``mesh=`` is given),
 each device computes the kernel blocks of its own masks and the ``L x L`` statistics are summed

@@ -190,8 +190,7 @@ def fit_quadratic(
 
     See the module docstring for the model and how it relates to :func:`kernattr.fit_kernel`'s
     RBF kernel. Cost ``O(m d² (1 + Q) + Q d³)`` time, ``O(d² + block_size·(d + R·T))`` memory with
-    ``d = K(K+1)/2``: at ``K = 100`` (``d = 5,050``) and ``m = 100,000``, a few minutes on 2 CPU
-    cores; the cost does not grow with ``m`` beyond the two passes.
+    ``d = K(K+1)/2``; the cost does not grow with ``m`` beyond the two passes.
 
     Args:
       masks: ``[m, K]`` 0/1 training masks, ``1 <= K <= 200`` (may be sharded on their leading
@@ -220,8 +219,7 @@ def fit_quadratic(
         the ``K(K-1)/2`` pairs matter and masks are scarce (on sparse synthetic games, 150 random
         masks reach the held-out LDS that the grid fit reaches with 400); it can overfit labels
         with many weak interactions: compare ``ard_cv_error`` with the grid's ``cv_error``.
-        Each step costs a few ``d x d`` products and one Cholesky factorisation (``K = 30``:
-        milliseconds; ``K = 100``: seconds); 50 steps converged on the games we tried.
+        Each step costs a few ``d x d`` products and one Cholesky factorisation.
         Posterior intervals treat pruned pairs as known to be 0.
 
     Returns:
