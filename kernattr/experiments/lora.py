@@ -75,9 +75,9 @@ class LoraConfig:
     proj_dim: int = 256
     num_real_few: int = 30
     # (field, value) cells of the "where it holds" table, each on `sweep_masks` masks
-    sweep: tuple = (("learning_rate", 1e-3), ("learning_rate", 1e-2), ("learning_rate", 3e-2),
-                    ("num_steps", 60))
-    sweep_masks: int = 24
+    sweep: tuple = (("learning_rate", 1e-3), ("learning_rate", 1e-2), ("num_steps", 60),
+                    ("learning_rate", 3e-4))
+    sweep_masks: int = 31
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -185,6 +185,11 @@ def base_labels(lora_fn: Callable, lp0: dict, prob: dict) -> np.ndarray:
                                            metric="loss"))[0]
 
 
+def sweep_key(field: str, value) -> str:
+    """Name of a sweep cell's group in the ground-truth file."""
+    return f"sweep_{field}_{value:g}"
+
+
 def _run_chunks(labeler: Callable, masks: np.ndarray, key: jax.Array, done: np.ndarray,
                 chunk: int, save: Callable, log: Optional[Callable]) -> tuple[float, int]:
     """Labels of ``masks`` chunk by chunk, resuming after the ``len(done)`` rows already done,
@@ -214,7 +219,7 @@ def ground_truth(cfg: LoraConfig, *, cache_dir: Optional[str] = None, log=None,
     Groups: ``train`` (row 0 is the all-tasks mask, then the training masks), ``heldout``,
     ``repeat`` (the held-out
     masks again with other minibatch draws: the noise ceiling) and one group per sweep cell
-    (``sweep<i>`` for ``cfg.sweep[i]``: the all-tasks mask, then the sweep masks). Loaded from
+    (:func:`sweep_key`: the all-tasks mask, then the sweep masks). Loaded from
     ``shipped`` (a labels-only ``.npz``) or the cache when its hash matches ``cfg``. With
     ``compute=False`` nothing is fine-tuned: the (possibly partial) cache is returned as is.
     """
@@ -222,10 +227,14 @@ def ground_truth(cfg: LoraConfig, *, cache_dir: Optional[str] = None, log=None,
 
     digest = cfg.digest()
     path = os.path.join(cache_dir or default_cache_dir(), f"lora_gt_{digest}.npz")
+    need = {"F_train": 1 + cfg.num_train_masks, "F_heldout": cfg.num_heldout_masks,
+            "F_repeat": cfg.num_heldout_masks,
+            **{f"F_{sweep_key(f, v)}": 1 + cfg.sweep_masks for f, v in cfg.sweep}}
     for p in (shipped, path):
         if p and os.path.exists(p):
             with np.load(p) as z:
-                if str(z["digest"]) == digest and bool(z["complete"]):
+                if str(z["digest"]) == digest and all(k in z.files and len(z[k]) >= m
+                                                      for k, m in need.items()):
                     return {k: z[k] for k in z.files} | {"source": p}
     store: dict = {}
     if os.path.exists(path):
@@ -254,9 +263,9 @@ def ground_truth(cfg: LoraConfig, *, cache_dir: Optional[str] = None, log=None,
                cfg.num_steps),
               ("heldout", masks["heldout"], key, cfg.learning_rate, cfg.num_steps),
               ("repeat", masks["heldout"], key_repeat, cfg.learning_rate, cfg.num_steps)]
-    for i, (field, value) in enumerate(cfg.sweep):
+    for field, value in cfg.sweep:
         kw = {"learning_rate": cfg.learning_rate, "num_steps": cfg.num_steps, field: value}
-        groups.append((f"sweep{i}", np.concatenate([masks["full"], masks["sweep"]]),
+        groups.append((sweep_key(field, value), np.concatenate([masks["full"], masks["sweep"]]),
                        key, kw["learning_rate"], int(kw["num_steps"])))
     labelers: dict = {}
     for name, ms, k, lr, steps in groups:
@@ -278,8 +287,6 @@ def ground_truth(cfg: LoraConfig, *, cache_dir: Optional[str] = None, log=None,
         store[f"seconds_{name}"] = np.array(float(store.get(f"seconds_{name}", 0.0)) + secs)
         store[f"timed_{name}"] = np.array(int(store.get(f"timed_{name}", 0)) + timed)
         flush()
-    store["complete"] = np.array(True)
-    flush()
     return dict(store) | {"source": path}
 
 
@@ -450,6 +457,11 @@ def run_lora(cfg: LoraConfig, *, out: Optional[str] = None, cache_dir: Optional[
                                                         "ridge": sel_all["ridge"]},
                  "with_adam_heuristic_ridge": {**_err(E_ho_heur, F_ho, F0), "ridge": heur},
                  "num_heldout_masks": m_ho, "solver": "fast", "proj_dim": cfg.proj_dim,
+                 # the real labels' own noise: a second fine-tuning run (other minibatch draws)
+                 # scored like the estimator, and the estimator against the two runs' mean
+                 "real_rerun": _err(F_rep, F_ho, F0) if len(F_rep) == m_ho else None,
+                 "against_mean_of_two_runs": (_err(E_ho, (F_ho + F_rep) / 2, F0)
+                                              if len(F_rep) == m_ho else None),
                  "linearized_in": "B factors at B = 0, A fixed at its random init"}
 
     cost = {"real_seconds_per_mask": real_per_mask,
@@ -517,18 +529,19 @@ def run_lora(cfg: LoraConfig, *, out: Optional[str] = None, cache_dir: Optional[
     # --- where it holds: the sweep cells (calibration on their first masks, the rest scored)
     table = [_cell("main", cfg.learning_rate, cfg.num_steps, F_full, F0, E_ho, F_ho, ridge,
                    real_per_mask, est_amortised)]
-    for i, (field, value) in enumerate(cfg.sweep):
-        if f"F_sweep{i}" not in gt or len(gt[f"F_sweep{i}"]) < num_calibration + 3:
+    for field, value in cfg.sweep:
+        name = sweep_key(field, value)
+        if f"F_{name}" not in gt or len(gt[f"F_{name}"]) < num_calibration + 3:
             continue
         kw = {"learning_rate": cfg.learning_rate, "num_steps": cfg.num_steps, field: value}
-        Fc = np.asarray(gt[f"F_sweep{i}"], np.float64)
+        Fc = np.asarray(gt[f"F_{name}"], np.float64)
         Ms = masks["sweep"][:len(Fc) - 1]
         cal = num_calibration
         sc_sel = select_ridge(train_f, target_f, Ms[:cal], Fc[1:1 + cal])
         Ec = np.asarray(_estimate(train_f, target_f, jnp.asarray(Ms[cal:]), sc_sel["ridge"]),
                         np.float64)
-        real_c = (float(gt[f"seconds_sweep{i}"]) / max(int(gt[f"timed_sweep{i}"]), 1)
-                  if int(gt.get(f"timed_sweep{i}", 0)) else float("nan"))
+        real_c = (float(gt[f"seconds_{name}"]) / int(gt[f"timed_{name}"])
+                  if int(gt.get(f"timed_{name}", 0)) else float("nan"))
         table.append(_cell(f"{field}={value}", kw["learning_rate"], int(kw["num_steps"]),
                            Fc[:1], F0, Ec, Fc[1 + cal:], sc_sel["ridge"], real_c, est_amortised))
 
