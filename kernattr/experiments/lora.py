@@ -27,6 +27,7 @@ Stages (plain functions; :func:`run_lora` chains them):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -43,7 +44,7 @@ from .lora_pretrain import (NUM_DIGITS, TASKS, PretrainConfig, make_examples, nu
                             per_task_eval, eval_set, pretrained, tiny_pretrain_config)
 
 DAMPING_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
-RIDGE_GRID = tuple(float(x) for x in np.logspace(-3, 2, 11))
+RIDGE_GRID = tuple(float(x) for x in np.logspace(-4, 6, 21))
 PAIRED = (("kernel", "linear"), ("kernel", "influence_best"), ("kernel_real", "datamodels"),
           ("kernel", "influence"), ("multifidelity", "kernel_real_few"))
 LDS_METHODS = ("kernel", "linear", "kernel_real", "datamodels", "multifidelity",
@@ -73,6 +74,8 @@ class LoraConfig:
     mask_chunk_size: int = 4
     seed: int = 0
     proj_dim: int = 256
+    features_output: str = "logodds"   # or "logits" (see make_features_fn)
+    precondition: str = "none"         # or "adam" (see adam_preconditioner)
     num_real_few: int = 30
     # (field, value) cells of the "where it holds" table, each on `sweep_masks` masks
     sweep: tuple = (("learning_rate", 1e-3), ("learning_rate", 1e-2), ("num_steps", 60),
@@ -84,7 +87,8 @@ class LoraConfig:
 
     def ground_truth_dict(self) -> dict:
         d = self.to_dict()
-        for k in ("proj_dim", "num_real_few", "sweep", "sweep_masks"):
+        for k in ("proj_dim", "features_output", "precondition", "num_real_few", "sweep",
+                  "sweep_masks"):
             d.pop(k)
         return d
 
@@ -307,34 +311,108 @@ def _b_filter(path, leaf) -> bool:
     return jax.tree_util.keystr(path).endswith("['b']")
 
 
-def make_features_fn(cfg: LoraConfig, lora_fn: Callable, lp0: dict) -> Callable:
+@functools.partial(jax.jit, static_argnums=0)
+def _b_grads(lora_fn: Callable, lp0: dict, X: jax.Array) -> dict:
+    """Per-example gradients ``{path: [n, r, O]}`` of the cross-entropy w.r.t. the B factors."""
+
+    def loss_b(b, ex):
+        lp = {k: {"a": v["a"], "b": b[k]} for k, v in lp0.items()}
+        return -jax.nn.log_softmax(lora_fn(lp, ex))[ex[-1]]
+
+    b0 = {k: v["b"] for k, v in lp0.items()}
+    return jax.lax.map(lambda ex: jax.grad(loss_b)(b0, ex), X, batch_size=32)
+
+
+def adam_preconditioner(cfg: LoraConfig, lora_fn: Callable, lp0: dict, prob: dict, *,
+                        eps: float = 1e-8) -> dict:
+    """``{path: [r, O]}``: Adam's per-coordinate step scale ``1 / (sqrt(v) + eps)`` for the
+    ``B`` factors at ``B = 0``, with ``v`` the expected squared minibatch gradient of the
+    all-tasks fine-tuning objective (``ḡ² + (E[g_i²] − ḡ²) / batch_size``; a task drawn
+    uniformly, then one of its examples). Mask-independent: the estimator's one approximation
+    of Adam's normalisation (the real ``v`` depends on the mask)."""
+    X = jnp.asarray(prob["train"])
+    t = np.asarray(prob["task_ids"])
+    K = len(TASKS)
+
+    grads = _b_grads(lora_fn, lp0, X)
+    w = jnp.asarray(1.0 / (K * np.bincount(t, minlength=K)[t]), jnp.float32)   # [n], sums to 1
+
+    def scale(g):
+        mean = jnp.tensordot(w, g, 1)
+        sq = jnp.tensordot(w, g * g, 1)
+        v = mean ** 2 + (sq - mean ** 2) / cfg.batch_size
+        return 1.0 / (jnp.sqrt(v) + eps)
+
+    P = jax.tree.map(scale, grads)
+    mean = sum(jnp.sum(x) for x in jax.tree.leaves(P)) / sum(x.size for x in jax.tree.leaves(P))
+    return jax.tree.map(lambda x: x / mean, P)   # mean 1: the ridge absorbs the overall scale
+
+
+def make_features_fn(cfg: LoraConfig, lora_fn: Callable, lp0: dict, *,
+                     output: str = "logodds", preconditioner: Optional[dict] = None) -> Callable:
     """Jitted ``features(lora_params, train [n, 9], task_ids [n], target [T, 9]) ->
-    (train, target)`` :class:`kernattr.GradientFeatures`: the answer logits ``[C = 10]`` and
-    their gradients with respect to the ``B`` factors, projected to ``proj_dim``."""
+    (train, target)`` :class:`kernattr.GradientFeatures`, gradients with respect to the ``B``
+    factors only, projected to ``proj_dim``.
+
+    ``output="logodds"`` (default): one scalar per example, the log-odds of the correct answer
+    ``z = logit_y − logsumexp_{c≠y} logit_c``. The fine-tuning loss is a function of it alone
+    (cross-entropy ``= log(1 + e^{−z})``, the logistic loss with label 1), so the estimator
+    solves the same objective with ONE gradient per example instead of ``C = 10``.
+    ``output="logits"``: the ``[10]`` logits (softmax GLM, ten gradients per example).
+
+    ``preconditioner`` (``{path: [r, O]}``, e.g. :func:`adam_preconditioner`): the model is
+    linearized in ``B̃`` with ``B = sqrt(P) ⊙ B̃``, so that the GLM's ridge-regularised step in
+    ``B̃`` is the ``P``-preconditioned step in ``B`` (Adam's per-coordinate normalisation)."""
+    from kernattr.adapters import answer_output
+
+    if preconditioner is not None:
+        root = jax.tree.map(jnp.sqrt, preconditioner)
+        base_fn = lora_fn
+
+        def lora_fn(lp, ex):  # noqa: F811 - B = sqrt(P) ⊙ B̃
+            return base_fn({k: {"a": v["a"], "b": v["b"] * root[k]} for k, v in lp.items()}, ex)
+
     proj = ka.make_projector(jax.random.key(cfg.seed + 4), lp0, dim=cfg.proj_dim,
                              filter=_b_filter)
     K = len(TASKS)
+    if output == "logodds":
+        fn = lambda lp, ex: answer_output(lora_fn(lp, ex), ex[-1], "logodds")  # noqa: E731
+        lab = lambda X: jnp.ones(X.shape[0], jnp.float32)  # noqa: E731
+    else:
+        fn, lab = lora_fn, (lambda X: X[:, -1])
 
     def features(lp, X, t, Xt):
-        tr = ka.gradient_features(lora_fn, lp, X, X[:, -1], proj, task_ids=t, num_tasks=K,
+        tr = ka.gradient_features(fn, lp, X, lab(X), proj, task_ids=t, num_tasks=K,
                                   chunk_size=32)
-        tg = ka.gradient_features(lora_fn, lp, Xt, Xt[:, -1], proj, chunk_size=32)
+        tg = ka.gradient_features(fn, lp, Xt, lab(Xt), proj, chunk_size=32)
         return tr, tg
 
     return jax.jit(features)
 
 
+def estimator_loss(output: str) -> str:
+    """The GLM loss that matches the fine-tuning objective for a features ``output``."""
+    return "logistic" if output == "logodds" else "softmax"
+
+
 @jax.jit
 def _estimate(train, target, masks, ridge):
-    return ka.estimate_subset_labels(train, target, masks, loss="softmax", metric="loss",
+    # logistic for scalar (log-odds) features, softmax for [n, C, d] logits features
+    loss = "softmax" if train.grads.ndim == 3 else "logistic"
+    return ka.estimate_subset_labels(train, target, masks, loss=loss, metric="loss",
                                      ridge=ridge, solver="fast")
 
 
 def select_ridge(train, target, masks: np.ndarray, real: np.ndarray, grid=RIDGE_GRID) -> dict:
     """The ridge of the grid whose estimated labels are closest (mean squared error) to the real
     labels ``real [m, T]`` of ``masks`` (calibration masks: never the held-out ones)."""
-    errs = [float(np.mean((np.asarray(_estimate(train, target, jnp.asarray(masks), r))
-                           - real) ** 2)) for r in grid]
+    errs = []
+    for r in grid:
+        try:
+            errs.append(float(np.mean((np.asarray(_estimate(train, target, jnp.asarray(masks), r))
+                                       - real) ** 2)))
+        except Exception:  # a ridge too small for the statistics' conditioning: not a candidate
+            errs.append(float("inf"))
     best = int(np.nanargmin(errs))
     return {"ridge": float(grid[best]), "grid": list(grid), "mse": errs}
 
@@ -344,10 +422,13 @@ def adam_heuristic_ridge(cfg: LoraConfig, train, *, learning_rate: float, num_st
     """A ridge from the optimiser alone (no real labels): Adam moves each coordinate by about
     ``lr`` a step, so the update has norm about ``lr · steps · sqrt(D_B)``; a ridge-dominated
     GLM step has norm ``||ḡ|| / ridge`` with ``ḡ`` the all-tasks mean gradient at ``B = 0``."""
-    G = np.asarray(train.grads)                       # [n, C, d]
-    p = np.asarray(jax.nn.softmax(train.outputs, -1))
-    onehot = np.eye(G.shape[1])[np.asarray(train.labels)]
-    g = np.einsum("nc,ncd->nd", p - onehot, G)        # per-example loss gradient (projected)
+    G = np.asarray(train.grads)
+    if G.ndim == 2:                                   # log-odds z: d/dz log(1 + e^-z) = σ(z) - 1
+        g = (np.asarray(jax.nn.sigmoid(train.outputs)) - 1.0)[:, None] * G
+    else:                                             # logits [n, C, d]: softmax - onehot
+        p = np.asarray(jax.nn.softmax(train.outputs, -1))
+        onehot = np.eye(G.shape[1])[np.asarray(train.labels)]
+        g = np.einsum("nc,ncd->nd", p - onehot, G)    # per-example loss gradient (projected)
     t = np.asarray(train.task_ids)
     gbar = np.mean([g[t == k].mean(0) for k in np.unique(t)], 0)
     return float(np.linalg.norm(gbar) / (learning_rate * num_steps * np.sqrt(num_b)))
@@ -419,11 +500,22 @@ def run_lora(cfg: LoraConfig, *, out: Optional[str] = None, cache_dir: Optional[
     say(f"real LoRA fine-tuning: {real_per_mask:.2f}s/mask (compile {real_compile:.1f}s)")
 
     # --- estimator: features (compile included), ridge calibration, labels of every mask
-    feats_fn = make_features_fn(cfg, lora_fn, lp0)
+    loss = estimator_loss(cfg.features_output)
+
+    def features():
+        pre_P = (adam_preconditioner(cfg, lora_fn, lp0, prob) if cfg.precondition == "adam"
+                 else None)
+        fn = make_features_fn(cfg, lora_fn, lp0, output=cfg.features_output,
+                              preconditioner=pre_P)
+        out = fn(lp0, jnp.asarray(prob["train"]), jnp.asarray(prob["task_ids"]),
+                 jnp.asarray(prob["target"]))
+        return jax.block_until_ready(out)
+
     ts = time.perf_counter()
-    train_f, target_f = feats_fn(lp0, jnp.asarray(prob["train"]), jnp.asarray(prob["task_ids"]),
-                                 jnp.asarray(prob["target"]))
-    jax.block_until_ready(train_f.grads)
+    features()
+    feat_compile = time.perf_counter() - ts       # first call: compilation included
+    ts = time.perf_counter()
+    train_f, target_f = features()
     feat_s = time.perf_counter() - ts
     ncal = min(num_calibration, m_tr)
     ts = time.perf_counter()
@@ -457,6 +549,7 @@ def run_lora(cfg: LoraConfig, *, out: Optional[str] = None, cache_dir: Optional[
                                                         "ridge": sel_all["ridge"]},
                  "with_adam_heuristic_ridge": {**_err(E_ho_heur, F_ho, F0), "ridge": heur},
                  "num_heldout_masks": m_ho, "solver": "fast", "proj_dim": cfg.proj_dim,
+                 "features_output": cfg.features_output, "glm_loss": loss,
                  # the real labels' own noise: a second fine-tuning run (other minibatch draws)
                  # scored like the estimator, and the estimator against the two runs' mean
                  "real_rerun": _err(F_rep, F_ho, F0) if len(F_rep) == m_ho else None,
@@ -468,7 +561,8 @@ def run_lora(cfg: LoraConfig, *, out: Optional[str] = None, cache_dir: Optional[
             "estimator_seconds_per_mask": est_amortised,
             "ratio": real_per_mask / est_amortised,
             "estimator_per_mask_seconds_excluding_fixed": est_per_mask,
-            "features_seconds": feat_s, "ridge_selection_seconds": select_s,
+            "features_seconds": feat_s, "features_first_call_seconds": feat_compile,
+            "ridge_selection_seconds": select_s,
             "calibration_real_seconds": calib_real_s, "estimation_seconds": est_s,
             "amortised_over_masks": m_all, "real_compile_seconds": real_compile,
             "seconds_1000_masks_real": 1000 * real_per_mask,
@@ -493,21 +587,21 @@ def run_lora(cfg: LoraConfig, *, out: Optional[str] = None, cache_dir: Optional[
     fit("kernel_real_few", ka.fit_kernel(tr[:few], jnp.asarray(F_tr[:few])))
     fit("multifidelity", ka.fit_multifidelity(tr, jnp.asarray(E_tr), tr[:few],
                                               jnp.asarray(F_tr[:few])))
-    for name, fn in (("influence", lambda a, b: ka.influence_scores(a, b, loss="softmax",
+    for name, fn in (("influence", lambda a, b: ka.influence_scores(a, b, loss=loss,
                                                                     damping=ridge, num_tasks=K)),
-                     ("trak", lambda a, b: ka.trak_scores(a, b, loss="softmax", damping=ridge,
+                     ("trak", lambda a, b: ka.trak_scores(a, b, loss=loss, damping=ridge,
                                                           num_tasks=K)),
-                     ("tracin", lambda a, b: ka.tracin_scores(a, b, loss="softmax", num_tasks=K))):
+                     ("tracin", lambda a, b: ka.tracin_scores(a, b, loss=loss, num_tasks=K))):
         preds[name] = M_ho @ np.asarray(jax.jit(fn)(train_f, target_f))
     key_b = jax.random.key(cfg.seed + 7)
     actual = jnp.asarray(F_ho)
     sweep_lds = []
     for d in DAMPING_GRID:
-        sc = np.asarray(ka.influence_scores(train_f, target_f, loss="softmax", damping=d,
+        sc = np.asarray(ka.influence_scores(train_f, target_f, loss=loss, damping=d,
                                             num_tasks=K))
         sweep_lds.append(float(ka.lds(jnp.asarray(M_ho @ sc), actual).mean))
     best = int(np.nanargmax(sweep_lds))
-    sc = np.asarray(ka.influence_scores(train_f, target_f, loss="softmax",
+    sc = np.asarray(ka.influence_scores(train_f, target_f, loss=loss,
                                         damping=DAMPING_GRID[best], num_tasks=K))
     preds["influence_best"] = M_ho @ sc
     lds = {name: _interval(ka.lds_interval(key_b, jnp.asarray(preds[name]), actual,
