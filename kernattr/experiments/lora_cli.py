@@ -39,8 +39,8 @@ def add_lora(psub: argparse._SubParsersAction) -> None:
     """
     p = psub.add_parser(
         "lora", help="LoRA fine-tuning of a pretrained multi-task transformer: estimator "
-                     "accuracy and cost (minutes with the shipped ground truth)",
-        description="Load (or pretrain, ~10 min on 2 CPUs) a 1M-parameter NNX transformer on 16 "
+                     "accuracy and cost (~10-15 min on 2 shared CPUs with the shipped labels)",
+        description="Load (or pretrain, ~20 min on 2 shared CPUs) a 1M-parameter NNX transformer on 16 "
                     "synthetic sequence tasks; LoRA on its attention and MLP kernels; real "
                     "LoRA fine-tuning labels (shipped, or recomputed with "
                     "--compute-ground-truth, ~30 min); the estimator linearized in the LoRA B "
