@@ -6,6 +6,9 @@ use of a name below imports it.
 Public names:
 
 - ``from_nnx``: any ``flax.nnx.Module`` -> ``(apply_fn, params)``, without mutating the model.
+- ``from_lora`` / ``lora_merge`` / ``lora_targets`` / ``nnx_input_axes``: LoRA on any
+  ``(apply_fn, params)`` pair (the base frozen, low-rank factors ``A``, ``B`` on the selected
+  kernels).
 - ``Transformer``: a small decoder-only NNX transformer for short token sequences.
 - ``answer_fn`` / ``answer_output`` / ``OUTPUTS``: output functions for the answer token (logit
   of the correct class, margin, log-odds, full logits).
@@ -22,6 +25,7 @@ import importlib
 
 _LAZY = {
     "from_nnx": "._nnx",
+    **{name: "._lora" for name in ("from_lora", "lora_merge", "lora_targets", "nnx_input_axes")},
     "Transformer": "._transformer",
     "answer_fn": "._transformer",
     "answer_output": "._transformer",

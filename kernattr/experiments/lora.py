@@ -1,0 +1,829 @@
+"""LoRA fine-tuning of a pretrained multi-task transformer: the estimator's accuracy and cost
+measured together (``kernattr reproduce lora``).
+
+Stages (plain functions; :func:`run_lora` chains them):
+
+1. **model** — :mod:`kernattr.experiments.lora_pretrain`: a decoder-only NNX transformer
+   pretrained with optax on 16 synthetic sequence tasks (cached on disk, ``--check`` verifies it).
+2. **LoRA** — :func:`kernattr.adapters.from_lora` of rank ``r`` on every attention (query, key,
+   value, output) and MLP (in, out) kernel of the blocks; the rest of the model frozen.
+3. **ground truth** — real LoRA fine-tuning (AdamW, fixed steps, minibatches drawn from the
+   mask's tasks, :func:`kernattr.groundtruth.finetune_fn`) on every mask, ``lax.map`` over
+   chunks of masks, cached on disk (and shipped as a labels-only file); labels are the
+   cross-entropy of held-out target examples of the target tasks.
+4. **estimator** — the LoRA model's logits linearized in the ``B`` factors at ``B = 0`` with
+   ``A`` held at its random init (at ``B = 0`` the gradient with respect to ``A`` is exactly
+   zero, so ``A``'s own movement only enters the output at second order, through ``ΔA·ΔB``);
+   projected per-example gradients (:func:`kernattr.gradient_features`); the softmax GLM per mask
+   (:func:`kernattr.estimate_subset_labels`) with its ridge chosen on the TRAINING masks' real
+   labels (a validation split: the held-out masks are never looked at).
+5. **methods** — kernel and linear surrogates on estimated labels, kernel and datamodels on
+   real labels, multi-fidelity, influence (also at its best damping in hindsight), TRAK, TracIn;
+   LDS with bootstrap intervals on held-out masks, paired intervals, the noise ceiling (the
+   held-out masks fine-tuned again with other minibatch draws).
+6. **where it holds** — a small sweep over the learning rate and the number of steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kernattr as ka
+
+from .lora_pretrain import (NUM_DIGITS, TASKS, PretrainConfig, make_examples, num_parameters,
+                            per_task_eval, eval_set, pretrained, tiny_pretrain_config)
+
+DAMPING_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+RIDGE_GRID = tuple(float(x) for x in np.logspace(-4, 6, 21))
+PAIRED = (("kernel", "linear"), ("kernel", "influence_best"), ("kernel_real", "datamodels"),
+          ("kernel", "influence"), ("multifidelity", "kernel_real_few"))
+LDS_METHODS = ("kernel", "linear", "kernel_real", "datamodels", "multifidelity",
+               "kernel_real_few", "influence", "influence_best", "trak", "tracin")
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "results",
+                       "data", "lora_groundtruth.npz")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """A whole run (JSON-serialisable). Every field but the estimator's (``proj_dim``,
+    ``num_real_few``) and the sweep's enters the ground truth's hash."""
+
+    pretrain: PretrainConfig = PretrainConfig()
+    examples_per_task: int = 32
+    target_tasks: tuple = ("add", "add3", "kv", "index")
+    targets_per_task: int = 12
+    rank: int = 4
+    alpha: float = 8.0
+    learning_rate: float = 3e-3
+    weight_decay: float = 1e-4
+    num_steps: int = 20
+    batch_size: int = 32
+    num_train_masks: int = 150
+    num_heldout_masks: int = 80
+    density: float = 0.5
+    mask_chunk_size: int = 4
+    seed: int = 0
+    proj_dim: int = 256
+    features_output: str = "logodds"   # or "logits" (see make_features_fn)
+    precondition: str = "none"         # or "adam" (see adam_preconditioner)
+    num_real_few: int = 30
+    # (field, value) cells of the "where it holds" table, each on `sweep_masks` masks
+    sweep: tuple = (("learning_rate", 1e-3), ("learning_rate", 1e-2), ("num_steps", 60),
+                    ("learning_rate", 3e-4))
+    sweep_masks: int = 31
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def ground_truth_dict(self) -> dict:
+        d = self.to_dict()
+        for k in ("proj_dim", "features_output", "precondition", "num_real_few", "sweep",
+                  "sweep_masks"):
+            d.pop(k)
+        return d
+
+    def digest(self, **overrides) -> str:
+        d = {**self.ground_truth_dict(), **overrides}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def tiny_config(seed: int = 0) -> LoraConfig:
+    """A toy configuration for tests and ``--smoke`` (seconds)."""
+    return LoraConfig(pretrain=tiny_pretrain_config(seed=seed), examples_per_task=4,
+                      targets_per_task=2, rank=2, num_steps=3, batch_size=8,
+                      num_train_masks=12, num_heldout_masks=8, mask_chunk_size=4, seed=seed,
+                      proj_dim=16, num_real_few=4, sweep=(("learning_rate", 1e-2),),
+                      sweep_masks=6)
+
+
+# ------------------------------------------------------------------------------------- problem
+
+
+def make_problem(cfg: LoraConfig) -> dict:
+    """Fine-tuning examples (``examples_per_task`` per task) and target examples (held-out
+    examples of ``target_tasks``), from a seed unrelated to pretraining's."""
+    K = len(TASKS)
+    rng = np.random.default_rng(cfg.seed + 2000)
+    tids = np.repeat(np.arange(K), cfg.examples_per_task)
+    train = make_examples(rng, tids)
+    target_ids = np.repeat([TASKS.index(t) for t in cfg.target_tasks], cfg.targets_per_task)
+    target = make_examples(rng, target_ids)
+    return {"train": train, "task_ids": tids.astype(np.int32), "target": target,
+            "target_task_ids": target_ids.astype(np.int32)}
+
+
+def make_masks(cfg: LoraConfig) -> dict:
+    """Training and held-out masks (Bernoulli(``density``) per task) and the sweep's.
+
+    Mask ``i`` of a group is drawn from ``fold_in(key, i)`` alone, so a group's first rows do
+    not depend on its size (a run cut short keeps a usable prefix)."""
+    K = len(TASKS)
+    keys = jax.random.split(jax.random.key(cfg.seed + 11), 3)
+
+    def sample(k, m):
+        one = lambda i: jax.random.bernoulli(jax.random.fold_in(k, i), cfg.density, (K,))  # noqa: E731
+        return np.asarray(jax.vmap(one)(jnp.arange(m)), np.float32)
+
+    return {"train": sample(keys[0], cfg.num_train_masks),
+            "heldout": sample(keys[1], cfg.num_heldout_masks),
+            "sweep": sample(keys[2], cfg.sweep_masks),
+            "full": np.ones((1, K), np.float32)}
+
+
+def lora_model(cfg: LoraConfig, logits_fn: Callable, params0: Any):
+    """``(lora_fn, lora_params0, targets)``: LoRA on the blocks' attention and MLP kernels.
+
+    ``lora_fn(lora_params, example [9]) -> [10]`` answer logits (``example`` = tokens, answer).
+    """
+    from kernattr.adapters import answer_fn, from_lora, lora_targets
+
+    f = answer_fn(logits_fn, output="logits")
+    targets = lora_targets(params0, include=lambda s: "blocks" in s)
+    lora_fn, lp0 = from_lora(f, params0, jax.random.key(cfg.seed + 3), rank=cfg.rank,
+                             alpha=cfg.alpha, targets=targets)
+    return lora_fn, lp0, targets
+
+
+def make_labeler(cfg: LoraConfig, lora_fn: Callable, lp0: dict, prob: dict, *,
+                 learning_rate: float, num_steps: int) -> Callable:
+    """Jitted ``labels(masks [c, K], key) -> [c, T]``: real LoRA fine-tuning on each mask
+    (AdamW, ``num_steps`` minibatch steps of ``batch_size`` examples drawn from the mask's
+    tasks), then the cross-entropy of every target example."""
+    import optax
+
+    import kernattr.groundtruth as kgt
+
+    train = kgt.finetune_fn(lora_fn, loss="softmax",
+                            optimizer=optax.adamw(learning_rate, weight_decay=cfg.weight_decay),
+                            num_steps=num_steps, batch_size=cfg.batch_size,
+                            mask_chunk_size=cfg.mask_chunk_size)
+    X, y, t = (jnp.asarray(prob["train"]), jnp.asarray(prob["train"][:, -1]),
+               jnp.asarray(prob["task_ids"]))
+    Xt, yt = jnp.asarray(prob["target"]), jnp.asarray(prob["target"][:, -1])
+
+    def labels(masks, key):
+        W = train(lp0, X, y, t, masks, key)
+        return kgt.evaluate_targets(lora_fn, W, Xt, yt, loss="softmax", metric="loss",
+                                    mask_chunk_size=cfg.mask_chunk_size)
+
+    return jax.jit(labels)
+
+
+def base_labels(lora_fn: Callable, lp0: dict, prob: dict) -> np.ndarray:
+    """``F0 [T]``: target cross-entropy at the pretrained model (``B = 0``)."""
+    import kernattr.groundtruth as kgt
+
+    one = jax.tree.map(lambda x: x[None], lp0)
+    return np.asarray(kgt.evaluate_targets(lora_fn, one, jnp.asarray(prob["target"]),
+                                           jnp.asarray(prob["target"][:, -1]), loss="softmax",
+                                           metric="loss"))[0]
+
+
+def sweep_key(field: str, value) -> str:
+    """Name of a sweep cell's group in the ground-truth file."""
+    return f"sweep_{field}_{value:g}"
+
+
+def _run_chunks(labeler: Callable, masks: np.ndarray, key: jax.Array, done: np.ndarray,
+                chunk: int, save: Callable, log: Optional[Callable]) -> tuple[float, int]:
+    """Labels of ``masks`` chunk by chunk, resuming after the ``len(done)`` rows already done,
+    each chunk saved as it finishes. Returns ``(seconds, masks)`` of the timed chunks (every
+    chunk after the first of this call, whose time includes compilation)."""
+    rows, secs, timed = ([done] if len(done) else []), 0.0, 0
+    for i, start in enumerate(range(len(done), len(masks), chunk)):
+        part = masks[start:start + chunk]
+        pad = chunk - len(part)
+        batch = np.concatenate([part, np.repeat(part[-1:], pad, 0)]) if pad else part
+        t = time.perf_counter()
+        out = np.asarray(labeler(jnp.asarray(batch), key))[:len(part)]
+        dt = time.perf_counter() - t
+        if i > 0:
+            secs, timed = secs + dt, timed + len(batch)
+        rows.append(out)
+        save(np.concatenate(rows))
+        if log is not None:
+            log(f"  {start + len(part)}/{len(masks)} masks, {dt / len(batch):.2f}s/mask")
+    return secs, timed
+
+
+def ground_truth(cfg: LoraConfig, *, cache_dir: Optional[str] = None, log=None,
+                 chunk: int = 8, shipped: Optional[str] = SHIPPED, compute: bool = True) -> dict:
+    """Real LoRA fine-tuning labels on every mask of ``cfg`` (cached; resumable).
+
+    Groups: ``train`` (row 0 is the all-tasks mask, then the training masks), ``heldout``,
+    ``repeat`` (the held-out
+    masks again with other minibatch draws: the noise ceiling) and one group per sweep cell
+    (:func:`sweep_key`: the all-tasks mask, then the sweep masks). Loaded from
+    ``shipped`` (a labels-only ``.npz``) or the cache when its hash matches ``cfg``. With
+    ``compute=False`` nothing is fine-tuned: the (possibly partial) cache is returned as is.
+    """
+    from .pipeline import default_cache_dir
+
+    digest = cfg.digest()
+    path = os.path.join(cache_dir or default_cache_dir(), f"lora_gt_{digest}.npz")
+    need = {"F_train": 1 + cfg.num_train_masks, "F_heldout": cfg.num_heldout_masks,
+            "F_repeat": cfg.num_heldout_masks,
+            **{f"F_{sweep_key(f, v)}": 1 + cfg.sweep_masks for f, v in cfg.sweep}}
+    for p in (shipped, path):
+        if p and os.path.exists(p):
+            with np.load(p) as z:
+                if str(z["digest"]) == digest and all(k in z.files and len(z[k]) >= m
+                                                      for k, m in need.items()):
+                    return {k: z[k] for k in z.files} | {"source": p}
+    store: dict = {}
+    if os.path.exists(path):
+        with np.load(path) as z:
+            if str(z["digest"]) == digest:
+                store = {k: z[k] for k in z.files}
+    if not compute:
+        if not store:
+            raise FileNotFoundError(f"no ground truth for config {digest} at {path}.")
+        return store | {"source": path}
+
+    def flush():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, **{**store, "digest": np.array(digest)})
+        os.replace(tmp, path)
+
+    logits_fn, params0, _ = pretrained(cfg.pretrain, cache_dir=cache_dir, log=log)
+    lora_fn, lp0, _ = lora_model(cfg, logits_fn, params0)
+    prob = make_problem(cfg)
+    masks = make_masks(cfg)
+    store["F0"] = base_labels(lora_fn, lp0, prob)
+    key, key_repeat = jax.random.key(cfg.seed + 5), jax.random.key(cfg.seed + 6)
+    # the all-tasks mask rides along as the first row of "train" (and of every sweep cell)
+    groups = [("train", np.concatenate([masks["full"], masks["train"]]), key, cfg.learning_rate,
+               cfg.num_steps),
+              ("heldout", masks["heldout"], key, cfg.learning_rate, cfg.num_steps),
+              ("repeat", masks["heldout"], key_repeat, cfg.learning_rate, cfg.num_steps)]
+    for field, value in cfg.sweep:
+        kw = {"learning_rate": cfg.learning_rate, "num_steps": cfg.num_steps, field: value}
+        groups.append((sweep_key(field, value), np.concatenate([masks["full"], masks["sweep"]]),
+                       key, kw["learning_rate"], int(kw["num_steps"])))
+    labelers: dict = {}
+    for name, ms, k, lr, steps in groups:
+        done = store.get(f"F_{name}", np.zeros((0,)))
+        if len(done) >= len(ms):
+            continue
+        if log is not None:
+            log(f"{name}: {len(ms)} masks (lr {lr}, {steps} steps)")
+        if (lr, steps) not in labelers:
+            labelers[(lr, steps)] = make_labeler(cfg, lora_fn, lp0, prob, learning_rate=lr,
+                                                 num_steps=steps)
+
+        def save(arr, name=name):
+            store[f"F_{name}"] = arr
+            flush()
+
+        secs, timed = _run_chunks(labelers[(lr, steps)], ms, k, done, chunk, save, log)
+        # fine-tuning seconds per mask (compile excluded), accumulated over resumed runs
+        store[f"seconds_{name}"] = np.array(float(store.get(f"seconds_{name}", 0.0)) + secs)
+        store[f"timed_{name}"] = np.array(int(store.get(f"timed_{name}", 0)) + timed)
+        flush()
+    return dict(store) | {"source": path}
+
+
+def write_labels_file(gt: dict, path: str = SHIPPED) -> str:
+    """Writes the labels-only file shipped with the docs (what :func:`ground_truth` reads)."""
+    keep = {k: v for k, v in gt.items() if k != "source"}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    np.savez_compressed(path, **{k: (np.asarray(v, np.float32) if k.startswith("F") else v)
+                                 for k, v in keep.items()})
+    return path
+
+
+# ----------------------------------------------------------------------------------- estimator
+
+
+def _b_filter(path, leaf) -> bool:
+    """Projector filter: the ``B`` factors only (the first-order model is in ``B``, ``A`` fixed)."""
+    return jax.tree_util.keystr(path).endswith("['b']")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _b_grads(lora_fn: Callable, lp0: dict, X: jax.Array) -> dict:
+    """Per-example gradients ``{path: [n, r, O]}`` of the cross-entropy w.r.t. the B factors."""
+
+    def loss_b(b, ex):
+        lp = {k: {"a": v["a"], "b": b[k]} for k, v in lp0.items()}
+        return -jax.nn.log_softmax(lora_fn(lp, ex))[ex[-1]]
+
+    b0 = {k: v["b"] for k, v in lp0.items()}
+    return jax.lax.map(lambda ex: jax.grad(loss_b)(b0, ex), X, batch_size=32)
+
+
+def adam_preconditioner(cfg: LoraConfig, lora_fn: Callable, lp0: dict, prob: dict, *,
+                        eps: float = 1e-8) -> dict:
+    """``{path: [r, O]}``: Adam's per-coordinate step scale ``1 / (sqrt(v) + eps)`` for the
+    ``B`` factors at ``B = 0``, with ``v`` the expected squared minibatch gradient of the
+    all-tasks fine-tuning objective (``ḡ² + (E[g_i²] − ḡ²) / batch_size``; a task drawn
+    uniformly, then one of its examples). Mask-independent: the estimator's one approximation
+    of Adam's normalisation (the real ``v`` depends on the mask)."""
+    X = jnp.asarray(prob["train"])
+    t = np.asarray(prob["task_ids"])
+    K = len(TASKS)
+
+    grads = _b_grads(lora_fn, lp0, X)
+    w = jnp.asarray(1.0 / (K * np.bincount(t, minlength=K)[t]), jnp.float32)   # [n], sums to 1
+
+    def scale(g):
+        mean = jnp.tensordot(w, g, 1)
+        sq = jnp.tensordot(w, g * g, 1)
+        v = mean ** 2 + (sq - mean ** 2) / cfg.batch_size
+        return 1.0 / (jnp.sqrt(v) + eps)
+
+    P = jax.tree.map(scale, grads)
+    mean = sum(jnp.sum(x) for x in jax.tree.leaves(P)) / sum(x.size for x in jax.tree.leaves(P))
+    return jax.tree.map(lambda x: x / mean, P)   # mean 1: the ridge absorbs the overall scale
+
+
+def make_features_fn(cfg: LoraConfig, lora_fn: Callable, lp0: dict, *,
+                     output: str = "logodds", preconditioner: Optional[dict] = None) -> Callable:
+    """Jitted ``features(lora_params, train [n, 9], task_ids [n], target [T, 9]) ->
+    (train, target)`` :class:`kernattr.GradientFeatures`, gradients with respect to the ``B``
+    factors only, projected to ``proj_dim``.
+
+    ``output="logodds"`` (default): one scalar per example, the log-odds of the correct answer
+    ``z = logit_y − logsumexp_{c≠y} logit_c``. The fine-tuning loss is a function of it alone
+    (cross-entropy ``= log(1 + e^{−z})``, the logistic loss with label 1), so the estimator
+    solves the same objective with ONE gradient per example instead of ``C = 10``.
+    ``output="logits"``: the ``[10]`` logits (softmax GLM, ten gradients per example).
+
+    ``preconditioner`` (``{path: [r, O]}``, e.g. :func:`adam_preconditioner`): the model is
+    linearized in ``B̃`` with ``B = sqrt(P) ⊙ B̃``, so that the GLM's ridge-regularised step in
+    ``B̃`` is the ``P``-preconditioned step in ``B`` (Adam's per-coordinate normalisation)."""
+    from kernattr.adapters import answer_output
+
+    if preconditioner is not None:
+        root = jax.tree.map(jnp.sqrt, preconditioner)
+        base_fn = lora_fn
+
+        def lora_fn(lp, ex):  # noqa: F811 - B = sqrt(P) ⊙ B̃
+            return base_fn({k: {"a": v["a"], "b": v["b"] * root[k]} for k, v in lp.items()}, ex)
+
+    proj = ka.make_projector(jax.random.key(cfg.seed + 4), lp0, dim=cfg.proj_dim,
+                             filter=_b_filter)
+    K = len(TASKS)
+    if output == "logodds":
+        fn = lambda lp, ex: answer_output(lora_fn(lp, ex), ex[-1], "logodds")  # noqa: E731
+        lab = lambda X: jnp.ones(X.shape[0], jnp.float32)  # noqa: E731
+    else:
+        fn, lab = lora_fn, (lambda X: X[:, -1])
+
+    def features(lp, X, t, Xt):
+        tr = ka.gradient_features(fn, lp, X, lab(X), proj, task_ids=t, num_tasks=K,
+                                  chunk_size=32)
+        tg = ka.gradient_features(fn, lp, Xt, lab(Xt), proj, chunk_size=32)
+        return tr, tg
+
+    return jax.jit(features)
+
+
+def estimator_loss(output: str) -> str:
+    """The GLM loss that matches the fine-tuning objective for a features ``output``."""
+    return "logistic" if output == "logodds" else "softmax"
+
+
+@jax.jit
+def _estimate(train, target, masks, ridge):
+    # logistic for scalar (log-odds) features, softmax for [n, C, d] logits features
+    loss = "softmax" if train.grads.ndim == 3 else "logistic"
+    return ka.estimate_subset_labels(train, target, masks, loss=loss, metric="loss",
+                                     ridge=ridge, solver="fast")
+
+
+def select_ridge(train, target, masks: np.ndarray, real: np.ndarray, grid=RIDGE_GRID) -> dict:
+    """The ridge of the grid whose estimated labels are closest (mean squared error) to the real
+    labels ``real [m, T]`` of ``masks`` (calibration masks: never the held-out ones)."""
+    errs = []
+    for r in grid:
+        try:
+            errs.append(float(np.mean((np.asarray(_estimate(train, target, jnp.asarray(masks), r))
+                                       - real) ** 2)))
+        except Exception:  # a ridge too small for the statistics' conditioning: not a candidate
+            errs.append(float("inf"))
+    best = int(np.nanargmin(errs))
+    return {"ridge": float(grid[best]), "grid": list(grid), "mse": errs}
+
+
+def adam_heuristic_ridge(cfg: LoraConfig, train, *, learning_rate: float, num_steps: int,
+                         num_b: int) -> float:
+    """A ridge from the optimiser alone (no real labels): Adam moves each coordinate by about
+    ``lr`` a step, so the update has norm about ``lr · steps · sqrt(D_B)``; a ridge-dominated
+    GLM step has norm ``||ḡ|| / ridge`` with ``ḡ`` the all-tasks mean gradient at ``B = 0``."""
+    G = np.asarray(train.grads)
+    if G.ndim == 2:                                   # log-odds z: d/dz log(1 + e^-z) = σ(z) - 1
+        g = (np.asarray(jax.nn.sigmoid(train.outputs)) - 1.0)[:, None] * G
+    else:                                             # logits [n, C, d]: softmax - onehot
+        p = np.asarray(jax.nn.softmax(train.outputs, -1))
+        onehot = np.eye(G.shape[1])[np.asarray(train.labels)]
+        g = np.einsum("nc,ncd->nd", p - onehot, G)    # per-example loss gradient (projected)
+    t = np.asarray(train.task_ids)
+    gbar = np.mean([g[t == k].mean(0) for k in np.unique(t)], 0)
+    return float(np.linalg.norm(gbar) / (learning_rate * num_steps * np.sqrt(num_b)))
+
+
+def _err(F_hat, F, F0) -> dict:
+    e = ka.estimator_error(jnp.asarray(F_hat), jnp.asarray(F), F0=jnp.asarray(F0))
+    return {"relative_error": float(e.relative_error),
+            "no_change_relative_error": float(e.no_change_relative_error),
+            "ratio_to_no_change": float(e.relative_error / e.no_change_relative_error),
+            "spearman": float(e.spearman)}
+
+
+def _change(F_full, F0) -> float:
+    """Relative change of the mean target metric, all tasks vs ``W0`` (the mean over targets
+    first, as in the estimator's relative error: per-target ratios would be dominated by the
+    targets whose loss at ``W0`` is near zero)."""
+    F0 = np.asarray(F0, np.float64)
+    return float((np.mean(np.asarray(F_full, np.float64)) - F0.mean()) / F0.mean())
+
+
+# ------------------------------------------------------------------------------------- the run
+
+
+def _interval(ci) -> dict:
+    return {"lds": float(ci.mean), "lds_ci": [float(ci.low), float(ci.high)]}
+
+
+def run_lora(cfg: LoraConfig, *, out: Optional[str] = None, cache_dir: Optional[str] = None,
+             compute_ground_truth: bool = False, plots: bool = True, log=None,
+             num_resamples: int = 1000, num_cost_masks: int = 8, num_calibration: int = 8,
+             shipped: Optional[str] = SHIPPED) -> dict:
+    """Every stage; returns the results dict (also ``out/results.json`` and plots).
+
+    The ground truth is read from the shipped labels file or the cache; with
+    ``compute_ground_truth`` a missing one is computed (long). The cost of real fine-tuning is
+    measured in this run on ``num_cost_masks`` held-out masks (their labels are also compared
+    with the cached ones); the estimator's ridge is calibrated on the first ``num_calibration``
+    training masks' real labels.
+    """
+    say = log or (lambda s: None)
+    t_run = time.perf_counter()
+    K = len(TASKS)
+    logits_fn, params0, pre = pretrained(cfg.pretrain, cache_dir=cache_dir, log=log)
+    lora_fn, lp0, targets = lora_model(cfg, logits_fn, params0)
+    prob, masks = make_problem(cfg), make_masks(cfg)
+    gt = ground_truth(cfg, cache_dir=cache_dir, log=log, shipped=shipped,
+                      compute=compute_ground_truth)
+    F0 = np.asarray(gt["F0"], np.float64)
+    F_full = np.asarray(gt["F_train"][:1], np.float64)
+    F_tr = np.asarray(gt["F_train"][1:], np.float64)
+    F_ho = np.asarray(gt["F_heldout"], np.float64)
+    F_rep = np.asarray(gt.get("F_repeat", np.zeros((0,))), np.float64)
+    m_tr, m_ho = len(F_tr), len(F_ho)
+    M_tr, M_ho = masks["train"][:m_tr], masks["heldout"][:m_ho]
+    say(f"ground truth: {m_tr} training, {m_ho} held-out masks ({gt['source']})")
+
+    # --- cost of real fine-tuning, measured now
+    labeler = make_labeler(cfg, lora_fn, lp0, prob, learning_rate=cfg.learning_rate,
+                           num_steps=cfg.num_steps)
+    cm = jnp.asarray(masks["heldout"][:num_cost_masks])
+    key = jax.random.key(cfg.seed + 5)
+    ts = time.perf_counter()
+    first = np.asarray(labeler(cm, key))
+    real_compile = time.perf_counter() - ts
+    ts = time.perf_counter()
+    again = np.asarray(labeler(cm, key))
+    real_per_mask = (time.perf_counter() - ts) / num_cost_masks
+    n_cmp = min(num_cost_masks, m_ho)
+    cache_diff = float(np.max(np.abs(again[:n_cmp] - F_ho[:n_cmp]))) if n_cmp else float("nan")
+    del first
+    say(f"real LoRA fine-tuning: {real_per_mask:.2f}s/mask (compile {real_compile:.1f}s)")
+
+    # --- estimator: features (compile included), ridge calibration, labels of every mask
+    loss = estimator_loss(cfg.features_output)
+
+    def features():
+        pre_P = (adam_preconditioner(cfg, lora_fn, lp0, prob) if cfg.precondition == "adam"
+                 else None)
+        fn = make_features_fn(cfg, lora_fn, lp0, output=cfg.features_output,
+                              preconditioner=pre_P)
+        out = fn(lp0, jnp.asarray(prob["train"]), jnp.asarray(prob["task_ids"]),
+                 jnp.asarray(prob["target"]))
+        return jax.block_until_ready(out)
+
+    ts = time.perf_counter()
+    features()
+    feat_compile = time.perf_counter() - ts       # first call: compilation included
+    ts = time.perf_counter()
+    train_f, target_f = features()
+    feat_s = time.perf_counter() - ts
+    ncal = min(num_calibration, m_tr)
+    ts = time.perf_counter()
+    sel = select_ridge(train_f, target_f, M_tr[:ncal], F_tr[:ncal])
+    select_s = time.perf_counter() - ts
+    ridge = sel["ridge"]
+    sel_all = select_ridge(train_f, target_f, M_tr, F_tr)
+    all_masks = jnp.asarray(np.concatenate([M_tr, M_ho]))
+    jax.block_until_ready(_estimate(train_f, target_f, all_masks, ridge))  # compile
+    ts = time.perf_counter()
+    est_all = np.asarray(jax.block_until_ready(_estimate(train_f, target_f, all_masks, ridge)),
+                         np.float64)
+    est_s = time.perf_counter() - ts
+    E_tr, E_ho = est_all[:m_tr], est_all[m_tr:]
+    m_all = m_tr + m_ho
+    est_per_mask = est_s / m_all
+    calib_real_s = ncal * real_per_mask
+    est_amortised = (feat_s + select_s + calib_real_s + est_s) / m_all
+    say(f"estimator: features {feat_s:.1f}s, {est_per_mask * 1e3:.2f}ms/mask, ridge {ridge}")
+
+    num_b = int(sum(v["b"].size for v in lp0.values()))
+    heur = adam_heuristic_ridge(cfg, train_f, learning_rate=cfg.learning_rate,
+                                num_steps=cfg.num_steps, num_b=num_b)
+    E_ho_heur = np.asarray(_estimate(train_f, target_f, jnp.asarray(M_ho), heur), np.float64)
+    E_ho_all = np.asarray(_estimate(train_f, target_f, jnp.asarray(M_ho), sel_all["ridge"]),
+                          np.float64)
+    estimator = {**_err(E_ho, F_ho, F0), "ridge": ridge, "ridge_selection": sel,
+                 "ridge_how": f"grid ridge with the least squared error against the real labels "
+                              f"of the first {ncal} TRAINING masks (held-out masks unseen)",
+                 "with_ridge_from_all_training_masks": {**_err(E_ho_all, F_ho, F0),
+                                                        "ridge": sel_all["ridge"]},
+                 "with_adam_heuristic_ridge": {**_err(E_ho_heur, F_ho, F0), "ridge": heur},
+                 "num_heldout_masks": m_ho, "solver": "fast", "proj_dim": cfg.proj_dim,
+                 "features_output": cfg.features_output, "glm_loss": loss,
+                 # the real labels' own noise: a second fine-tuning run (other minibatch draws)
+                 # scored like the estimator, and the estimator against the two runs' mean
+                 "real_rerun": _err(F_rep, F_ho, F0) if len(F_rep) == m_ho else None,
+                 "against_mean_of_two_runs": (_err(E_ho, (F_ho + F_rep) / 2, F0)
+                                              if len(F_rep) == m_ho else None),
+                 "linearized_in": "B factors at B = 0, A fixed at its random init"}
+
+    cost = {"real_seconds_per_mask": real_per_mask,
+            "estimator_seconds_per_mask": est_amortised,
+            "ratio": real_per_mask / est_amortised,
+            "estimator_per_mask_seconds_excluding_fixed": est_per_mask,
+            "features_seconds": feat_s, "features_first_call_seconds": feat_compile,
+            "ridge_selection_seconds": select_s,
+            "calibration_real_seconds": calib_real_s, "estimation_seconds": est_s,
+            "amortised_over_masks": m_all, "real_compile_seconds": real_compile,
+            "seconds_1000_masks_real": 1000 * real_per_mask,
+            "seconds_1000_masks_estimator": feat_s + select_s + calib_real_s + 1000 * est_per_mask,
+            "cache_consistency_max_abs_diff": cache_diff,
+            "ground_truth_seconds_per_mask": (float(gt["seconds_train"]) / max(int(gt["timed_train"]), 1)
+                                              if "seconds_train" in gt else None)}
+    cost["ratio_1000_masks"] = cost["seconds_1000_masks_real"] / cost["seconds_1000_masks_estimator"]
+
+    # --- surrogates and baselines, LDS on held-out masks
+    tr, ho = jnp.asarray(M_tr), jnp.asarray(M_ho)
+    few = min(cfg.num_real_few, m_tr)
+    preds: dict = {}
+
+    def fit(name, s):
+        preds[name] = np.asarray(ka.predict(s, ho))
+
+    fit("kernel", ka.fit_kernel(tr, jnp.asarray(E_tr)))
+    fit("linear", ka.fit_linear(tr, jnp.asarray(E_tr), ridge=1e-3))
+    fit("kernel_real", ka.fit_kernel(tr, jnp.asarray(F_tr)))
+    fit("datamodels", ka.fit_linear(tr, jnp.asarray(F_tr), ridge=1e-3))
+    fit("kernel_real_few", ka.fit_kernel(tr[:few], jnp.asarray(F_tr[:few])))
+    fit("multifidelity", ka.fit_multifidelity(tr, jnp.asarray(E_tr), tr[:few],
+                                              jnp.asarray(F_tr[:few])))
+    for name, fn in (("influence", lambda a, b: ka.influence_scores(a, b, loss=loss,
+                                                                    damping=ridge, num_tasks=K)),
+                     ("trak", lambda a, b: ka.trak_scores(a, b, loss=loss, damping=ridge,
+                                                          num_tasks=K)),
+                     ("tracin", lambda a, b: ka.tracin_scores(a, b, loss=loss, num_tasks=K))):
+        preds[name] = M_ho @ np.asarray(jax.jit(fn)(train_f, target_f))
+    key_b = jax.random.key(cfg.seed + 7)
+    actual = jnp.asarray(F_ho)
+    sweep_lds = []
+    for d in DAMPING_GRID:
+        sc = np.asarray(ka.influence_scores(train_f, target_f, loss=loss, damping=d,
+                                            num_tasks=K))
+        sweep_lds.append(float(ka.lds(jnp.asarray(M_ho @ sc), actual).mean))
+    best = int(np.nanargmax(sweep_lds))
+    sc = np.asarray(ka.influence_scores(train_f, target_f, loss=loss,
+                                        damping=DAMPING_GRID[best], num_tasks=K))
+    preds["influence_best"] = M_ho @ sc
+    lds = {name: _interval(ka.lds_interval(key_b, jnp.asarray(preds[name]), actual,
+                                           num_resamples=num_resamples)) for name in LDS_METHODS}
+    lds["influence_best"]["damping"] = DAMPING_GRID[best]
+    lds["influence_best"]["what"] = "damping with the best held-out LDS, chosen in hindsight"
+    lds["influence"]["damping"] = ridge
+    paired = {}
+    for a, b in PAIRED:
+        d = ka.paired_lds_interval(key_b, jnp.asarray(preds[a]), jnp.asarray(preds[b]), actual,
+                                   num_resamples=num_resamples)
+        paired[f"{a}-{b}"] = [float(d.mean), float(d.low), float(d.high)]
+    noise = None
+    if len(F_rep) == m_ho:
+        noise = {**_interval(ka.lds_interval(key_b, jnp.asarray(F_rep), actual,
+                                             num_resamples=num_resamples)),
+                 "what": "LDS of the held-out masks fine-tuned again with other minibatch draws"}
+
+    # --- where it holds: the sweep cells (calibration on their first masks, the rest scored)
+    table = [_cell("main", cfg.learning_rate, cfg.num_steps, F_full, F0, E_ho, F_ho, ridge,
+                   real_per_mask, est_amortised)]
+    for field, value in cfg.sweep:
+        name = sweep_key(field, value)
+        if f"F_{name}" not in gt or len(gt[f"F_{name}"]) < num_calibration + 3:
+            continue
+        kw = {"learning_rate": cfg.learning_rate, "num_steps": cfg.num_steps, field: value}
+        Fc = np.asarray(gt[f"F_{name}"], np.float64)
+        Ms = masks["sweep"][:len(Fc) - 1]
+        cal = num_calibration
+        sc_sel = select_ridge(train_f, target_f, Ms[:cal], Fc[1:1 + cal])
+        Ec = np.asarray(_estimate(train_f, target_f, jnp.asarray(Ms[cal:]), sc_sel["ridge"]),
+                        np.float64)
+        real_c = (float(gt[f"seconds_{name}"]) / int(gt[f"timed_{name}"])
+                  if int(gt.get(f"timed_{name}", 0)) else float("nan"))
+        table.append(_cell(f"{field}={value}", kw["learning_rate"], int(kw["num_steps"]),
+                           Fc[:1], F0, Ec, Fc[1 + cal:], sc_sel["ridge"], real_c, est_amortised))
+
+    F0_eval = per_task_eval(logits_fn, params0, eval_set(cfg.pretrain))
+    results = {
+        "estimator": estimator,
+        "cost": cost,
+        "target_change": _change(F_full, F0),
+        "target_change_heldout_masks": float(np.mean(np.abs(F_ho.mean(1) - F0.mean()) / F0.mean())),
+        "lds": lds,
+        "paired": paired,
+        "noise_ceiling": noise,
+        "influence_damping_sweep": {"damping": list(DAMPING_GRID), "lds": sweep_lds},
+        "where_it_holds": table,
+        "num_parameters": num_parameters(params0),
+        "num_lora_parameters": int(sum(np.size(x) for x in jax.tree.leaves(lp0))),
+        "num_lora_b_parameters": num_b,
+        "num_lora_kernels": len(targets),
+        "num_tasks": K,
+        "num_targets": int(F_ho.shape[1]),
+        "num_train_masks": m_tr,
+        "num_heldout_masks": m_ho,
+        "pretraining": {"eval_per_task": F0_eval, "cache_hit": pre.get("cache_hit"),
+                        "seconds": pre.get("seconds"),
+                        "eval_loss": float(np.mean([v["loss"] for v in F0_eval.values()]))},
+        "config": cfg.to_dict(),
+        "ground_truth_source": os.path.basename(str(gt["source"])),
+        "seconds": time.perf_counter() - t_run,
+    }
+    if out is not None:
+        os.makedirs(out, exist_ok=True)
+        if plots:
+            results["plots"] = write_plots(out, results, E_ho, F_ho, F0)
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1, default=float)
+    return results
+
+
+def _cell(name, lr, steps, F_full, F0, E, F, ridge, real_s, est_s) -> dict:
+    e = _err(E, F, F0)
+    holds = e["ratio_to_no_change"] <= 0.5 and e["relative_error"] <= 0.02 and e["spearman"] >= 0.9
+    return {"cell": name, "learning_rate": lr, "num_steps": steps,
+            "target_change": _change(F_full, F0), **e, "ridge": ridge, "num_masks": len(F),
+            "real_seconds_per_mask": real_s, "estimator_seconds_per_mask": est_s,
+            "cost_ratio": real_s / est_s, "holds": bool(holds)}
+
+
+# ------------------------------------------------------------------------------ plots / tables
+
+
+def write_plots(out: str, results: dict, E_ho: np.ndarray, F_ho: np.ndarray, F0: np.ndarray) -> list:
+    """``lora_estimator.png`` (estimated vs real mean target loss per held-out mask),
+    ``lora_lds.png`` (LDS with intervals, noise ceiling) and ``lora_sweep.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    ax.scatter(F_ho.mean(1), E_ho.mean(1), s=12, label="held-out masks")
+    lo, hi = min(F_ho.mean(1).min(), E_ho.mean(1).min()), max(F_ho.mean(1).max(), E_ho.mean(1).max())
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+    ax.axhline(F0.mean(), color="gray", lw=1, ls=":", label="W0 (nothing changes)")
+    ax.set_xlabel("real LoRA fine-tuning: mean target loss")
+    ax.set_ylabel("estimator: mean target loss")
+    e = results["estimator"]
+    ax.set_title(f"rel. err {e['relative_error']:.3f}, Spearman {e['spearman']:.2f}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(out, "lora_estimator.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    names = list(results["lds"])
+    vals = [results["lds"][n]["lds"] for n in names]
+    err = np.array([[v - results["lds"][n]["lds_ci"][0], results["lds"][n]["lds_ci"][1] - v]
+                    for n, v in zip(names, vals)]).T
+    ax.bar(range(len(names)), vals, yerr=err, capsize=3)
+    if results["noise_ceiling"]:
+        ax.axhline(results["noise_ceiling"]["lds"], color="k", ls="--", lw=1, label="noise ceiling")
+        ax.legend(fontsize=7)
+    ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel("LDS (held-out masks)")
+    fig.tight_layout()
+    paths.append(os.path.join(out, "lora_lds.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    paths.append(plot_sweep(out, results))
+    return paths
+
+
+def plot_sweep(out: str, results: dict) -> str:
+    """``lora_sweep.png``: the estimator's error ratio and Spearman against the target change,
+    one point per cell of the "where it holds" table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    rows = results["where_it_holds"]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    x = [r["target_change"] for r in rows]
+    ax.scatter(x, [r["ratio_to_no_change"] for r in rows], label="error / 'nothing changes'")
+    ax.scatter(x, [r["spearman"] for r in rows], marker="s", label="Spearman")
+    for r in rows:
+        ax.annotate(r["cell"], (r["target_change"], r["ratio_to_no_change"]), fontsize=6)
+    ax.axhline(0.5, color="gray", ls=":", lw=1)
+    ax.axhline(0.9, color="gray", ls="--", lw=1)
+    ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlabel("target change (all tasks vs W0)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(out, "lora_sweep.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths[0]
+
+
+def _f(x, nd=3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{nd}f}"
+
+
+def results_markdown(results: dict) -> str:
+    """The Markdown tables of the results page, from a ``results.json`` dict (pure).
+
+    >>> r = {"estimator": {"relative_error": 0.01, "no_change_relative_error": 0.1,
+    ...      "ratio_to_no_change": 0.1, "spearman": 0.95, "ridge": 1.0},
+    ...      "cost": {"real_seconds_per_mask": 2.0, "estimator_seconds_per_mask": 0.01,
+    ...      "ratio": 200.0, "seconds_1000_masks_real": 2000.0,
+    ...      "seconds_1000_masks_estimator": 20.0}, "target_change": -0.3,
+    ...      "lds": {"kernel": {"lds": 0.5, "lds_ci": [0.4, 0.6]}},
+    ...      "paired": {"kernel-linear": [0.1, 0.0, 0.2]}, "noise_ceiling": None,
+    ...      "where_it_holds": [], "num_parameters": 10, "num_lora_parameters": 2,
+    ...      "num_tasks": 16}
+    >>> "| kernel | 0.500 | [0.400, 0.600] |" in results_markdown(r)
+    True
+    """
+    e, c = results["estimator"], results["cost"]
+    lines = [
+        f"Model: {results['num_parameters']:,} parameters, LoRA {results['num_lora_parameters']:,} "
+        f"trainable parameters, {results['num_tasks']} tasks. Fine-tuning on all tasks changes "
+        f"the target loss by {100 * results['target_change']:+.1f}% (relative to W0).",
+        "",
+        "| estimator vs real LoRA fine-tuning (held-out masks) | value |",
+        "|---|---|",
+        f"| relative error of the mean target loss | {_f(e['relative_error'], 4)} |",
+        f"| same for \"nothing changes\" (W0) | {_f(e['no_change_relative_error'], 4)} |",
+        f"| ratio (estimator / nothing changes) | {_f(e['ratio_to_no_change'])} |",
+        f"| Spearman across masks (mean over targets) | {_f(e['spearman'])} |",
+        f"| ridge (calibrated on training masks) | {e['ridge']:.3g} |",
+        "",
+        "| cost | real LoRA fine-tuning | estimator |",
+        "|---|---|---|",
+        f"| seconds per mask (estimator: fixed costs amortised over the run's masks) | "
+        f"{_f(c['real_seconds_per_mask'])} | {_f(c['estimator_seconds_per_mask'], 4)} |",
+        f"| seconds for 1,000 masks | {c['seconds_1000_masks_real']:.0f} | "
+        f"{c['seconds_1000_masks_estimator']:.0f} |",
+        f"| ratio (real / estimator) per mask | {_f(c['ratio'], 1)} | |",
+        "",
+        "| method | LDS | 95% interval |",
+        "|---|---|---|",
+    ]
+    for name, v in results["lds"].items():
+        lines.append(f"| {name} | {_f(v['lds'])} | [{_f(v['lds_ci'][0])}, {_f(v['lds_ci'][1])}] |")
+    nc = results.get("noise_ceiling")
+    if nc:
+        lines.append(f"| noise ceiling | {_f(nc['lds'])} | [{_f(nc['lds_ci'][0])}, "
+                     f"{_f(nc['lds_ci'][1])}] |")
+    lines += ["", "| paired difference of LDS | mean | 95% interval |", "|---|---|---|"]
+    for name, (m, lo, hi) in results["paired"].items():
+        lines.append(f"| {name} | {_f(m)} | [{_f(lo)}, {_f(hi)}] |")
+    rows = results.get("where_it_holds") or []
+    if rows:
+        lines += ["", "| cell | lr | steps | target change | rel. error | nothing changes | "
+                      "ratio | Spearman | masks | real s/mask | cost ratio | holds |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(
+                f"| {r['cell']} | {r['learning_rate']:g} | {r['num_steps']} | "
+                f"{100 * r['target_change']:+.1f}% | {_f(r['relative_error'], 4)} | "
+                f"{_f(r['no_change_relative_error'], 4)} | {_f(r['ratio_to_no_change'])} | "
+                f"{_f(r['spearman'])} | {r['num_masks']} | {_f(r['real_seconds_per_mask'], 2)} | "
+                f"{_f(r['cost_ratio'], 0)} | {'yes' if r['holds'] else 'no'} |")
+    return "\n".join(lines) + "\n"
