@@ -22,8 +22,9 @@ import sys
 RENDERERS = {
     "demo": ["kernattr.experiments.pipeline.results_markdown"],
     "modular": ["kernattr.experiments.pipeline.results_markdown"],
-    "fit": ["kernattr.experiments.fit.results_markdown", "kernattr.fit.results_markdown",
-            "kernattr.cli_fit.results_markdown"],
+    "fit": ["kernattr.cli_fit.results_markdown", "kernattr.experiments.fit.results_markdown"],
+    # python benchmarks/run_all.py --json docs/results/data/benchmarks.json
+    "benchmarks": ["benchmarks.run_all.results_markdown"],
 }
 
 
