@@ -137,7 +137,8 @@ class KernelSurrogate(NamedTuple):
         predictions and the labels (``select="loo_spearman"``; NaN-filled otherwise, and NaN
         for a constant column or a singular grid point).
       spec: static :class:`KernelSpec` (kernel name, degree, coef0, ...; no array leaves).
-      status: ``[T]`` int32 bit flags of the selection (``None`` on surrogates built by hand):
+      status: ``[T]`` int32 bit flags of the exact path's selection (``None`` from the Nyström
+        and CG paths and on surrogates built by hand):
         ``1`` the chosen grid point was decided by the tie rule, not by the data (its
         leave-one-out criterion is within numerical error of a better one); ``2`` the chosen
         system ``kernel + ridge·I`` is ill-conditioned for the dtype (condition number times
