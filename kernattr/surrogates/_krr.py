@@ -607,7 +607,7 @@ def weighted_eigh(kmat: jax.Array, counts: jax.Array, fit_intercept: bool):
     real = counts > 0
     kt = d[:, None] * kmat * d[None, :]
     if fit_intercept:
-        v = (d / jnp.sqrt(jnp.sum(counts))).at[0].add(1.0)
+        v = d / jnp.sqrt(jnp.sum(counts)) + (jnp.arange(m) == 0).astype(kmat.dtype)  # + e_1
         c = v @ v
         kv = kt @ v
         vkv = v @ kv
@@ -1017,7 +1017,7 @@ def _fit_direct(masks, y, spec: KernelSpec, grid: _DirectGrid, *, select, per_ta
     # so predictions, attributions and the posterior are the same, and leaving them out keeps
     # the float32 sums free of their cancellation at small ridges.)
     per_row = (alpha_u / jnp.maximum(groups.counts, 1.0)[:, None])[groups.group]
-    alpha = jnp.zeros((m, t), dtype).at[groups.order].set(per_row)
+    alpha = per_row[jnp.argsort(groups.order)]  # back to the input row order
     alpha = jnp.where(hyper_ok[None, :], alpha, jnp.nan)
     intercept = jnp.where(hyper_ok, intercept, jnp.nan)
     status = (jnp.where(tied, STATUS_TIE, 0)
