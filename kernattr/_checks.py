@@ -171,6 +171,37 @@ def check_labels(y: Any, num_rows: int, name: str = "y") -> tuple[jax.Array, boo
     return y, was_1d
 
 
+def check_example_labels(labels: Any, n: int, name: str = "labels", *, vector: bool = True,
+                         shape_doc: str = "[n] (one label per example)") -> jax.Array:
+    """Per-example labels (one per training example), checked eagerly and under ``jit``.
+
+    Static: an array (not a string or ``None``) of a real numeric or bool dtype whose leading
+    axis has ``n`` entries, and 1-D when ``vector`` (``shape_doc`` says which shape). Values:
+    finite when floating (a ``{count}`` error from the compiled program under ``jit``).
+    Integer class ids pass unchanged; returns the labels as an array.
+    """
+    if isinstance(labels, (str, bytes)) or labels is None:
+        raise TypeError(f"`{name}` must be an array [n], got {type(labels).__name__}.")
+    labels = jnp.asarray(labels)
+    if not (jnp.issubdtype(labels.dtype, jnp.number) or labels.dtype == jnp.bool_):
+        raise TypeError(f"`{name}` must be numeric, got dtype {labels.dtype}.")
+    if jnp.issubdtype(labels.dtype, jnp.complexfloating):
+        raise TypeError(f"`{name}` must be real, got dtype {labels.dtype}.")
+    if vector:
+        check_rank(labels, 1, name, shape_doc)
+    elif labels.ndim == 0:
+        raise ValueError(f"`{name}` must have a leading example axis [n], got a scalar.")
+    if labels.shape[0] != n:
+        raise ValueError(f"`{name}` has {labels.shape[0]} entries but `inputs` has n={n} examples.")
+    if jnp.issubdtype(labels.dtype, jnp.floating):
+        labels = error_if(
+            labels,
+            ~jnp.isfinite(labels),
+            f"`{name}` contains {{count}} non-finite values (NaN/inf); drop or fix those examples.",
+        )
+    return labels
+
+
 def check_same_rows(n_a: int, n_b: int, name_a: str, name_b: str) -> None:
     if n_a != n_b:
         raise ValueError(

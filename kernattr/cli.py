@@ -521,6 +521,12 @@ def main(argv: list[str] | None = None) -> int:
     Errors raised by a command end the program with one line on stderr (exit code 1).
     """
     args = build_parser().parse_args(argv)
+    # Compiled kernattr programs carry host callbacks (the input checks, some inside loops); with
+    # JAX's asynchronous CPU dispatch such programs can hang (jax-ml/jax#25861): run them inline.
+    # A driver may set this; the library itself never does.
+    import jax
+
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
     # A check that fires inside compiled code is re-raised below as one line; keep JAX from
     # also logging the callback's traceback.
     logging.getLogger("jax._src.debugging").setLevel(logging.CRITICAL)
