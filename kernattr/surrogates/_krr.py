@@ -137,7 +137,8 @@ class KernelSurrogate(NamedTuple):
         predictions and the labels (``select="loo_spearman"``; NaN-filled otherwise, and NaN
         for a constant column or a singular grid point).
       spec: static :class:`KernelSpec` (kernel name, degree, coef0, ...; no array leaves).
-      status: ``[T]`` int32 bit flags of the selection (``None`` on surrogates built by hand):
+      status: ``[T]`` int32 bit flags of the exact path's selection (``None`` from the Nyström
+        and CG paths and on surrogates built by hand):
         ``1`` the chosen grid point was decided by the tie rule, not by the data (its
         leave-one-out criterion is within numerical error of a better one); ``2`` the chosen
         system ``kernel + ridge·I`` is ill-conditioned for the dtype (condition number times
@@ -606,7 +607,7 @@ def weighted_eigh(kmat: jax.Array, counts: jax.Array, fit_intercept: bool):
     real = counts > 0
     kt = d[:, None] * kmat * d[None, :]
     if fit_intercept:
-        v = (d / jnp.sqrt(jnp.sum(counts))).at[0].add(1.0)
+        v = d / jnp.sqrt(jnp.sum(counts)) + (jnp.arange(m) == 0).astype(kmat.dtype)  # + e_1
         c = v @ v
         kv = kt @ v
         vkv = v @ kv
@@ -1016,7 +1017,7 @@ def _fit_direct(masks, y, spec: KernelSpec, grid: _DirectGrid, *, select, per_ta
     # so predictions, attributions and the posterior are the same, and leaving them out keeps
     # the float32 sums free of their cancellation at small ridges.)
     per_row = (alpha_u / jnp.maximum(groups.counts, 1.0)[:, None])[groups.group]
-    alpha = jnp.zeros((m, t), dtype).at[groups.order].set(per_row)
+    alpha = per_row[jnp.argsort(groups.order)]  # back to the input row order
     alpha = jnp.where(hyper_ok[None, :], alpha, jnp.nan)
     intercept = jnp.where(hyper_ok, intercept, jnp.nan)
     status = (jnp.where(tied, STATUS_TIE, 0)
