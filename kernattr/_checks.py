@@ -141,7 +141,7 @@ def check_masks(masks: Any, name: str = "masks", num_tasks: int | None = None) -
             f"`{name}` has {masks.shape[1]} task columns but the surrogate/data has {num_tasks} tasks."
         )
     bad = (masks != 0) & (masks != 1)
-    error_if(
+    masks = error_if(
         masks,
         bad,
         f"`{name}` must contain only 0 and 1 ({{count}} entries are neither); "
@@ -163,7 +163,7 @@ def check_labels(y: Any, num_rows: int, name: str = "y") -> tuple[jax.Array, boo
             f"`{name}` has shape {tuple(y.shape)}: no target columns; pass labels [m] or [m, T] "
             "with T >= 1."
         )
-    error_if(
+    y = error_if(
         y,
         ~jnp.isfinite(y),
         f"`{name}` contains {{count}} non-finite values (NaN/inf); drop or impute those subsets.",
@@ -260,7 +260,7 @@ def check_hyperparameter(
     ok = jnp.isfinite(arr) & ((arr >= 0) if allow_zero else (arr > 0))
     if throw:
         bad = "negative, NaN or inf" if allow_zero else "negative, zero, NaN or inf"
-        error_if(arr, ~ok, msg + f", got {{count}} invalid value(s) ({bad}).")
+        ok = error_if(ok, ~ok, msg + f", got {{count}} invalid value(s) ({bad}).")
     return ok
 
 
@@ -296,13 +296,13 @@ def check_task_ids(
             f"`{name}` has {task_ids.shape[0]} entries but there are {num_examples} examples."
         )
     if num_tasks is None:
-        error_if(
+        task_ids = error_if(
             task_ids,
             task_ids < 0,
             f"`{name}` has {{count}} negative entries; task ids must be in 0..K-1.",
         )
         return task_ids, None
-    error_if(
+    task_ids = error_if(
         task_ids,
         (task_ids < 0) | (task_ids >= num_tasks),
         f"`{name}` has {{count}} entries outside 0..{num_tasks - 1} (out of range for the "
@@ -310,7 +310,7 @@ def check_task_ids(
     )
     counts = task_counts(task_ids, num_tasks)
     if nonempty:
-        error_if(
+        counts = error_if(
             counts,
             counts == 0,
             f"{{count}} of the K={num_tasks} tasks have no examples in `{name}`; every mask "

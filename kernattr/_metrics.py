@@ -45,8 +45,8 @@ __all__ = [
 ]
 
 
-def _check_finite(x: jax.Array, name: str) -> None:
-    error_if(
+def _check_finite(x: jax.Array, name: str) -> jax.Array:
+    return error_if(
         x,
         ~jnp.isfinite(x),
         f"`{name}` contains {{count}} non-finite values (NaN/inf); drop or impute them first.",
@@ -71,9 +71,7 @@ def _check_pair(a: Any, b: Any, name_a: str, name_b: str, min_rows: int = 2):
         raise ValueError(f"`{name_a}` has no target columns (shape {tuple(a.shape)}).")
     dtype = jnp.promote_types(a.dtype, b.dtype)
     a, b = a.astype(dtype), b.astype(dtype)
-    _check_finite(a, name_a)
-    _check_finite(b, name_b)
-    return a, b
+    return _check_finite(a, name_a), _check_finite(b, name_b)
 
 
 def _sort_keys(x: jax.Array) -> jax.Array:
@@ -162,7 +160,7 @@ def rank_data(x: Any) -> jax.Array:
     check_rank(x, (1, 2), "x", "[m] or [m, T]")
     if x.shape[0] == 0:
         raise ValueError("`x` has no rows.")
-    error_if(x, jnp.isnan(x), "`x` contains {count} NaN values; ranks are undefined.")
+    x = error_if(x, jnp.isnan(x), "`x` contains {count} NaN values; ranks are undefined.")
     return _ranks(x)
 
 
@@ -429,8 +427,8 @@ def estimator_error(F_hat: Any, F: Any, F0: Any = None) -> EstimatorError:
         raise ValueError(f"`F` is empty (shape {tuple(F.shape)}).")
     dtype = jnp.result_type(F_hat, F)
     F_hat, F = F_hat.astype(dtype), F.astype(dtype)
-    for arr, name in ((F_hat, "F_hat"), (F, "F")):
-        error_if(arr, ~jnp.isfinite(arr), f"`{name}` contains {{count}} non-finite values.")
+    F_hat = error_if(F_hat, ~jnp.isfinite(F_hat), "`F_hat` contains {count} non-finite values.")
+    F = error_if(F, ~jnp.isfinite(F), "`F` contains {count} non-finite values.")
 
     mean_hat, mean_true = jnp.mean(F_hat, axis=1), jnp.mean(F, axis=1)
     per_mask = relative_error(mean_hat, mean_true)
@@ -447,7 +445,7 @@ def estimator_error(F_hat: Any, F: Any, F0: Any = None) -> EstimatorError:
         check_rank(F0, (0, 1), "F0", "[T] (metric at W0 per target)")
         if F0.ndim == 1 and F0.shape[0] != F.shape[1]:
             raise ValueError(f"`F0` has {F0.shape[0]} targets but `F` has {F.shape[1]} columns.")
-        error_if(F0, ~jnp.isfinite(F0), "`F0` contains {count} non-finite values.")
+        F0 = error_if(F0, ~jnp.isfinite(F0), "`F0` contains {count} non-finite values.")
         F0b = jnp.broadcast_to(F0, F.shape)
         no_change = jnp.mean(relative_error(jnp.mean(F0b, axis=1), mean_true))
         no_change_elem = jnp.nanmean(_elementwise(F0b, F))
@@ -812,7 +810,7 @@ def bootstrap_interval(
     check_rank(values, (1, 2), "values", "[m] or [m, T]")
     if values.shape[0] < 1 or (values.ndim == 2 and values.shape[1] == 0):
         raise ValueError(f"`values` is empty (shape {tuple(values.shape)}).")
-    _check_finite(values, "values")
+    values = _check_finite(values, "values")
     m = values.shape[0]
     idx = bootstrap_indices(key, m, num_resamples)
     # The mean of a resample is a weighted mean: counts [B, m] @ values, no gather of B·m rows.

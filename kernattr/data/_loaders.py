@@ -111,7 +111,7 @@ def group_masks(
     if num_groups < 1:
         raise ValueError(f"`num_groups` must be >= 1, got {num_groups}.")
     num_groups = int(num_groups)
-    error_if(
+    group_ids = error_if(
         group_ids,
         (group_ids < 0) | (group_ids >= num_groups),
         f"`group_ids` has {{count}} entries outside 0..{num_groups - 1} (num_groups={num_groups}).",
@@ -119,7 +119,7 @@ def group_masks(
     sizes = jax.ops.segment_sum(
         jnp.ones((n,), sample_masks.dtype), group_ids, num_segments=num_groups
     )
-    error_if(
+    sizes = error_if(
         sizes,
         sizes == 0,
         "`group_ids` leaves {count} group(s) without any example; every task needs one "
@@ -129,8 +129,8 @@ def group_masks(
     full = counts == sizes[None, :]
     if rule == "exact":
         partial = (counts > 0) & ~full
-        error_if(
-            counts,
+        full = error_if(
+            full,
             partial,
             "`sample_masks` selects only part of a group in {count} (subset, group) cells; "
             'rule="exact" needs whole groups. Use rule="any", "all" or "fraction".',

@@ -289,7 +289,7 @@ def gradient_features(
             jnp.all(jnp.isfinite(grads.reshape(n, -1)), axis=1)
             & jnp.all(jnp.isfinite(outputs.reshape(n, -1)), axis=1)
         )
-        _checks.error_if(
+        grads = _checks.error_if(
             grads,
             bad,
             "{count} examples have non-finite (NaN/inf) outputs or gradients at `params`; "

@@ -113,8 +113,8 @@ def _exact_posterior(s: KernelSurrogate) -> _Posterior:
     kmat = surrogate_gram(spec, x, x, *kp)
     e, u, e_max = weighted_eigh(intercept_free_gram(spec, x, *kp), counts, spec.fit_intercept)
     ok = nonsingular(jnp.min(e), e_max, lam, m, slack=0.5) & ((lam > 0) | jnp.all(counts > 0))
-    _checks.error_if(
-        x, ~ok, "the surrogate's kernel matrix + ridge·I is singular; refit with ridge > 0."
+    e = _checks.error_if(
+        e, ~ok, "the surrogate's kernel matrix + ridge·I is singular; refit with ridge > 0."
     )
     inv = 1.0 / (e + lam)
     du = d[:, None] * u  # [m, r]
@@ -143,7 +143,8 @@ def _exact_posterior(s: KernelSurrogate) -> _Posterior:
 def _nystrom_posterior(n: NystromSurrogate) -> _Posterior:
     s = n.surrogate
     kp, lam = (s.gamma[0], s.mix[0], s.linear_scale), s.ridge[0]
-    _checks.error_if(lam, ~(lam > 0), "the Nyström posterior needs ridge > 0 (refit with a positive ridge).")
+    lam = _checks.error_if(lam, ~(lam > 0),
+                           "the Nyström posterior needs ridge > 0 (refit with a positive ridge).")
     lm = s.masks
     dtype = s.dual_coef.dtype
     r = n.feature_map.shape[1]

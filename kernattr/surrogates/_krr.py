@@ -784,7 +784,7 @@ def kernel_grids(kernel: str, num_tasks: int, gamma: Any, mix: Any, ridge: Any, 
     mix_grid = _checks.check_grid(default_mix_grid(kernel) if mix is None else mix, "mix").astype(
         dtype
     )
-    _checks.error_if(
+    mix_grid = _checks.error_if(
         mix_grid,
         ~((mix_grid >= 0) & (mix_grid <= 1)),
         "`mix` must lie in [0, 1] (the share of the linear kernel); {count} values do not.",
@@ -995,8 +995,8 @@ def _fit_direct(masks, y, spec: KernelSpec, grid: _DirectGrid, *, select, per_ta
     chosen_ok = loo.valid[c_idx, r_idx]  # [T]
     hyper_ok = jnp.repeat(grid.gamma_ok, num_w)[c_idx] & grid.ridge_ok[r_idx]  # [T]
     if throw:
-        _checks.error_if(
-            masks,
+        hyper_ok = _checks.error_if(
+            hyper_ok,
             hyper_ok & ~chosen_ok,
             "`ridge` too small: the kernel matrix is singular at the chosen (gamma, mix, ridge) "
             "for {count} target(s) (e.g. ridge=0 with duplicated masks or a low-rank kernel); "
