@@ -552,7 +552,7 @@ def group_duplicates(masks: jax.Array, y: jax.Array) -> DuplicateGroups:
     >>> import jax.numpy as jnp
     >>> g = group_duplicates(jnp.array([[1., 0.], [0., 1.], [1., 0.]]), jnp.array([[1.], [5.], [3.]]))
     >>> g.counts.tolist(), g.y_mean[:, 0].tolist()
-    ([1.0, 2.0, 0.0], [5.0, 2.0, 0.0])
+    ([2.0, 1.0, 0.0], [2.0, 5.0, 0.0])
     """
     m, k = masks.shape
     nw = -(-k // 30)  # 30 mask bits per int32 sort key
