@@ -82,7 +82,7 @@ def design_bound(s, num_tasks: int) -> float:
     """Fewest masks with which ANY design chosen without looking at labels could reach the
     integrated posterior variance ``tr(feature_cov)`` that the ``QuadraticSurrogate`` ``s`` has on
     its own masks, at its chosen prior ``v_i / ridge`` (:func:`variance_lower_bound`)."""
-    from kernattr._quadratic import _prior_scale
+    from kernattr.surrogates._quadratic import _prior_scale
 
     k = num_tasks
     prior = np.asarray(_prior_scale(s.ratio[0], k, k * (k - 1) // 2)) ** 2 / float(s.ridge[0])
@@ -116,7 +116,7 @@ def oracle_bound(game, masks) -> tuple[float, float, int]:
     bound at ``n`` masks (``<=`` the former, a check), and the smallest ``m`` whose bound is
     ``<=`` the random masks' variance. Needs ``game.noise > 0``.
     """
-    from kernattr._quadratic import walsh_features
+    from kernattr.surrogates._quadratic import walsh_features
 
     coef = walsh_coefficients(game)
     x = np.asarray(walsh_features(jnp.asarray(masks)), np.float64)  # ±1 entries: exact in float32

@@ -28,7 +28,7 @@ from threadpoolctl import threadpool_limits
 
 import kernattr as ka
 from _timing import time_compiled
-from kernattr._losses import task_weights
+from kernattr.labels._losses import task_weights
 
 
 def make_problem(seed, n, num_tasks, d, num_targets, num_masks):
@@ -79,9 +79,10 @@ def sklearn_loop(train, masks, ridge, num_masks, tol):
 
 def time_solver(train, target, masks, ridge, solver, chunk, repeats, labels_only):
     """Times the main API (labels only; diagnostics then come from a separate, untimed call),
-    or ``estimate_subsets`` with its diagnostics (``labels_only=False``: one compile less)."""
+    or ``estimate_subset_labels(..., diagnostics=True)`` (``labels_only=False``: one compile less)."""
     kw = dict(loss="logistic", solver=solver, mask_chunk_size=chunk)
-    diag = jax.jit(lambda tr, tg, mk, r: ka.estimate_subsets(tr, tg, mk, ridge=r, **kw))
+    diag = jax.jit(lambda tr, tg, mk, r: ka.estimate_subset_labels(tr, tg, mk, ridge=r,
+                                                                   diagnostics=True, **kw))
     fn = diag
     if labels_only:
         fn = jax.jit(lambda tr, tg, mk, r: ka.estimate_subset_labels(tr, tg, mk, ridge=r, **kw))

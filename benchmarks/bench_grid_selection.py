@@ -87,8 +87,8 @@ def main(argv=None) -> int:
 
     rng = np.random.default_rng(a.seed)
     masks, y, test_masks, test_y = draw(rng, a.m, a.K, a.T, a.test)
-    gammas = np.asarray(ka._surrogates.default_gamma_grid(a.K), np.float32)  # 7: (0.01..10)/K
-    ridges = np.asarray(ka._surrogates.default_ridge_grid(), np.float32)  # 9: 1e-4..1e4
+    gammas = np.asarray(ka.surrogates._krr.default_gamma_grid(a.K), np.float32)  # 7: (0.01..10)/K
+    ridges = np.asarray(ka.surrogates._krr.default_ridge_grid(), np.float32)  # 9: 1e-4..1e4
     print(
         f"sizes: m={a.m} K={a.K} T={a.T} held-out={a.test}  grid {len(gammas)} gammas x "
         f"{len(ridges)} ridges  dtype=float32  devices={jax.device_count()} ({jax.devices()[0].platform})  "

@@ -72,8 +72,8 @@ def bench_env(num_envs: int, horizon: int, repeats: int) -> dict:
 
 def bench_finetune(num_masks: int, steps: int, hidden: int, repeats: int) -> dict:
     import kernattr as ka
-    from kernattr.adapters import make_train_step
-    from kernattr._losses import task_weights
+    from kernattr.experiments.sac import make_train_step
+    from kernattr.labels._losses import task_weights
     from kernattr.experiments import rl
     from kernattr.experiments._rl_common import sac_batch, sac_optimizers
 

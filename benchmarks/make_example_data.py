@@ -3,7 +3,7 @@
 Usage: python benchmarks/make_example_data.py [--check]
 
 The file holds a synthetic task game with XOR-like and antagonistic task pairs
-(``kernattr._games.example_data(seed=0)``: K=20 tasks, T=8 targets, 500 training and 200 held-out
+(``kernattr.data._games.example_data(seed=0)``: K=20 tasks, T=8 targets, 500 training and 200 held-out
 Bernoulli(1/2) masks, noise 0.1) in the JSON layout of ``kernattr.load_subsets(format="json")``.
 ``--check`` regenerates in memory and exits non-zero if the committed file differs.
 """
@@ -17,7 +17,7 @@ import jax
 
 jax.config.update("jax_enable_x64", False)
 
-from kernattr._games import example_data  # noqa: E402
+from kernattr.data._games import example_data  # noqa: E402
 
 PATH = os.path.join(os.path.dirname(__file__), "..", "kernattr", "data", "example_game.json")
 

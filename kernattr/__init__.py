@@ -7,41 +7,41 @@ See README.md for a tour.
 
 from importlib import metadata as _metadata
 
-# --- subsets (_subsets.py)
-from ._subsets import PairMasks as PairMasks
-from ._subsets import leave_one_out_masks as leave_one_out_masks
-from ._subsets import pair_masks as pair_masks
-from ._subsets import sample_subsets as sample_subsets
+# --- subsets (data/_subsets.py)
+from .data._subsets import PairMasks as PairMasks
+from .data._subsets import leave_one_out_masks as leave_one_out_masks
+from .data._subsets import pair_masks as pair_masks
+from .data._subsets import sample_subsets as sample_subsets
 
-# --- surrogates (_surrogates.py)
-from ._surrogates import KernelSurrogate as KernelSurrogate
-from ._surrogates import LinearSurrogate as LinearSurrogate
-from ._surrogates import MultiFidelitySurrogate as MultiFidelitySurrogate
-from ._surrogates import fit_kernel as fit_kernel
-from ._surrogates import fit_linear as fit_linear
-from ._surrogates import predict as predict
-from ._multifidelity import fit_multifidelity as fit_multifidelity
+# --- surrogates (surrogates/: _krr.py, _multifidelity.py, _dispatch.py)
+from .surrogates._krr import KernelSurrogate as KernelSurrogate
+from .surrogates._krr import LinearSurrogate as LinearSurrogate
+from .surrogates._krr import MultiFidelitySurrogate as MultiFidelitySurrogate
+from .surrogates._dispatch import fit_kernel as fit_kernel
+from .surrogates._krr import fit_linear as fit_linear
+from .surrogates._dispatch import predict as predict
+from .surrogates._multifidelity import fit_multifidelity as fit_multifidelity
 
-# --- large-m surrogates (_nystrom.py, _cg.py, _quadratic.py)
-from ._nystrom import NystromSurrogate as NystromSurrogate
-from ._nystrom import fit_nystrom as fit_nystrom
-from ._cg import CGResult as CGResult
-from ._cg import fit_kernel_cg as fit_kernel_cg
-from ._cg import solve_kernel_cg as solve_kernel_cg
-from ._quadratic import QuadraticSurrogate as QuadraticSurrogate
-from ._quadratic import fit_quadratic as fit_quadratic
+# --- large-m surrogates (surrogates/: _nystrom.py, _cg.py, _quadratic.py)
+from .surrogates._nystrom import NystromSurrogate as NystromSurrogate
+from .surrogates._nystrom import fit_nystrom as fit_nystrom
+from .surrogates._cg import CGResult as CGResult
+from .surrogates._cg import fit_kernel_cg as fit_kernel_cg
+from .surrogates._cg import solve_kernel_cg as solve_kernel_cg
+from .surrogates._quadratic import QuadraticSurrogate as QuadraticSurrogate
+from .surrogates._quadratic import fit_quadratic as fit_quadratic
 
-# --- attribution (_attribution.py)
-from ._attribution import banzhaf_values as banzhaf_values
-from ._attribution import interaction_scores as interaction_scores
-from ._attribution import loo_scores as loo_scores
-from ._attribution import shapley_values as shapley_values
+# --- attribution (readouts/_attribution.py)
+from .readouts._attribution import banzhaf_values as banzhaf_values
+from .readouts._attribution import interaction_scores as interaction_scores
+from .readouts._attribution import loo_scores as loo_scores
+from .readouts._attribution import shapley_values as shapley_values
 
-# --- uncertainty and active selection (_uncertainty.py)
-from ._uncertainty import AttributionIntervals as AttributionIntervals
-from ._uncertainty import attribution_intervals as attribution_intervals
-from ._uncertainty import posterior_variance as posterior_variance
-from ._uncertainty import select_masks as select_masks
+# --- uncertainty and active selection (readouts/_uncertainty.py)
+from .readouts._uncertainty import AttributionIntervals as AttributionIntervals
+from .readouts._uncertainty import attribution_intervals as attribution_intervals
+from .readouts._uncertainty import posterior_variance as posterior_variance
+from .readouts._uncertainty import select_masks as select_masks
 
 # --- metrics (_metrics.py)
 from ._metrics import BootstrapInterval as BootstrapInterval
@@ -61,41 +61,58 @@ from ._metrics import rank_data as rank_data
 from ._metrics import relative_error as relative_error
 from ._metrics import spearman as spearman
 
-# --- loaders (_loaders.py)
-from ._loaders import SubsetData as SubsetData
-from ._loaders import group_masks as group_masks
-from ._loaders import load_subsets as load_subsets
+# --- loaders (data/_loaders.py)
+from .data._loaders import SubsetData as SubsetData
+from .data._loaders import group_masks as group_masks
+from .data._loaders import load_subsets as load_subsets
 
-# --- synthetic task games (_games.py)
-from ._games import SyntheticGame as SyntheticGame
-from ._games import synthetic_game as synthetic_game
+# --- synthetic task games (data/_games.py)
+from .data._games import SyntheticGame as SyntheticGame
+from .data._games import synthetic_game as synthetic_game
 
-# --- projection (_projection.py)
-from ._projection import Projector as Projector
-from ._projection import make_projector as make_projector
-from ._projection import project as project
-from ._projection import projector_matrix as projector_matrix
+# --- projection (labels/_projection.py)
+from .labels._projection import Projector as Projector
+from .labels._projection import make_projector as make_projector
+from .labels._projection import project as project
+from .labels._projection import projector_matrix as projector_matrix
 
 # --- sharding (_sharding.py)
 from ._sharding import data_mesh as data_mesh
 from ._sharding import shard_examples as shard_examples
 
-# --- gradients (_gradients.py)
-from ._features import GradientFeatures as GradientFeatures
-from ._gradients import gradient_features as gradient_features
-from ._gradients import gradient_features_fn as gradient_features_fn
-from ._gradients import linearize as linearize
-from ._gradients import projected_gradients as projected_gradients
+# --- gradients (labels/_features.py, labels/_gradients.py)
+from .labels._features import GradientFeatures as GradientFeatures
+from .labels._gradients import gradient_features as gradient_features
+from .labels._gradients import gradient_features_fn as gradient_features_fn
+from .labels._gradients import linearize as linearize
+from .labels._gradients import projected_gradients as projected_gradients
 
-# --- estimation (_estimation.py)
-from ._estimation import SubsetEstimates as SubsetEstimates
-from ._estimation import estimate_subset_labels as estimate_subset_labels
-from ._estimation import estimate_subsets as estimate_subsets
+# --- estimation (labels/_estimation.py)
+from .labels._estimation import SubsetEstimates as SubsetEstimates
+from .labels._estimation import estimate_subset_labels as estimate_subset_labels
+from .labels._estimation import estimate_subsets as estimate_subsets
 
 # --- baselines (_baselines.py)
 from ._baselines import influence_scores as influence_scores
 from ._baselines import tracin_scores as tracin_scores
 from ._baselines import trak_scores as trak_scores
+
+# --- building blocks for code on top of kernattr (layout): a jit-safe value check, and the
+# per-example weights of a mask's training objective
+from ._checks import error_if as error_if
+from .labels._losses import task_weights as task_weights
+
+# --- workflow, save/load (workflow.py, io.py): a user's model -> attributions; results on disk
+from .workflow import Attributions as Attributions
+from .workflow import Workflow as Workflow
+from .workflow import WorkflowConfig as WorkflowConfig
+from .workflow import WorkflowResult as WorkflowResult
+from .workflow import WorkflowTimings as WorkflowTimings
+from .workflow import as_apply_fn as as_apply_fn
+from .workflow import run_workflow as run_workflow
+from .workflow import workflow as workflow
+from .io import load as load
+from .io import save as save
 
 try:
     __version__ = _metadata.version("kernattr")
@@ -133,7 +150,6 @@ __all__ = [
     "bootstrap_interval",
     "data_mesh",
     "estimate_subset_labels",
-    "estimate_subsets",
     "estimator_error",
     "fit_kernel",
     "fit_linear",
@@ -167,4 +183,18 @@ __all__ = [
     "synthetic_game",
     "tracin_scores",
     "trak_scores",
+    # building blocks (layout)
+    "error_if",
+    "task_weights",
+    # workflow, save/load (lib)
+    "Attributions",
+    "Workflow",
+    "WorkflowConfig",
+    "WorkflowResult",
+    "WorkflowTimings",
+    "as_apply_fn",
+    "load",
+    "run_workflow",
+    "save",
+    "workflow",
 ]

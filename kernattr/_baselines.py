@@ -15,7 +15,7 @@ gradient; ``φ_t = G_tᵀ ∇_f metric(f0_t, y_t)`` the target-metric gradient; 
 output Hessian of the loss (Gauss-Newton curvature); ``n_k`` the size of task ``k``;
 ``ḡ_k = (1/n_k) Σ_{i∈k} g_i`` the mean gradient of task ``k``; ``ḡ = (1/K) Σ_k ḡ_k`` the
 gradient of the all-tasks objective with the paper's weighting ``w_i = 1/(K n_{t_i})``
-(:func:`kernattr._losses.task_weights` of the all-ones mask).
+(:func:`kernattr.task_weights` of the all-ones mask).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks
-from ._estimation import check_feature_pair
-from ._features import GradientFeatures
-from ._losses import (
+from .labels._estimation import check_feature_pair
+from .labels._features import GradientFeatures
+from .labels._losses import (
     check_loss_metric,
     curvature_apply,
     example_loss,

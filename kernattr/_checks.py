@@ -63,22 +63,41 @@ def check_rank(x: jax.Array, ranks: int | tuple[int, ...], name: str, shape_doc:
         )
 
 
-def error_if(x: jax.Array, pred: jax.Array, msg: str, exc: type[Exception] = ValueError) -> None:
-    """Raise ``exc(msg)`` if ``pred`` (a boolean scalar array) is true.
+def error_if(x: Any, pred: jax.Array, msg: str, exc: type[Exception] = ValueError) -> Any:
+    """``x`` unchanged, raising ``exc(msg)`` when ``pred`` (a boolean array) has a true entry.
 
     Eagerly when ``pred`` is concrete; under ``jit`` through a host callback that raises when the
     compiled program runs (the error then surfaces wrapped in a ``JaxRuntimeError`` whose text
     contains ``msg``). ``msg`` may contain ``{count}``, filled with the number of true entries of
     ``pred`` before it is reduced (pass a non-scalar ``pred`` to report a count).
+
+    Like ``equinox.error_if`` it returns the value it guards: callers go on with the returned
+    value, so the check stays attached to the data it is about.
+
+    Args:
+      x: the array (or pytree) the check is about; returned unchanged.
+      pred: boolean array; any true entry is an error.
+      msg: the message; ``{count}`` is replaced by the number of true entries.
+      exc: the exception type raised (default ``ValueError``).
+
+    Returns:
+      ``x``.
+
+    >>> import jax, jax.numpy as jnp, kernattr as ka
+    >>> ridge = jnp.array([0.5, 1.0])
+    >>> ka.error_if(ridge, ridge < 0, "`ridge` has {count} negative entries").tolist()
+    [0.5, 1.0]
+    >>> ka.error_if(-ridge, -ridge < 0, "`ridge` has {count} negative entries")
+    Traceback (most recent call last):
+    ValueError: `ridge` has 2 negative entries
     """
-    del x
     pred = jnp.asarray(pred)
     count = jnp.sum(pred)
     if is_concrete(count):
         c = int(count)
         if c > 0:
             raise exc(msg.format(count=c))
-        return
+        return x
 
     def _raise(c):
         c = int(np.asarray(c))
@@ -86,6 +105,7 @@ def error_if(x: jax.Array, pred: jax.Array, msg: str, exc: type[Exception] = Val
             raise exc(msg.format(count=c))
 
     jax.debug.callback(_raise, count)
+    return x
 
 
 def check_masks(masks: Any, name: str = "masks", num_tasks: int | None = None) -> jax.Array:

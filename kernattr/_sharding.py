@@ -19,6 +19,10 @@ Two JAX sharding traps are handled here: ``lax.map(batch_size=...)`` over a shar
 (Explicit) or silently gathers (Auto), so chunking happens inside ``shard_map``; and gradients
 with respect to parameters that enter ``shard_map`` replicated come out summed over devices, so
 parameters are ``pcast`` to *varying* before differentiation.
+
+Masks follow the same convention: the large-``m`` surrogates split the rows of ``masks`` over a
+mesh axis (:func:`mask_mesh`) and move small pytrees with :func:`replicate` / :func:`shard_rows`,
+given ``where = (mesh, axis)`` or ``None`` for one device.
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ._checks import is_concrete, num_examples
 
-__all__ = ["data_mesh", "shard_examples", "example_mesh", "map_over_examples"]
+__all__ = [
+    "data_mesh", "shard_examples", "example_mesh", "map_over_examples", "mask_mesh", "replicate",
+    "replicate_if_sharded", "shard_rows",
+]
 
 
 def data_mesh(devices: Any = None, *, axis: str = "data") -> jax.sharding.Mesh:
@@ -171,3 +178,50 @@ def map_over_examples(
     return jax.shard_map(body, mesh=mesh, in_specs=(rep_specs, ex_specs), out_specs=spec)(
         replicated, examples
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Rows (masks) split over a mesh axis: the mesh, replication and resharding
+# --------------------------------------------------------------------------------------------
+def mask_mesh(masks: jax.Array, mesh: Any = None, axis: str | None = None):
+    """``(mesh, axis)`` over which the rows of ``masks`` are split, or ``None`` (one device)."""
+    found = example_mesh(masks, mesh, axis)
+    if found is None:
+        return None
+    mesh_, axis_ = found
+    size = int(np.prod([mesh_.shape[a] for a in (axis_ if isinstance(axis_, tuple) else (axis_,))]))
+    if size == 1:
+        return None
+    if masks.shape[0] % size:
+        raise ValueError(
+            f"`masks` has m={masks.shape[0]} rows, not divisible by the {axis_!r} mesh axis size "
+            f"{size}; pad or drop masks."
+        )
+    return mesh_, axis_
+
+
+def replicate(x: Any, where) -> Any:
+    """``x`` (a pytree) replicated over the mesh of ``where = (mesh, axis)`` (no-op if None)."""
+    if where is None:
+        return x
+    rep = NamedSharding(where[0], PartitionSpec())
+    return jax.tree_util.tree_map(lambda a: jax.sharding.reshard(a, rep), x)
+
+
+def shard_rows(x: Any, where) -> Any:
+    """``x`` (a pytree of ``[m, ...]``) split on the mesh axis of ``where`` (no-op if None)."""
+    if where is None:
+        return x
+    sh = NamedSharding(where[0], PartitionSpec(where[1]))
+    return jax.tree_util.tree_map(lambda a: jax.sharding.reshard(a, sh), x)
+
+
+def replicate_if_sharded(x: jax.Array) -> jax.Array:
+    """``x`` replicated when it is sharded over an Explicit mesh axis (e.g. examples on a
+    ``data`` axis), else ``x``: for computations that need every row on every device (the
+    estimator needs every example on every mask shard)."""
+    sharding = jax.typeof(x).sharding
+    if isinstance(sharding, NamedSharding) and any(e is not None for e in sharding.spec):
+        if any(t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types):
+            return jax.sharding.reshard(x, NamedSharding(sharding.mesh, PartitionSpec()))
+    return x

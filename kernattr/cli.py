@@ -26,6 +26,8 @@ import sys
 import time
 from typing import Callable
 
+from . import __version__
+
 BUILTIN = "builtin"
 
 
@@ -213,8 +215,8 @@ def _print_report(rep: dict, source: str, split: str) -> None:
 def _run_fit(args: argparse.Namespace) -> int:
     import jax
 
-    from ._loaders import load_subsets
-    from .experiments.fit import fit_report, json_safe, split_heldout
+    from . import load_subsets
+    from .cli_fit import fit_report, json_safe, split_heldout
 
     _out_file("--json", args.json_out)
     if args.x64:
@@ -304,7 +306,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="end-to-end task attribution on modular arithmetic with antagonistic tasks "
-             "(~3 minutes on 2 CPUs)",
+             "(2-10 minutes on 2 CPU cores from a cold start; the upper end on a busy machine)",
         description="Pretrain a small NNX transformer on (x²+xy+y²) mod 17 split into 12 blocks, "
                     "each with an antagonistic partner task (same inputs, a conflicting rule): "
                     "24 tasks. Fine-tune its last layer for real on ~250 task subsets of "
@@ -334,7 +336,8 @@ def _run_reproduce_modular(args: argparse.Namespace) -> int:
 
 
 def _add_reproduce_modular(psub: argparse._SubParsersAction) -> None:
-    m = psub.add_parser("modular", help="modular arithmetic (addition, quadratic, xor)")
+    m = psub.add_parser("modular", help="modular arithmetic (addition, quadratic, xor); "
+                        "3-10 minutes on 2 CPU cores from a cold cache")
     m.add_argument("--task", choices=("addition", "quadratic", "xor"), default="quadratic")
     m.add_argument("--family", choices=("redundancy", "antagonism", "xor", "additive"),
                    default=None, help="a task family with designed interactions (replaces --task)")
@@ -380,7 +383,8 @@ def _run_reproduce_atlas(args: argparse.Namespace) -> int:
 
 
 def _add_reproduce_atlas(psub: argparse._SubParsersAction) -> None:
-    a = psub.add_parser("atlas", help="regime atlas: one-factor-at-a-time sweep around the demo")
+    a = psub.add_parser("atlas", help="regime atlas: one-factor-at-a-time sweep around the demo (about 1-1.5 hours "
+                                   "on 2 CPU cores; --quick: minutes)")
     a.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run, ~minutes)")
     a.add_argument("--prox", type=_nonnegative, default=None,
                    help="the centre's proximal pull to W0 (default: the demo's, 0.03)")
@@ -477,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kernattr",
         description="Task attribution with kernel surrogate models (JAX).",
     )
+    parser.add_argument("--version", action="version", version=f"kernattr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=_Parser)
     for add in SUBCOMMANDS:

@@ -1,4 +1,4 @@
-"""Tests for kernattr._attribution against brute-force enumeration of all 2^K masks (numpy)."""
+"""Tests for kernattr.readouts._attribution against brute-force enumeration of all 2^K masks (numpy)."""
 
 import itertools
 import math

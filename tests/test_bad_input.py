@@ -215,13 +215,14 @@ CASES = [
         "(also NaN, inf)",
         eager=Raises(ValueError, "`ridge` must be finite and >= 0"),
         jit=Raises(JRT, "`ridge` must be finite and >= 0"),
-        no_throw=Returns("`estimate_subsets`: `converged` all False, `labels` NaN",
+        no_throw=Returns("`diagnostics=True`: `converged` all False, `labels` NaN",
                          lambda e: _all_nan(e.labels) and not bool(jnp.any(e.converged))),
         run_eager=lambda: ka.estimate_subset_labels(TR, TG, EMASKS, loss="squared", ridge=-1.0),
         run_jit=lambda: jax.jit(lambda r: ka.estimate_subset_labels(
             TR, TG, EMASKS, loss="squared", ridge=r))(jnp.float32(-1.0)),
-        run_no_throw=lambda: jax.jit(lambda r: ka.estimate_subsets(
-            TR, TG, EMASKS, loss="squared", ridge=r, throw=False))(jnp.float32(jnp.nan)),
+        run_no_throw=lambda: jax.jit(lambda r: ka.estimate_subset_labels(
+            TR, TG, EMASKS, loss="squared", ridge=r, throw=False, diagnostics=True))(
+            jnp.float32(jnp.nan)),
     ),
     Case(
         "`ka.lds(pred, actual)` with a constant float32 column (m = 30)",

@@ -194,7 +194,7 @@ def test_fit_ard_matches_library(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["fit", "--data", str(f), "--ard-steps", "2.5"])
     # too many tasks for the d x d EM step (limit lowered so that K = 6, m = 60 > 21 features hit it)
-    from kernattr.experiments import fit as fit_module
+    from kernattr import cli_fit as fit_module
 
     monkeypatch.setattr(fit_module, "ARD_MAX_TASKS", 4)
     with pytest.raises(ValueError, match="at most 4 tasks"):

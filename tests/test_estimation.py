@@ -1,4 +1,4 @@
-"""Tests for kernattr._estimation: subset-label estimation against independent oracles."""
+"""Tests for kernattr.labels._estimation: subset-label estimation against independent oracles."""
 
 import functools
 
@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from scipy.optimize import minimize
 
 import kernattr as ka
-from kernattr._losses import task_weights
+from kernattr.labels._losses import task_weights
 
 K = 4
 
@@ -199,9 +199,9 @@ def solve_fn(loss, solver, metric="loss", chunk=None, max_iter=50, throw=True, t
     """One jitted estimator per configuration, shared by the tests (compiles are the cost here)."""
 
     def fn(train, target, masks, ridge):
-        return ka.estimate_subsets(
+        return ka.estimate_subset_labels(
             train, target, masks, loss=loss, metric=metric, ridge=ridge, solver=solver,
-            mask_chunk_size=chunk, max_iter=max_iter, throw=throw, tol=tol,
+            mask_chunk_size=chunk, max_iter=max_iter, throw=throw, tol=tol, diagnostics=True,
         )  # fmt: skip
 
     return jax.jit(fn)
@@ -493,7 +493,7 @@ def test_bad_values_under_jit():
 
 
 def test_weights_follow_task_weights():
-    """The oracle's weighting equals kernattr._losses.task_weights (mean loss per selected task)."""
+    """The oracle's weighting equals kernattr.labels._losses.task_weights (mean loss per selected task)."""
     train, _ = random_problem("squared", seed=14)
     w = np.asarray(task_weights(jnp.asarray(MASKS, jnp.float32), train.task_ids, K))
     for j, mask in enumerate(MASKS):
@@ -542,8 +542,8 @@ def test_exact_converges_with_projection_wider_than_rank(dtype):
         tr = ka.GradientFeatures(g, jnp.zeros(n, dtype), y, t)
         tg = ka.GradientFeatures(g[:6], jnp.zeros(6, dtype), y[:6])
         masks = ka.sample_subsets(ks[4], num_tasks=k, num_subsets=m, p=0.6)
-        run = jax.jit(lambda r: ka.estimate_subsets(tr, tg, masks, loss="squared", ridge=r,
-                                                    solver="exact", throw=False))
+        run = jax.jit(lambda r: ka.estimate_subset_labels(
+            tr, tg, masks, loss="squared", ridge=r, solver="exact", throw=False, diagnostics=True))
         # float32: ridges below ~10 d eps ||A|| leave the system numerically singular (reported
         # as such by both solvers); the range checked is where it is not.
         ridges = [1e-10, 1e-8, 1e-6, 1e-4, 1e-2, 1.0] if dtype == jnp.float64 else [1e-3, 1e-2, 1.0]

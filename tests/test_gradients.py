@@ -1,4 +1,4 @@
-"""Tests for kernattr._gradients: linearize, projected_gradients, gradient_features.
+"""Tests for kernattr.labels._gradients: linearize, projected_gradients, gradient_features.
 
 Oracle: the explicit per-example Jacobian from ``jax.jacrev`` times the explicit projection
 matrix ``projector_matrix`` built from the same key.

@@ -1,4 +1,4 @@
-"""Tests for kernattr._loaders: load_subsets (three formats) and group_masks."""
+"""Tests for kernattr.data._loaders: load_subsets (three formats) and group_masks."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import kernattr as ka
-from kernattr._loaders import SubsetData
+from kernattr.data._loaders import SubsetData
 
 
 @pytest.fixture
@@ -284,7 +284,7 @@ def test_load_with_group_ids(tmp_path):
 
 
 def test_builtin_example_is_reproducible():
-    from kernattr._games import example_data
+    from kernattr.data._games import example_data
 
     path = os.path.join(os.path.dirname(ka.__file__), "data", "example_game.json")
     data = ka.load_subsets(path)

@@ -1,4 +1,4 @@
-"""Tests for kernattr._multifidelity: brute-force LOO refits for rho, 2^K enumeration for the
+"""Tests for kernattr.surrogates._multifidelity: brute-force LOO refits for rho, 2^K enumeration for the
 attributions, and the headline (biased cheap labels + 32 real ones beat either alone)."""
 
 import itertools

@@ -1,4 +1,4 @@
-"""Tests for kernattr._projection: make_projector, project, projector_matrix, Projector."""
+"""Tests for kernattr.labels._projection: make_projector, project, projector_matrix, Projector."""
 
 import math
 

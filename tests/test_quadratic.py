@@ -307,7 +307,7 @@ def _walsh_weights_by_projection(gamma, mix, k, scale):
 
 
 def test_walsh_kernel_weights_equal_the_projection(x64):
-    from kernattr._quadratic import walsh_kernel_weights
+    from kernattr.surrogates._quadratic import walsh_kernel_weights
     k, scale = 6, 2.7
     for gamma, mix in ((0.05, 0.0), (0.4, 0.3), (2.0, 0.9)):
         want = _walsh_weights_by_projection(gamma, mix, k, scale)
@@ -513,7 +513,7 @@ def test_ard_invalid_learned_prior_raises_or_gives_nan(monkeypatch):
     """The final solve at the learned prior is checked like the grid's: a prior that makes the
     scaled Gram singular in float32 (forced here: one variance 1e30, the rest 1e-30; no real labels
     reached this) raises, eagerly and under jit, or gives NaN everywhere with throw=False."""
-    from kernattr import _quadratic
+    from kernattr.surrogates import _quadratic
 
     learned = _quadratic._ard_prior
 

@@ -1,4 +1,5 @@
-"""SAC in Flax NNX (kernattr.adapters): pure training steps and attribution adapters."""
+"""SAC in Flax NNX: the models and attribution adapters (kernattr.adapters) and the pure
+training steps built on them (kernattr.experiments.sac)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +9,10 @@ import pytest
 
 import kernattr as ka
 from kernattr.adapters import (
-    Batch, make_sac, make_train_step, pack_examples, sac_losses, sac_output_fn, squash,
-    tanh_gaussian_log_prob, td_targets, actor_mean_labels,
+    Batch, make_sac, pack_examples, sac_output_fn, squash, tanh_gaussian_log_prob,
+    actor_mean_labels,
 )
+from kernattr.experiments.sac import make_train_step, sac_losses, td_targets
 
 O, Z, A, B = 3, 2, 2, 12
 

@@ -1,4 +1,4 @@
-"""Tests for kernattr._subsets: sample_subsets, leave_one_out_masks, pair_masks."""
+"""Tests for kernattr.data._subsets: sample_subsets, leave_one_out_masks, pair_masks."""
 
 import itertools
 import math

@@ -1,4 +1,4 @@
-"""Tests for kernattr._surrogates: oracles are scikit-learn, numpy lstsq and brute-force refits."""
+"""Tests for kernattr.surrogates (_krr, _dispatch): oracles are scikit-learn, numpy lstsq and brute-force refits."""
 
 import itertools
 
@@ -11,7 +11,7 @@ from sklearn.kernel_ridge import KernelRidge
 from sklearn.linear_model import Ridge
 
 import kernattr as ka
-from kernattr._surrogates import (
+from kernattr.surrogates._krr import (
     default_gamma_grid,
     default_mix_grid,
     default_ridge_grid,

@@ -4,7 +4,7 @@ Headline (issue 2): on a game with pairwise interactions (XOR-like and antagonis
 500 training masks, 200 held-out, noise), the grid-tuned kernel surrogate reaches >= 1.25x the
 LDS of the linear surrogate; on a purely additive game it stays within 5% of linear.
 
-The game (kernattr._games) is fixed a priori: every target has dense first-order effects plus 6
+The game (kernattr.data._games) is fixed a priori: every target has dense first-order effects plus 6
 random task pairs (3 XOR-like, 3 antagonistic) carrying half of the signal variance, noise 0.1 of
 the signal standard deviation. Seeds are fixed; nothing is tuned on the held-out masks.
 """

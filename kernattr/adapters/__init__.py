@@ -4,13 +4,16 @@ Flax is imported lazily: ``import kernattr.adapters`` works without flax install
 use of a name below imports it.
 
 Public names:
-  from_nnx: any ``flax.nnx.Module`` -> ``(apply_fn, params)``, without mutating the model.
-  Transformer: a small decoder-only NNX transformer for short token sequences.
-  answer_fn / answer_output / OUTPUTS: output functions for the answer token (logit of the
-    correct class, margin, log-odds, full logits).
-  make_sac / SAC / SACParams / Batch / make_train_step / sac_losses / td_targets /
-    sac_output_fn / pack_examples / actor_mean_labels / tanh_gaussian_log_prob / squash /
-    Actor / TwinCritic / TrainState: soft actor-critic as pure functions, and its adapters.
+
+- ``from_nnx``: any ``flax.nnx.Module`` -> ``(apply_fn, params)``, without mutating the model.
+- ``Transformer``: a small decoder-only NNX transformer for short token sequences.
+- ``answer_fn`` / ``answer_output`` / ``OUTPUTS``: output functions for the answer token (logit
+  of the correct class, margin, log-odds, full logits).
+- ``make_sac`` / ``SAC`` / ``SACParams`` / ``Batch`` / ``sac_output_fn`` / ``pack_examples`` /
+  ``actor_mean_labels`` / ``tanh_gaussian_log_prob`` / ``squash`` / ``Actor`` / ``TwinCritic``:
+  soft actor-critic models as pure functions, and their output functions. The SAC training
+  algorithm built on them (``td_targets``, ``sac_losses``, ``make_train_step``, ``TrainState``)
+  is in :mod:`kernattr.experiments.sac`.
 """
 
 from __future__ import annotations
@@ -24,9 +27,8 @@ _LAZY = {
     "answer_output": "._transformer",
     "OUTPUTS": "._transformer",
     **{name: "._sac" for name in (
-        "Actor", "Batch", "SAC", "SACParams", "TrainState", "TwinCritic", "actor_mean_labels",
-        "make_sac", "make_train_step", "pack_examples", "sac_losses", "sac_output_fn", "squash",
-        "tanh_gaussian_log_prob", "td_targets")},
+        "Actor", "Batch", "SAC", "SACParams", "TwinCritic", "actor_mean_labels", "make_sac",
+        "pack_examples", "sac_output_fn", "squash", "tanh_gaussian_log_prob")},
 }
 
 __all__ = sorted(_LAZY)

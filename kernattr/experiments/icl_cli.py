@@ -47,7 +47,8 @@ def add_icl(psub: argparse._SubParsersAction) -> None:
     3
     """
     p = psub.add_parser(
-        "icl", help="in-context demonstration attribution and selection (~10 min on 2 CPUs)",
+        "icl", help="in-context demonstration attribution and selection (2-10 min on 2 CPU "
+                    "cores; the upper end on a busy machine or when the model is trained)",
         description="Train (or load from the cache) a small NNX transformer that learns affine "
                     "rules mod p in context; for each target rule attribute 50 candidate "
                     "demonstrations over 4-shot prompts (real labels = forward passes, estimated "

@@ -67,7 +67,7 @@ import optax
 
 import kernattr as ka
 
-from .._checks import error_if
+from .. import error_if
 
 __all__ = [
     "PromptInteractions",
@@ -198,9 +198,9 @@ def prompt_taylor(loss_fn: Callable[[jax.Array], jax.Array], anchor: jax.Array, 
     if anchor.ndim != 1 or not jnp.issubdtype(anchor.dtype, jnp.floating):
         raise ValueError(f"`anchor` must be a float vector [K], got {anchor.dtype}"
                          f"{tuple(anchor.shape)}.")
-    error_if(anchor, ~(anchor > 0),
-                        "`anchor` has {count} entries <= 0 (or NaN); every candidate must be "
-                        "present at the anchor.")
+    anchor = error_if(anchor, ~(anchor > 0),
+                      "`anchor` has {count} entries <= 0 (or NaN); every candidate must be "
+                      "present at the anchor.")
     value = loss_fn(anchor)
     jac = jax.jacrev(loss_fn)(anchor)  # [T, K]
     if order == 2:

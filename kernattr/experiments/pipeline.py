@@ -134,10 +134,8 @@ class PipelineConfig:
 
 # Full fine-tuning (overrides of PipelineConfig's defaults), the base of ``kernattr reproduce
 # modular``, ``suite`` and ``atlas``: strong fine-tuning of every parameter (prox 0.03, 200 steps)
-# and dense masks (density 0.9), where the regime study measured the kernel's largest advantage
-# over a linear surrogate on real labels (prox 10 / 1 / 0.1 / 0.03 at density 0.9: x1.02 / x1.02 /
-# x1.10 / x1.16 LDS; prox 0 overfits and the advantage vanishes). The linearization at W0 is the
-# bottleneck there: influence functions beat the kernel on estimated labels.
+# and dense masks (density 0.9), the regime where the regime study found the kernel's largest
+# advantage over a linear surrogate on real labels (its figures are on the modular results page).
 FULL_FINETUNE = {"prox": 0.03, "finetune_steps": 200, "densities": (0.9,)}
 
 
@@ -685,7 +683,6 @@ def evaluate_stage(cfg: PipelineConfig, masks: MaskSet, gt: GroundTruth, est: Es
     key ``seed + 7``; the same resamples for every method, so ``paired`` intervals are paired).
     """
     import kernattr as ka
-    import kernattr.groundtruth as kgt
 
     key = jax.random.key(cfg.seed + 7)
     actual = jnp.asarray(gt.heldout)
@@ -703,7 +700,7 @@ def evaluate_stage(cfg: PipelineConfig, masks: MaskSet, gt: GroundTruth, est: Es
         d = ka.paired_lds_interval(key, jnp.asarray(meth.preds[a]), jnp.asarray(meth.preds[b]),
                                    actual, num_resamples=num_resamples)
         paired[f"{a}-{b}"] = [float(d.mean), float(d.low), float(d.high)]
-    err = kgt.estimator_error(jnp.asarray(est.heldout), actual, F0=jnp.asarray(gt.F0))
+    err = ka.estimator_error(jnp.asarray(est.heldout), actual, F0=jnp.asarray(gt.F0))
     per_mask = np.abs(est.heldout.mean(1) - gt.heldout.mean(1)) / np.abs(gt.heldout.mean(1))
     per_mask0 = np.abs(gt.F0.mean() - gt.heldout.mean(1)) / np.abs(gt.heldout.mean(1))
     per_mask_full = np.abs(gt.full.mean() - gt.heldout.mean(1)) / np.abs(gt.heldout.mean(1))
@@ -859,3 +856,54 @@ def format_table(results: dict) -> str:
         lines.append(f"noise ceiling: {nc['lds']:.3f} [{nc['lds_ci'][0]:.3f}, {nc['lds_ci'][1]:.3f}]"
                      f" ({nc.get('what', 'LDS of a retraining with another seed')})")
     return "\n".join(lines)
+
+
+def results_markdown(results: dict) -> str:
+    """Markdown tables of a ``results.json`` written by :func:`run_pipeline` (for the docs site).
+
+    Pure function of the dict: the methods' LDS with its 95% bootstrap interval and the
+    leave-one-out correlations, the paired differences, the estimator's error against "nothing
+    changes" and the noise ceiling. Timings are left out (they depend on the machine).
+
+    Args:
+      results: the dict of ``results.json`` (keys ``methods``, ``estimator``; optionally
+        ``paired``, ``noise_ceiling``, ``config``).
+
+    Returns:
+      Markdown text (tables and a few lines), ending with a newline.
+
+    Raises:
+      KeyError: when ``methods`` or ``estimator`` is missing.
+
+    >>> r = {"methods": {"kernel": {"lds": 0.8, "lds_ci": [0.7, 0.9], "loo_pearson": 0.5,
+    ...                             "loo_spearman": 0.4}},
+    ...      "estimator": {"relative_error": 0.1, "no_change_relative_error": 0.5,
+    ...                    "spearman": 0.9}}
+    >>> print(results_markdown(r).splitlines()[2])
+    | kernel | 0.800 | [0.700, 0.900] | 0.500 | 0.400 |
+    """
+    methods = results["methods"]
+    est = results["estimator"]
+
+    def num(x, fmt):
+        return "n/a" if x is None else format(x, fmt)
+
+    lines = ["| method | LDS | 95% CI | LOO r | LOO ρ |", "|---|---|---|---|---|"]
+    for name, m in methods.items():
+        lo, hi = m.get("lds_ci", [None, None])
+        lines.append(f"| {name} | {num(m['lds'], '.3f')} | [{num(lo, '.3f')}, {num(hi, '.3f')}] | "
+                     f"{num(m.get('loo_pearson'), '.3f')} | {num(m.get('loo_spearman'), '.3f')} |")
+    paired = results.get("paired") or {}
+    if paired:
+        lines += ["", "| a − b (paired, same bootstrap resamples) | mean | 95% CI |", "|---|---|---|"]
+        for name, (mean, lo, hi) in paired.items():
+            lines.append(f"| {name.replace('-', ' − ', 1)} | {mean:+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
+    lines += ["", f"Estimator on the held-out masks: relative error "
+              f"{est['relative_error']:.1%} against {est['no_change_relative_error']:.1%} for "
+              f"\"nothing changes\"; Spearman {est['spearman']:.3f} across masks."]
+    nc = results.get("noise_ceiling")
+    if nc:
+        lo, hi = nc.get("lds_ci", [float("nan")] * 2)
+        lines.append(f"Noise ceiling: {nc['lds']:.3f} [{lo:.3f}, {hi:.3f}]"
+                     + (f" ({nc['what']})." if nc.get("what") else "."))
+    return "\n".join(lines) + "\n"

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._losses import task_weights
+from .. import task_weights
 from ._rl_common import (SACAttributionConfig, lds_summary, paired_summary, sac_batch,
                          sac_optimizers)
 from .plots import save_figure
@@ -74,7 +74,9 @@ class Prepared(NamedTuple):
 
 def prepare(cfg: RLConfig, seed: int) -> Prepared:
     """Data and ``W0`` for one seed (deterministic from ``seed``)."""
-    from kernattr.adapters import make_sac, make_train_step
+    from kernattr.adapters import make_sac
+
+    from .sac import make_train_step
 
     from .rl_env import collect, default_tasks, start_states
 
@@ -146,7 +148,7 @@ def target_examples(prep: Prepared):
 def make_finetune_eval(cfg: RLConfig, prep: Prepared):
     """A jitted ``(masks [c, K], key) -> (returns [c, T], bc_loss [c, T])``: real fine-tuning
     from ``W0`` on each mask (vmapped), then rollouts and the BC loss on every target task."""
-    from kernattr.adapters import make_train_step
+    from .sac import make_train_step
 
     from .rl_env import rollout_returns
 
@@ -440,7 +442,7 @@ def run_rl(cfg: RLConfig, *, out: Optional[str] = None, progress: bool = True,
     paired["kernel_real-datamodels"] = paired_summary(key, P["kernel_real"], P["datamodels"], R_ho)
     ceiling = lds_summary(key, R_rep, R_ho)
 
-    from kernattr.groundtruth import estimator_error
+    from kernattr import estimator_error
 
     BC0 = np.concatenate([r["BC0"] for r in runs])
     err = estimator_error(jnp.asarray(-Fh_ho), jnp.asarray(BC_ho), F0=jnp.asarray(BC0))

@@ -60,7 +60,8 @@ def _run_and_report(run, format_fn, cfg, args) -> int:
 def add_rl(psub: argparse._SubParsersAction) -> None:
     """Register ``reproduce rl`` on the ``reproduce`` subparsers."""
     p = psub.add_parser(
-        "rl", help="multi-task SAC on a JAX point-mass environment (~minutes on 2 CPUs)",
+        "rl", help="multi-task SAC on a JAX point-mass environment (roughly 8-20 min on 2 CPU "
+                   "cores; the upper end on a busy machine)",
         description="Train multi-task SAC+BC offline on 10 point-mass tasks (W0), fine-tune it for "
                     "real on task subsets (ground truth: target returns by rollouts), estimate the "
                     "subsets with the gradient estimator, compare kernel/linear surrogates, "
@@ -92,7 +93,8 @@ def _run_mt10(args) -> int:
 def add_mt10(psub: argparse._SubParsersAction) -> None:
     """Register ``reproduce mt10`` (needs ``kernattr[rl]``)."""
     p = psub.add_parser(
-        "mt10", help="Meta-World MT10 with SAC (needs kernattr[rl]; --quick <= 15 min on 2 CPUs)",
+        "mt10", help="Meta-World MT10 with SAC (needs kernattr[rl]; --quick: 5-15 min on 2 CPU "
+                     "cores, the upper end on a busy machine)",
         description="Noisy scripted-expert data on the 10 MT10 tasks, multi-task SAC+BC W0, real "
                     "fine-tuning on task subsets with MuJoCo rollouts (return, success), the "
                     "gradient estimator, surrogates and baselines, companion selection.")

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._losses import task_weights
+from .. import task_weights
 from ._rl_common import (SACAttributionConfig, lds_summary, paired_summary, sac_batch,
                          sac_optimizers)
 from .rl import Features
@@ -158,7 +158,9 @@ class MT10Run:
     """Stages of one MT10 run (kept on one object: envs, data, agent, jitted functions)."""
 
     def __init__(self, cfg: MT10Config, *, progress: bool = False):
-        from kernattr.adapters import make_sac, make_train_step
+        from kernattr.adapters import make_sac
+
+        from .sac import make_train_step
 
         self.cfg = cfg
         self.names = tuple(cfg.tasks)

@@ -16,7 +16,7 @@ import optax
 
 from .. import _checks
 from .._checks import check_count, check_key, num_examples
-from .._losses import check_loss_metric, example_loss, example_metric, task_weights
+from ..labels._losses import check_loss_metric, example_loss, example_metric, task_weights
 
 __all__ = ["FinetuneLabels", "evaluate_targets", "finetune_labels", "finetune_on_masks"]
 
@@ -184,7 +184,7 @@ def finetune_on_masks(
 
     ``L_s(W) = Σ_i w_i(s) ℓ(f(x_i; W), y_i) + (prox/2) ||W − W_start||²``
 
-    with ``w = kernattr._losses.task_weights`` (each selected task's MEAN loss counts equally,
+    with ``w = kernattr.task_weights`` (each selected task's MEAN loss counts equally,
     ``w_i = s[t_i] / (n_{t_i} Σ_k s_k)``, so the weights sum to 1) and ``ℓ`` the shared per-example
     loss (``"squared"``: ``½(f−y)²``, ``"logistic"``: ``log(1+e^{−z f})``, ``"softmax"``: cross
     entropy) — the same objective the gradient estimator linearizes. ``num_steps`` optimizer steps
@@ -232,12 +232,9 @@ def finetune_on_masks(
         the start (the regime a first-order estimator is for). ``0`` disables it.
       mask_chunk_size: masks trained together in one ``vmap``; memory grows with it. ``None``
         trains all ``m`` masks at once. Chunks run through ``lax.map`` (jit-compatible), one chunk
-        after the other. Trade-off measured on 2 shared CPU cores (benchmarks/bench_groundtruth.py):
-        for tiny models (D≈500, n≈90) vmapping masks is 2.5–4x faster than a Python loop of
-        jitted single-mask runs; for a 4.4k-parameter MLP on n≈400 examples one mask's step is
-        already matmul-bound and batching masks was slower (0.5x) than the loop, while
-        ``mask_chunk_size=1`` (masks in sequence inside one program) was on par with it. Try 1–4
-        on CPU for such models; large chunks pay off on accelerators.
+        after the other. Vmapping masks pays off while one mask's step leaves the hardware idle
+        (tiny models, accelerators); once a step is matmul-bound (larger models on CPU) small
+        chunks (1–4) are as fast and use less memory (the benchmarks page has the trade-off).
       init_fn: ``init_fn(key) -> params`` for retraining from scratch; ``None`` fine-tunes from
         ``params0``.
       shared_init: with ``init_fn``, start every mask from the same init (see above).
@@ -334,7 +331,7 @@ def evaluate_targets(
     """Target metric of every target example under every mask's parameters.
 
     ``F[j, t] = example_metric(f(x_t; W_j), y_t)`` with the shared metric definitions of
-    :mod:`kernattr._losses` (``"loss"``; ``"margin"``; ``"output"``), the same numbers the
+    :mod:`kernattr.labels._losses` (``"loss"``; ``"margin"``; ``"output"``), the same numbers the
     estimator returns as ``F̂``.
 
     Args:
@@ -482,8 +479,9 @@ def finetune_fn(
 
     Args:
       apply_fn: ``apply_fn(params, x) -> scalar or [C]`` for ONE unbatched example.
-      loss, optimizer, num_steps, batch_size, prox, mask_chunk_size, init_fn, shared_init,
-        common_random_numbers: as in :func:`finetune_on_masks`.
+      loss: as in :func:`finetune_on_masks`, and so are ``optimizer``, ``num_steps``,
+        ``batch_size``, ``prox``, ``mask_chunk_size``, ``init_fn``, ``shared_init`` and
+        ``common_random_numbers``.
 
     Returns:
       ``train(params0, inputs [n, ...], labels [n], task_ids [n], masks [m, K], key=None)`` ->
