@@ -88,7 +88,7 @@ class DigitsConfig:
     num_repeat: int = 128
     mask_chunk: int = 32
     proj_dim: int = 256
-    ridge: float = 1e-3
+    ridge: float = 1e-2
     mask_counts: tuple = (50, 100, 200)
     num_resamples: int = 1000
     curvature_masks: int = 100
@@ -203,10 +203,10 @@ def load_digits_data(*, num_train: int = 1000, num_targets: int = 100, seed: int
 
 
 def _patches(h: jax.Array, stride: int) -> jax.Array:
-    """``[B, H, W, C] -> [B, H/stride, W/stride, 9C]``: the 3x3 neighbourhoods (one pixel of zero
-    padding on every side)
-    of every output pixel, so a convolution is one matrix product (vmaps over masks as a
-    batched matmul, where a vmapped convolution becomes a slow grouped one on CPU)."""
+    """``[B, H, W, C] -> [B, H/stride, W/stride, 9C]``: the 3x3 neighbourhoods of every output
+    pixel (one pixel of zero padding on every side), so a convolution is one matrix product
+    (vmaps over masks as a batched matmul, where a vmapped convolution becomes a slow grouped
+    one on CPU)."""
     H, W = h.shape[1], h.shape[2]
     p = jnp.pad(h, ((0, 0), (1, 1), (1, 1), (0, 0)))
     views = [p[:, i:i + H:stride, j:j + W:stride, :] for i in range(3) for j in range(3)]
