@@ -93,7 +93,8 @@ class DigitsConfig:
     num_resamples: int = 1000
     curvature_masks: int = 100
     hessian_probes: int = 64
-    modular: Optional[tuple] = (("p", 13), ("num_tasks", 16), ("num_targets", 32))
+    modular: Optional[tuple] = (("p", 13), ("num_tasks", 16), ("num_targets", 32),
+                                ("proj_dim", 256))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -914,6 +915,26 @@ def digits_curvature(cfg: DigitsConfig, prep: Prepared, gt: GroundTruth, est: Es
     return out
 
 
+def modular_config(cfg: DigitsConfig):
+    """The modular pipeline's configuration of the curvature study: ``cfg.modular`` overrides,
+    ``curvature_masks`` training and held-out masks, the run's seed."""
+    from . import pipeline as pl
+
+    return pl.PipelineConfig(**{**dict(cfg.modular), "num_train_masks": cfg.curvature_masks,
+                                "num_heldout_masks": cfg.curvature_masks, "seed": cfg.seed})
+
+
+def modular_key(mcfg: Any, cfg: DigitsConfig, training: str) -> dict:
+    """Cache key of the modular real labels: the pipeline's ground-truth key (every setting
+    that changes the real labels, none of the estimator's) and how ``W0`` was trained."""
+    key = {"pipeline": mcfg.ground_truth_key(), "training": training}
+    if training == "sam":
+        key["sam_rho"] = cfg.sam_rho
+    if training == "noise":
+        key["noise_sigma"] = cfg.noise_sigma
+    return key
+
+
 def modular_curvature(cfg: DigitsConfig, *, cache_dir: str, progress: bool = False) -> list:
     """The modular-arithmetic rows of the curvature study: the transformer and data of
     ``kernattr reproduce modular`` (:mod:`kernattr.experiments.pipeline`, sizes from
@@ -923,8 +944,7 @@ def modular_curvature(cfg: DigitsConfig, *, cache_dir: str, progress: bool = Fal
     from . import pipeline as pl
     from .model import ModelSpec, build_model
 
-    mcfg = pl.PipelineConfig(**{**dict(cfg.modular), "num_train_masks": cfg.curvature_masks,
-                                "num_heldout_masks": cfg.curvature_masks, "seed": cfg.seed})
+    mcfg = modular_config(cfg)
     data, _ = pl.make_data(mcfg)
     spec = ModelSpec(mcfg.d_model, mcfg.num_heads, mcfg.num_layers, mcfg.d_mlp)
     apply_fn, params, init_fn = build_model(data, spec,
@@ -945,13 +965,12 @@ def modular_curvature(cfg: DigitsConfig, *, cache_dir: str, progress: bool = Fal
         params0 = jax.jit(partial(pretrain_w0, apply_fn, optimizer=opt,
                                   num_steps=mcfg.pretrain_steps, num_tasks=K))(
             params, data.train_inputs, data.train_labels, data.task_ids)
-        key = {**mcfg.to_dict(), "training": training, "sam_rho": cfg.sam_rho,
-               "noise_sigma": cfg.noise_sigma}
-        path = cache_path(cache_dir, "modular", key)
+        path = cache_path(cache_dir, "modular", modular_key(mcfg, cfg, training))
+        F = None
         if os.path.exists(path):
             with np.load(path) as z:
-                F = z["F"]
-        else:
+                F = z["F"] if np.array_equal(z["masks"], both) else None
+        if F is None:
             F, _ = pl.real_labels(mcfg, data, apply_fn, params0, init_fn, jnp.asarray(both),
                                   progress=progress, runner=runner)
             _atomic_savez(path, masks=both, F=F)
