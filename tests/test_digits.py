@@ -98,11 +98,11 @@ def test_hutchinson_trace_matches_exact_hessian_trace_of_a_tiny_model():
 
     flat, unravel = jax.flatten_util.ravel_pytree(params)
     exact = float(jnp.trace(jax.hessian(lambda f: loss(unravel(f)))(flat)))
-    est = jax.jit(lambda k, p: C.hutchinson_trace(k, loss, p, num_probes=400,
-                                                  num_resamples=300))(jax.random.key(0), params)
+    est = jax.jit(lambda k, p: C.hutchinson_trace(k, loss, p, num_probes=200,
+                                                  num_resamples=200))(jax.random.key(0), params)
     assert float(est.low) <= exact <= float(est.high)
     assert abs(float(est.mean) - exact) < 4 * float(est.std)
-    assert est.samples.shape == (400,)
+    assert est.samples.shape == (200,)
     with pytest.raises(ValueError, match="num_probes"):
         C.hutchinson_trace(jax.random.key(0), loss, params, num_probes=1)
     with pytest.raises(TypeError, match="typed PRNG key"):
@@ -175,44 +175,61 @@ def test_patch_convolution_matches_lax_conv():
 
 
 @pytest.fixture(scope="module")
-def toy_run(tmp_path_factory):
-    cfg = D.tiny_config(mask_counts=(30,), num_resamples=20, curvature_masks=16)
-    out = tmp_path_factory.mktemp("digits")
-    res = D.run_digits(cfg, out=str(out), cache_dir=str(out / "cache"), progress=False,
-                       plots=False, curvature=False)
-    return cfg, out, res
+def toy_stages(tmp_path_factory):
+    """Stages 1-3 (data and W0, all 1,024 fine-tunings, exact values) at toy size."""
+    cfg = D.tiny_config(num_train=100, num_targets=10, pretrain_steps=5, finetune_steps=3,
+                        batch_size=4, num_repeat=8, mask_chunk=1024)
+    cache = str(tmp_path_factory.mktemp("digits-cache"))
+    prep = D.prepare_stage(cfg)
+    gt = D.ground_truth_stage(cfg, prep, cache_dir=cache)
+    return cfg, cache, prep, gt, D.exact_stage(gt)
 
 
-def test_toy_run_exact_ground_truth(toy_run):
-    cfg, out, res = toy_run
-    assert res["num_subsets_retrained"] == 1024 and res["num_tasks"] == 10
-    assert res["exact"]["efficiency_max_abs_error"] < 1e-9 * max(1.0, res["exact"]["efficiency_scale"])
-    z = np.load(out / "ground_truth.npz")
+def test_toy_stages_exact_ground_truth(toy_stages):
+    cfg, cache, prep, gt, ex = toy_stages
+    assert gt.F.shape == (1024, 10) and gt.repeat.shape == (8, 10) and not gt.cache_hit
     # an empty mask does not train: its labels are the losses at W0
-    np.testing.assert_allclose(z["F"][0], z["F0"], rtol=1e-5, atol=1e-6)
-    # exact Shapley values recomputed from the saved labels
-    np.testing.assert_allclose(z["shapley"], np.asarray(D.exact_attributions(z["F"]).shapley),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gt.F[0], gt.F0, rtol=1e-5, atol=1e-6)
+    # fine-tuning on a mask changes the labels, and the repeat uses another minibatch seed
+    assert np.abs(gt.F[-1] - gt.F0).max() > 0
+    assert not np.allclose(gt.repeat, gt.F[gt.repeat_index])
+    # efficiency of the exact Shapley values, in float64
+    scale = np.abs(gt.F[-1] - gt.F[0]).max()
+    assert np.abs(ex.efficiency_error).max() < 1e-12 * max(1.0, scale)
+    np.testing.assert_allclose(ex.loo, gt.F[-1][None] - gt.F[1023 - 2 ** np.arange(10)],
+                               rtol=1e-6, atol=1e-7)
 
 
-def test_results_json_schema(toy_run):
-    import json
+def test_ground_truth_cache_is_reused(toy_stages, monkeypatch):
+    cfg, cache, prep, gt, _ = toy_stages
 
-    cfg, out, res = toy_run
-    with open(out / "results.json") as fh:
-        data = json.load(fh)
-    for key in ("num_subsets_retrained", "num_tasks", "exact", "estimator", "methods",
-                "curvature", "noise_ceiling"):
-        assert key in data
-    for key in ("relative_error", "no_change_relative_error", "spearman"):
-        assert np.isfinite(data["estimator"][key])
-    for name in D.METHODS:
-        row = data["methods"][f"{name}@30"]
-        assert -1.0 <= row["lds"] <= 1.0 and len(row["lds_ci"]) == 2
-        assert np.isfinite(row["shapley_corr"]) and len(row["shapley_corr_ci"]) == 2
-    assert data["curvature"] == []          # run without the curvature study
-    md = D.results_markdown(data)
-    assert "| subsets retrained | 1024 |" in md and "kernel_real@30" in md
+    def fail(*a, **k):
+        raise AssertionError("fine-tuned again instead of reading the cache")
+
+    monkeypatch.setattr(D, "make_runner", lambda *a, **k: fail)
+    again = D.ground_truth_stage(cfg, prep, cache_dir=cache)
+    assert again.cache_hit
+    np.testing.assert_array_equal(again.F, gt.F)
+
+
+def test_evaluate_method_row_schema():
+    K, T = 4, 6
+    rng = np.random.default_rng(0)
+    F = rng.normal(size=(2 ** K, T))
+    ex = D.exact_attributions(F)
+    masks = D.all_masks(K)
+    exact_scores = D.MethodScores(F[1::2], np.asarray(ex.loo), np.asarray(ex.shapley),
+                                  np.asarray(ex.banzhaf), np.asarray(ex.interactions), 0.0)
+    row = D.evaluate_method(jax.random.key(0), exact_scores, F[1::2], ex, 50)
+    # a method that returns the exact values and the true labels scores 1 everywhere
+    for key in ("lds", "shapley_corr", "loo_corr", "banzhaf_corr", "interaction_corr"):
+        assert row[key] == pytest.approx(1.0)
+        assert row[key + "_ci"] == pytest.approx([1.0, 1.0])
+    add = D.additive_scores(rng.normal(size=(K, T)), masks[1::2])
+    row = D.evaluate_method(jax.random.key(0), add, F[1::2], ex, 50)
+    assert row["interaction_corr"] is None and len(row["shapley_corr_ci"]) == 2
+    lo, hi = row["lds_ci"]
+    assert lo <= hi
 
 
 def test_curvature_row_schema_on_a_toy_problem():
@@ -239,13 +256,28 @@ def test_curvature_row_schema_on_a_toy_problem():
     assert "| toy | plain | 6 [6, 6] |" in md
 
 
-def test_ground_truth_cache_is_reused(toy_run, monkeypatch):
-    cfg, out, res = toy_run
-    prep = D.prepare_stage(cfg)
+@pytest.mark.slow  # covered by `kernattr reproduce digits --smoke`
+def test_smoke_run_and_results_json_schema(tmp_path):
+    import json
 
-    def fail(*a, **k):
-        raise AssertionError("fine-tuned again instead of reading the cache")
+    cfg = D.tiny_config(mask_counts=(30,), num_resamples=20)
+    res = D.run_digits(cfg, out=str(tmp_path), cache_dir=str(tmp_path / "cache"), progress=False,
+                       plots=True, curvature=True)
+    with open(tmp_path / "results.json") as fh:
+        data = json.load(fh)
+    assert data["num_subsets_retrained"] == 1024 and data["num_tasks"] == 10
+    assert data["exact"]["efficiency_max_abs_error"] < 1e-9
+    for key in ("relative_error", "no_change_relative_error", "spearman"):
+        assert np.isfinite(data["estimator"][key])
+    for name in D.METHODS:
+        row = data["methods"][f"{name}@30"]
+        assert -1.0 <= row["lds"] <= 1.0 and len(row["lds_ci"]) == 2
+        assert np.isfinite(row["shapley_corr"]) and len(row["shapley_corr_ci"]) == 2
+    assert [(r["model"], r["training"]) for r in data["curvature"]] == [
+        ("digits", t) for t in D.TRAININGS]
+    for r in data["curvature"]:
+        assert r["hessian_trace_ci"][0] <= r["hessian_trace_ci"][1]
+    assert (tmp_path / "digits_shapley.png").exists()
+    assert "| subsets retrained | 1024 |" in D.results_markdown(res)
 
-    monkeypatch.setattr(D, "make_runner", lambda *a, **k: fail)
-    gt = D.ground_truth_stage(cfg, prep, cache_dir=str(out / "cache"))
-    assert gt.cache_hit and gt.F.shape == (1024, cfg.num_targets)
+

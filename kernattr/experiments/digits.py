@@ -613,6 +613,9 @@ def surrogate_scores(surrogate: Any, heldout: np.ndarray, seconds: float = 0.0) 
     return out._replace(seconds=seconds + time.perf_counter() - t)
 
 
+_predict = jax.jit(ka.predict)
+
+
 @jax.jit
 def _readouts(surrogate: Any, heldout: jax.Array) -> tuple:
     return (ka.predict(surrogate, heldout), ka.loo_scores(surrogate),
@@ -652,13 +655,17 @@ def baseline_scores(cfg: DigitsConfig, est: Estimates) -> dict:
     return out
 
 
+# The surrogate fits, jitted once per shape (kernel: RBF, per-target LOO-CV over the default
+# grids; linear: ridge 1e-3 as in the modular pipeline).
+_fit_kernel = jax.jit(partial(ka.fit_kernel, per_target=True))
+_fit_linear = jax.jit(partial(ka.fit_linear, ridge=1e-3))
+
+
 def methods_stage(cfg: DigitsConfig, gt: GroundTruth, est: Estimates) -> dict:
     """Stage 5: ``{"<method>@<m>": MethodScores}`` and the rows used (``"_rows@<m>"``) for every
     ``m`` of ``cfg.mask_counts``."""
     base = baseline_scores(cfg, est)
-    kern = jax.jit(partial(ka.fit_kernel, per_target=True))
-    lin = jax.jit(partial(ka.fit_linear, ridge=1e-3))
-    quad = jax.jit(ka.fit_quadratic)
+    kern, lin, quad = _fit_kernel, _fit_linear, jax.jit(ka.fit_quadratic)
     out = {}
     for m in cfg.mask_counts:
         fit_rows, held_rows = split_masks(cfg, m, len(gt.masks))
@@ -708,13 +715,16 @@ def _upper(x: np.ndarray) -> np.ndarray:
 
 
 def corr_summary(key: jax.Array, corr: np.ndarray, num_resamples: int) -> tuple[float, list]:
-    """Mean of a ``[T]`` per-target correlation over targets where it is defined, and its
-    bootstrap interval over those targets."""
+    """Mean of a ``[T]`` per-target correlation over targets where it is defined, and its 95%
+    percentile bootstrap interval over those targets (the resamples of
+    :func:`kernattr.bootstrap_indices`)."""
     ok = np.isfinite(corr)
     if ok.sum() < 2:
         return float("nan"), [float("nan"), float("nan")]
-    ci = _bootstrap_interval(key, jnp.asarray(corr[ok], jnp.float32), num_resamples)
-    return float(np.mean(corr[ok])), _interval(ci)
+    vals = corr[ok]
+    idx = np.asarray(ka.bootstrap_indices(key, int(ok.sum()), num_resamples))
+    reps = vals[idx].mean(axis=1)
+    return float(vals.mean()), [float(np.quantile(reps, 0.025)), float(np.quantile(reps, 0.975))]
 
 
 # The intervals, jitted once per shape (the same programs serve every method and m).
@@ -726,11 +736,6 @@ def _lds_interval(key, pred, actual, num_resamples):
 @partial(jax.jit, static_argnums=4)
 def _paired_lds_interval(key, pred_a, pred_b, actual, num_resamples):
     return ka.paired_lds_interval(key, pred_a, pred_b, actual, num_resamples=num_resamples)
-
-
-@partial(jax.jit, static_argnums=2)
-def _bootstrap_interval(key, values, num_resamples):
-    return ka.bootstrap_interval(key, values, num_resamples=num_resamples)
 
 
 def evaluate_method(key: jax.Array, s: MethodScores, actual: np.ndarray, exact: ExactValues,
@@ -765,12 +770,11 @@ def paired_summary(key: jax.Array, a: MethodScores, b: MethodScores, actual: np.
             "shapley_corr_diff": mean, "shapley_corr_diff_ci": interval}
 
 
-def evaluate_stage(cfg: DigitsConfig, prep: Prepared, gt: GroundTruth, est: Estimates, exact: ExactValues,
+def evaluate_stage(cfg: DigitsConfig, prep: Prepared, gt: GroundTruth, est: Estimates,
+                   exact: ExactValues,
                    meth: dict) -> dict:
     """Stage 6: ``methods`` / ``paired`` tables, the estimator's error on all ``2^K`` masks,
     the noise ceiling and the exact values' checks."""
-    import kernattr.groundtruth as kgt
-
     key = jax.random.key(cfg.seed + 7)
     B = cfg.num_resamples
     methods, paired = {}, {}
@@ -782,7 +786,7 @@ def evaluate_stage(cfg: DigitsConfig, prep: Prepared, gt: GroundTruth, est: Esti
         for a, b in PAIRED:
             paired[f"{a}-{b}@{m}"] = paired_summary(key, meth[f"{a}@{m}"], meth[f"{b}@{m}"],
                                                     actual, exact, B)
-    err = kgt.estimator_error(jnp.asarray(est.F_hat), jnp.asarray(gt.F), F0=jnp.asarray(gt.F0))
+    err = ka.estimator_error(jnp.asarray(est.F_hat), jnp.asarray(gt.F), F0=jnp.asarray(gt.F0))
     estimator = {"relative_error": float(err.relative_error),
                  "no_change_relative_error": float(err.no_change_relative_error),
                  "spearman": float(err.spearman), "change_captured": float(err.change_captured),
@@ -866,10 +870,8 @@ def curvature_row(key: jax.Array, *, model: str, training: str, loss_fn: Callabl
     S, H, actual = jnp.asarray(fit_masks), jnp.asarray(held_masks), jnp.asarray(F_held)
     labelings = [("real", F_fit)] + ([] if Fhat_fit is None else [("est", Fhat_fit)])
     for tag, y in labelings:
-        ker = ka.fit_kernel(S, jnp.asarray(y), per_target=True)
-        lin = ka.fit_linear(S, jnp.asarray(y), ridge=1e-3)
-        d = ka.paired_lds_interval(key, ka.predict(ker, H), ka.predict(lin, H), actual,
-                                   num_resamples=num_resamples)
+        ker, lin = _fit_kernel(S, jnp.asarray(y)), _fit_linear(S, jnp.asarray(y))
+        d = _paired_lds_interval(key, _predict(ker, H), _predict(lin, H), actual, num_resamples)
         row[f"lds_kernel_{tag}"], row[f"lds_kernel_{tag}_ci"] = float(d.a.mean), _interval(d.a)
         row[f"lds_linear_{tag}"], row[f"lds_linear_{tag}_ci"] = float(d.b.mean), _interval(d.b)
         row[f"kernel_minus_linear_{tag}"] = [float(d.mean), float(d.low), float(d.high)]
