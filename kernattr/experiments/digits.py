@@ -1050,31 +1050,43 @@ def write_plots(out: str, results: dict, meth: dict, exact: ExactValues, labels:
     ax.legend(fontsize=7, ncol=2)
     paths["lds"] = save_figure(fig, out, "digits_lds.png")
 
-    rows = results.get("curvature") or []
-    if rows:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-        names = [f"{r['model']}\n{r['training']}" for r in rows]
-        x = np.arange(len(rows))
-        tr = np.array([r["hessian_trace"] for r in rows])
-        ci = np.array([r["hessian_trace_ci"] for r in rows])
-        axes[0].bar(x, tr, color="tab:gray")
-        axes[0].errorbar(x, tr, yerr=_err(tr, ci), fmt="none", ecolor="k",
-                         capsize=3)
-        axes[0].set_yscale("log")
-        axes[0].set_xticks(x, names, fontsize=7)
-        axes[0].set_title("Hessian trace at W0 (Hutchinson, 95% interval)", fontsize=9)
-        for off, key, color in ((-0.2, "lds_kernel_real", "tab:blue"),
-                                (0.2, "lds_linear_real", "tab:orange")):
-            v = np.array([r[key] for r in rows])
-            c = np.array([r[key + "_ci"] for r in rows])
-            axes[1].bar(x + off, v, width=0.4, color=color, label=key.split("_")[1])
-            axes[1].errorbar(x + off, v, yerr=_err(v, c), fmt="none",
-                             ecolor="k", capsize=2)
-        axes[1].set_xticks(x, names, fontsize=7)
-        axes[1].set_title("held-out LDS on real labels", fontsize=9)
-        axes[1].legend(fontsize=7)
-        paths["curvature"] = save_figure(fig, out, "digits_curvature.png")
+    if results.get("curvature"):
+        paths["curvature"] = write_curvature_plot(out, results["curvature"])
     return paths
+
+
+def write_curvature_plot(out: str, rows: list) -> str:
+    """``digits_curvature.png``: Hessian trace at ``W0`` and kernel / linear LDS on real labels
+    for every row of the curvature table; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .plots import save_figure
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    names = [f"{r['model']}\n{r['training']}" for r in rows]
+    x = np.arange(len(rows))
+    tr = np.array([r["hessian_trace"] for r in rows])
+    ci = np.array([r["hessian_trace_ci"] for r in rows])
+    axes[0].bar(x, tr, color="tab:gray")
+    axes[0].errorbar(x, tr, yerr=_err(tr, ci), fmt="none", ecolor="k",
+                     capsize=3)
+    axes[0].set_yscale("log")
+    axes[0].set_xticks(x, names, fontsize=7)
+    axes[0].set_title("Hessian trace at W0 (Hutchinson, 95% interval)", fontsize=9)
+    for off, key, color in ((-0.2, "lds_kernel_real", "tab:blue"),
+                            (0.2, "lds_linear_real", "tab:orange")):
+        v = np.array([r[key] for r in rows])
+        c = np.array([r[key + "_ci"] for r in rows])
+        axes[1].bar(x + off, v, width=0.4, color=color, label=key.split("_")[1])
+        axes[1].errorbar(x + off, v, yerr=_err(v, c), fmt="none",
+                         ecolor="k", capsize=2)
+    axes[1].set_xticks(x, names, fontsize=7)
+    axes[1].set_title("held-out LDS on real labels", fontsize=9)
+    axes[1].legend(fontsize=7)
+    return save_figure(fig, out, "digits_curvature.png")
 
 
 def run_digits(cfg: DigitsConfig, *, out: Optional[str] = None, cache_dir: Optional[str] = None,
