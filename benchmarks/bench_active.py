@@ -37,6 +37,8 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from _records import record
 from _active import plot_curves, print_mean_curves, report_model_saving, report_reach, surrogate_fit
 
 
@@ -213,6 +215,10 @@ def main(argv=None) -> int:
           [f"{d:+.4f} [{d - h:+.4f}, {d + h:+.4f}]" if np.isfinite(h) else f"{d:+.4f} (1 seed)"
            for d, h in zip(diff.mean(0), half)])
     print(f"noise ceiling (mean): {np.mean(ceil):.4f}")
+    record("held-out LDS at the budget, active vs random masks", figure=ac[-1], unit="LDS",
+           anchor=r[-1], anchor_name="random Bernoulli(1/2) masks", higher_is_better=True,
+           sizes=dict(K=a.K, T=a.T, budget=a.budget, seeds=a.seeds, surrogate=a.surrogate),
+           note=f"noise ceiling {np.mean(ceil):.4f}")
     report_reach(sizes, rand, act, a.budget)
     if a.surrogate == "ard":
         report_model_saving(sizes, grid, rand, a.budget)

@@ -30,6 +30,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from _records import record
 from _active import plot_curves, print_mean_curves, report_model_saving, report_reach, surrogate_fit
 
 
@@ -148,6 +150,13 @@ def main(argv=None) -> int:
     if gt.heldout_repeat is not None:
         nc = ka.lds_interval(jax.random.key(8), jnp.asarray(gt.heldout_repeat), y_held)
         print(f"noise ceiling (another W0): {float(nc.mean):.3f} [{float(nc.low):.3f}, {float(nc.high):.3f}]")
+    record("held-out LDS at the budget, active vs random masks", figure=ac[-1], unit="LDS",
+           anchor=r[-1], anchor_name="random masks (the demo's training masks)",
+           higher_is_better=True,
+           sizes=dict(K=cfg.num_tasks, T=int(gt.train.shape[1]), budget=a.budget, seeds=a.seeds,
+                      surrogate=a.surrogate),
+           note=f"last order's paired difference {row[-1][0]:+.3f} [{row[-1][1]:+.3f}, "
+                f"{row[-1][2]:+.3f}]")
     report_reach(sizes, rand, act, a.budget, unit="order")
     if a.surrogate == "ard":
         report_model_saving(sizes, grid, rand, a.budget, unit="order")

@@ -338,6 +338,20 @@ def main() -> int:
         print(f"JAX sjlt 1 core vs torch 1 thread: throughput x{best['examples_per_s'] / anchor['examples_per_s']:.2f}, "
               f"peak RSS {best['peak_rss_mb']:.0f} vs {anchor['peak_rss_mb']:.0f} MB, "
               f"JL error {best['jl_rel_err']:.4f} vs {anchor['jl_rel_err']:.4f}")  # fmt: skip
+    from _records import record
+
+    sizes = dict(D=D, n=cfg["n"], d=cfg["d"], seq=cfg["seq"], layers=cfg["layers"],
+                 d_model=cfg["dm"], vocab=cfg["vocab"])
+    for name, r in results:
+        if anchor is not None and r is anchor:
+            continue
+        record(f"per-example projected gradients, {name}", figure=r["examples_per_s"],
+               unit="examples/s", anchor=anchor["examples_per_s"] if anchor else None,
+               anchor_name="torch.func vmap(grad) + blockwise dense projection, 1 thread",
+               higher_is_better=True, sizes=sizes,
+               note=f"peak RSS {r['peak_rss_mb']:.0f} MB"
+                    + (f" vs torch {anchor['peak_rss_mb']:.0f} MB" if anchor else
+                       " (torch not installed: no anchor)"))
     print("OK" if ok else "FAILED: non-finite results, JL error above bound or models differ")
     return 0 if ok else 1
 

@@ -17,6 +17,7 @@ import sys
 import time
 
 import jax
+from _records import record
 from _timing import best_time
 import jax.numpy as jnp
 import numpy as np
@@ -152,6 +153,12 @@ def main(argv=None) -> int:
           f"(max |W| = {scale:.2f}); max |F_vmap - F_loop| = {diff_F:.2e}")
     print(f"target loss: at W0 {float(F0.mean()):.4f}, after fine-tuning (mean over masks) {float(F.mean()):.4f}")
 
+    sizes = dict(n=int(x.shape[0]), T=int(xt.shape[0]), D=D, K=args.tasks, m=args.masks,
+                 steps=args.steps)
+    for label, s in (("vmapped", s_vm), (f"chunked({args.chunk})", s_ch), ("lax.map", s_seq)):
+        record(f"fine-tune m masks, {label}", figure=s, unit="s", anchor=s_loop,
+               anchor_name="python loop over masks (jitted single-mask trainer)",
+               higher_is_better=False, sizes=sizes)
     ok = diff_loop <= 1e-3 * max(scale, 1.0) and diff_chunk <= 1e-3 * max(scale, 1.0)
     ok = ok and diff_F <= 1e-3 * max(float(jnp.max(jnp.abs(F))), 1.0)
     ok = ok and bool(jnp.all(jnp.isfinite(F)))

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from _records import record
+
 
 def best_time(fn, repeats):
     jax.block_until_ready(fn())
@@ -127,6 +129,13 @@ def main(argv=None) -> int:
           f"transitions, hidden {f['hidden']}): vmap {f['vmap_s']:.2f} s vs loop {f['loop_s']:.2f} s "
           f"-> {f['speedup']:.2f}x; max parameter deviation {f['max_param_deviation']:.1e}; "
           f"compile {f['compile_s']:.1f} s")
+    record("vmapped environment rollouts", figure=e["jax_steps_per_s"], unit="steps/s",
+           anchor=e["numpy_loop_steps_per_s"], anchor_name="numpy loop, one env at a time",
+           higher_is_better=True, sizes=dict(envs=e["envs"], horizon=e["horizon"]))
+    record("vmapped SAC+BC fine-tuning of m masks", figure=f["vmap_s"], unit="s",
+           anchor=f["loop_s"], anchor_name="python loop over masks (jitted)",
+           higher_is_better=False, sizes=dict(m=f["masks"], steps=f["steps"],
+                                              transitions=f["examples"], hidden=f["hidden"]))
     if not f["max_param_deviation"] < 1e-3:
         print("FAIL: vmapped and looped fine-tuning disagree")
         return 1

@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from _records import record
+
 
 def maxrss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # kB on Linux
@@ -209,6 +211,11 @@ def anchor_part(a, ka, fit_ny, grid, kl, masks, y, test, y_test, ceiling, anchor
             f"[{float(paired.low):+.4f}, {float(paired.high):+.4f}] (paired 95%; target |gap| <= 0.01); "
             f"noise ceiling {float(ceiling):.4f};  speed exact/{short} {t_ex / t_fit:.1f}x"
         )
+        record(f"{gap_name} fit vs exact fit_kernel", figure=t_fit, unit="s", anchor=t_ex,
+               anchor_name="exact fit_kernel (LOO grid selection)", higher_is_better=False,
+               sizes=dict(m=a.m_exact, K=a.K, T=a.T, held_out=a.test),
+               note=f"held-out LDS gap to exact {float(paired.mean):+.4f} "
+                    f"[{float(paired.low):+.4f}, {float(paired.high):+.4f}]")
         return bool(np.isfinite(float(ka.lds(pred, y_test).mean)))
 
     ok = True

@@ -103,6 +103,7 @@ add_module_names = False
 html_theme = "sphinx_book_theme"
 html_title = "kernattr"
 html_static_path = ["_static"]
+html_css_files = ["custom.css"]
 html_theme_options = {
     "show_toc_level": 2,
     "repository_url": "",
@@ -110,3 +111,6 @@ html_theme_options = {
     "navigation_with_keys": False,
 }
 suppress_warnings = ["mystnb.unknown_mime_type"]
+if nb_execution_mode == "off":
+    # Unexecuted pages carry no language metadata; only a quick check of the sources builds so.
+    suppress_warnings += ["mystnb.lexer", "myst-nb.lexer"]

@@ -3,6 +3,13 @@
 Subsets of tasks are 0/1 masks; a surrogate fitted on (mask, measured metric) pairs predicts
 the metric of any subset and gives attributions (leave-one-out, exact Shapley, interactions).
 See README.md for a tour.
+
+This module is the public face: every name below is re-exported from the private modules, laid
+out by the layers data flows through (imports run one way, down this list): ``_checks``,
+``_linalg``, ``_sharding`` (ground floor), ``_metrics``, ``data/`` (masks, loaders, games),
+``labels/`` (gradients, projection, losses, the estimator), ``surrogates/``, ``readouts/``
+(attributions, uncertainty, mask selection), ``_baselines``; above them ``groundtruth``,
+``adapters``, ``workflow``/``io``/``plots``, this face, ``experiments`` and the CLI.
 """
 
 from importlib import metadata as _metadata

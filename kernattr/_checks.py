@@ -13,6 +13,7 @@ Two kinds of checks:
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import jax
@@ -102,10 +103,26 @@ def error_if(x: Any, pred: jax.Array, msg: str, exc: type[Exception] = ValueErro
     def _raise(c):
         c = int(np.asarray(c))
         if c > 0:
-            raise exc(msg.format(count=c))
+            err = exc(msg.format(count=c))
+            err._kernattr_check = True  # raised on purpose: JAX need not log it (see below)
+            raise err
 
     jax.debug.callback(_raise, count)
     return x
+
+
+class _DropCheckErrors(logging.Filter):
+    """Drop JAX's "jax.debug.callback failed" log record (with its traceback) when the failing
+    callback is one of :func:`error_if`'s checks: the error itself reaches the caller as one
+    clean exception. Failures of other callbacks are logged as before."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        info = record.exc_info
+        return not (info and getattr(info[1], "_kernattr_check", False))
+
+
+# The logger JAX reports failing debug callbacks on (named, so no JAX internals are imported).
+logging.getLogger("jax._src.debugging").addFilter(_DropCheckErrors())
 
 
 def check_masks(masks: Any, name: str = "masks", num_tasks: int | None = None) -> jax.Array:
@@ -141,12 +158,48 @@ def check_labels(y: Any, num_rows: int, name: str = "y") -> tuple[jax.Array, boo
     if was_1d:
         y = y[:, None]
     check_same_rows(num_rows, y.shape[0], "masks", name)
+    if y.shape[1] == 0:
+        raise ValueError(
+            f"`{name}` has shape {tuple(y.shape)}: no target columns; pass labels [m] or [m, T] "
+            "with T >= 1."
+        )
     error_if(
         y,
         ~jnp.isfinite(y),
         f"`{name}` contains {{count}} non-finite values (NaN/inf); drop or impute those subsets.",
     )
     return y, was_1d
+
+
+def check_example_labels(labels: Any, n: int, name: str = "labels", *, vector: bool = True,
+                         shape_doc: str = "[n] (one label per example)") -> jax.Array:
+    """Per-example labels (one per training example), checked eagerly and under ``jit``.
+
+    Static: an array (not a string or ``None``) of a real numeric or bool dtype whose leading
+    axis has ``n`` entries, and 1-D when ``vector`` (``shape_doc`` says which shape). Values:
+    finite when floating (a ``{count}`` error from the compiled program under ``jit``).
+    Integer class ids pass unchanged; returns the labels as an array.
+    """
+    if isinstance(labels, (str, bytes)) or labels is None:
+        raise TypeError(f"`{name}` must be an array [n], got {type(labels).__name__}.")
+    labels = jnp.asarray(labels)
+    if not (jnp.issubdtype(labels.dtype, jnp.number) or labels.dtype == jnp.bool_):
+        raise TypeError(f"`{name}` must be numeric, got dtype {labels.dtype}.")
+    if jnp.issubdtype(labels.dtype, jnp.complexfloating):
+        raise TypeError(f"`{name}` must be real, got dtype {labels.dtype}.")
+    if vector:
+        check_rank(labels, 1, name, shape_doc)
+    elif labels.ndim == 0:
+        raise ValueError(f"`{name}` must have a leading example axis [n], got a scalar.")
+    if labels.shape[0] != n:
+        raise ValueError(f"`{name}` has {labels.shape[0]} entries but `inputs` has n={n} examples.")
+    if jnp.issubdtype(labels.dtype, jnp.floating):
+        labels = error_if(
+            labels,
+            ~jnp.isfinite(labels),
+            f"`{name}` contains {{count}} non-finite values (NaN/inf); drop or fix those examples.",
+        )
+    return labels
 
 
 def check_same_rows(n_a: int, n_b: int, name_a: str, name_b: str) -> None:

@@ -507,6 +507,9 @@ class LDSInterval(NamedTuple):
       samples: ``[B]`` LDS of each resample; NaN for a resample where no target has a defined
         correlation (left out of ``low``/``high``/``std``).
       num_valid: scalar int32, number of targets in the point estimate (as :func:`lds`).
+      num_resamples_valid: scalar int32, number of resamples with a defined LDS; when fewer
+        than half are, ``low``, ``high`` and ``std`` are NaN (the bootstrap distribution is
+        then mostly degenerate resamples, and its quantiles mean nothing).
     """
 
     mean: jax.Array
@@ -515,6 +518,7 @@ class LDSInterval(NamedTuple):
     std: jax.Array
     samples: jax.Array
     num_valid: jax.Array
+    num_resamples_valid: jax.Array | None = None
 
     def __float__(self) -> float:
         return float(self.mean)
@@ -534,6 +538,8 @@ class PairedLDSInterval(NamedTuple):
       samples: ``[B]`` replicate differences (NaN where either LDS is undefined).
       a: :class:`LDSInterval` of ``pred_a`` (same resamples).
       b: :class:`LDSInterval` of ``pred_b`` (same resamples).
+      num_resamples_valid: scalar int32, number of resamples where the difference is defined
+        (``low``, ``high``, ``std`` are NaN when fewer than half are).
     """
 
     mean: jax.Array
@@ -543,6 +549,7 @@ class PairedLDSInterval(NamedTuple):
     samples: jax.Array
     a: LDSInterval
     b: LDSInterval
+    num_resamples_valid: jax.Array | None = None
 
 
 def _check_interval_config(num_resamples: Any, level: Any, batch_size: Any) -> None:
@@ -616,6 +623,22 @@ def _quantiles(samples: jax.Array, level: float) -> tuple[jax.Array, jax.Array, 
     return lo_hi[0], lo_hi[1], jnp.nanstd(samples, axis=0)
 
 
+def _valid_quantiles(samples: jax.Array, level: float):
+    """``(low, high, std, count)`` of the defined replicates; NaN when fewer than half are."""
+    count = jnp.sum(~jnp.isnan(samples), axis=0).astype(jnp.int32)
+    enough = 2 * count >= samples.shape[0]
+    low, high, std = (jnp.where(enough, v, jnp.nan) for v in _quantiles(samples, level))
+    return low, high, std, count
+
+
+def _check_interval_rows(m: int) -> None:
+    if m < 3:
+        raise ValueError(
+            f"a bootstrap interval of the LDS needs at least 3 held-out masks (rows), got {m}: "
+            "the rank correlation of 2 points is +1 or -1 by construction."
+        )
+
+
 def _lds_replicates(
     key: jax.Array, preds: tuple[jax.Array, ...], actual: jax.Array, num_resamples: int,
     batch_size: int | None,
@@ -634,9 +657,9 @@ def _lds_replicates(
 
 
 def _lds_interval_from(point, num_valid, samples, level) -> LDSInterval:
-    low, high, std = _quantiles(samples, level)
+    low, high, std, count = _valid_quantiles(samples, level)
     return LDSInterval(mean=point, low=low, high=high, std=std, samples=samples,
-                       num_valid=num_valid)
+                       num_valid=num_valid, num_resamples_valid=count)
 
 
 def _as_2d(x: jax.Array) -> jax.Array:
@@ -671,7 +694,8 @@ def lds_interval(
         step.
 
     Returns:
-      :class:`LDSInterval` ``(mean, low, high, std, samples, num_valid)``.
+      :class:`LDSInterval` ``(mean, low, high, std, samples, num_valid,
+      num_resamples_valid)``.
 
     Example:
       >>> import jax, jax.numpy as jnp, kernattr as ka
@@ -685,6 +709,7 @@ def lds_interval(
     _check_interval_config(num_resamples, level, batch_size)
     pred, actual = _check_pair(pred, actual, "pred", "actual")
     pred, actual = _as_2d(pred), _as_2d(actual)
+    _check_interval_rows(pred.shape[0])
     point, num_valid = _lds_cols(pred, actual)
     samples = _lds_replicates(key, (pred,), actual, num_resamples, batch_size)[:, 0]
     return _lds_interval_from(point, num_valid, samples, float(level))
@@ -719,7 +744,7 @@ def paired_lds_interval(
         step.
 
     Returns:
-      :class:`PairedLDSInterval` ``(mean, low, high, std, samples, a, b)``.
+      :class:`PairedLDSInterval` ``(mean, low, high, std, samples, a, b, num_resamples_valid)``.
 
     Example:
       >>> import jax, jax.numpy as jnp, kernattr as ka
@@ -736,6 +761,7 @@ def paired_lds_interval(
     pred_b, actual = _check_pair(pred_b, actual, "pred_b", "actual")
     dtype = jnp.promote_types(pred_a.dtype, pred_b.dtype)
     pred_a, pred_b, actual = (_as_2d(x.astype(dtype)) for x in (pred_a, pred_b, actual))
+    _check_interval_rows(actual.shape[0])
     point_a, valid_a = _lds_cols(pred_a, actual)
     point_b, valid_b = _lds_cols(pred_b, actual)
     reps = _lds_replicates(key, (pred_a, pred_b), actual, num_resamples, batch_size)
@@ -743,9 +769,9 @@ def paired_lds_interval(
     ia = _lds_interval_from(point_a, valid_a, reps[:, 0], level)
     ib = _lds_interval_from(point_b, valid_b, reps[:, 1], level)
     diff = reps[:, 0] - reps[:, 1]
-    low, high, std = _quantiles(diff, level)
+    low, high, std, count = _valid_quantiles(diff, level)
     return PairedLDSInterval(mean=point_a - point_b, low=low, high=high, std=std, samples=diff,
-                             a=ia, b=ib)
+                             a=ia, b=ib, num_resamples_valid=count)
 
 
 def bootstrap_interval(

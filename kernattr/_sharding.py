@@ -132,6 +132,19 @@ def example_mesh(tree: Any, mesh: Any = None, axis: str | None = None):
     return sh.mesh, first
 
 
+def gather_rows(x: jax.Array) -> jax.Array:
+    """``x`` replicated when its leading axis is split over a mesh (a no-op otherwise).
+
+    For the solvers that need every row on every device (eigendecompositions, SVDs of
+    ``[m, ...]`` arrays): sharded inputs then give the single-device result. Works eagerly and
+    under ``jit`` (Explicit mesh axes).
+    """
+    found = example_mesh(x)
+    if found is None:
+        return x
+    return jax.sharding.reshard(x, NamedSharding(found[0], PartitionSpec()))
+
+
 def _axis_size(mesh, axis) -> int:
     names = axis if isinstance(axis, tuple) else (axis,)
     return int(np.prod([mesh.shape[a] for a in names]))

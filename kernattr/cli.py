@@ -51,11 +51,15 @@ def _number(text: str, *, positive: bool) -> float:
     return v
 
 
-def _number_list(positive: bool) -> Callable[[str], list[float]]:
+def _number_list(positive: bool, at_most_one: bool = False) -> Callable[[str], list[float]]:
     def parse(text: str) -> list[float]:
-        values = [_number(v, positive=positive) for v in text.split(",") if v.strip()]
-        if not values:
-            raise argparse.ArgumentTypeError("expected at least one number")
+        items = text.split(",")
+        if any(not v.strip() for v in items):
+            raise argparse.ArgumentTypeError(
+                f"empty item in {text!r}: give comma-separated numbers, e.g. 0.1,1,10")
+        values = [_number(v, positive=positive) for v in items]
+        if at_most_one and any(v > 1.0 for v in values):
+            raise argparse.ArgumentTypeError(f"each value must be in [0, 1], got {text}")
         return values
 
     parse.__name__ = "positive numbers" if positive else "non-negative numbers"
@@ -144,7 +148,7 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated bandwidth grid, each > 0 (default: scaled to K)")
     p.add_argument("--ridge", type=_number_list(positive=False), default=None,
                    help="comma-separated ridge grid, each >= 0 (default: decades 1e-4..1e4)")
-    p.add_argument("--mix", type=_number_list(positive=False), default=None,
+    p.add_argument("--mix", type=_number_list(positive=False, at_most_one=True), default=None,
                    help="comma-separated grid of the linear share, each in [0, 1] (linear+rbf "
                    "only; default 0,0.5,0.9,0.99,1)")
     p.add_argument("--select", choices=("mse", "loo_spearman"), default="mse",
@@ -524,6 +528,12 @@ def main(argv: list[str] | None = None) -> int:
     Errors raised by a command end the program with one line on stderr (exit code 1).
     """
     args = build_parser().parse_args(argv)
+    # Compiled kernattr programs carry host callbacks (the input checks, some inside loops); with
+    # JAX's asynchronous CPU dispatch such programs can hang (jax-ml/jax#25861): run them inline.
+    # A driver may set this; the library itself never does.
+    import jax
+
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
     # A check that fires inside compiled code is re-raised below as one line; keep JAX from
     # also logging the callback's traceback.
     logging.getLogger("jax._src.debugging").setLevel(logging.CRITICAL)

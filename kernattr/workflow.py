@@ -614,7 +614,7 @@ def run_workflow(
     >>> res.shapley.value.shape, res.interactions.shape
     ((4, 5), (4, 4, 5))
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bar (tqdm.auto warns in notebooks without ipywidgets)
 
     if not isinstance(wf, Workflow):
         raise TypeError(f"`wf` must be a kernattr.Workflow (kernattr.workflow(...)), got "

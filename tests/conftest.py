@@ -1,14 +1,25 @@
-"""Test configuration, set before JAX starts: 8 fake CPU devices, strict rank promotion, and a
-cheaper XLA CPU backend.
+"""Test configuration, set before JAX starts: 8 fake CPU devices, strict rank promotion, a
+cheaper XLA CPU backend, programs executed inline (no asynchronous CPU dispatch), and a
+persistent compilation cache shared by the test processes.
 
 Most of the suite's time is XLA compiling small programs that then run for milliseconds. LLVM's
 optimisation level 0 without its expensive passes cuts that compile time (measured on 2 cores:
 about 20% of the suite's wall time) and leaves the results within the tests' tolerances. It only
 applies to the tests (and the processes they spawn); the library, the benchmarks and the
 ``kernattr`` commands compile with XLA's defaults. A flag you set in ``XLA_FLAGS`` yourself wins.
+
+Many tests compile the same small programs (a fresh ``jax.jit`` of the same function in each
+test, the same program in both xdist workers, the doctests). JAX's persistent compilation cache
+in ``.jax_cache/`` at the repository root (git-ignored) lets each be compiled once: every
+executable is written, however short its compile time or small its size, and the processes the
+tests spawn (CLI, notebooks) use the same cache through the environment. Eviction is on (a size
+limit), which makes JAX take a file lock around each cache read and write, so the xdist workers
+never read an entry another one is still writing. ``JAX_COMPILATION_CACHE_DIR`` set to another
+folder wins; set it to an empty string to switch the cache off.
 """
 
 import os
+import pathlib
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
@@ -17,11 +28,21 @@ for _flag in ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensiv
     if _flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
         os.environ["XLA_FLAGS"] += " " + _flag
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"))
+if os.environ["JAX_COMPILATION_CACHE_DIR"]:
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# kernattr's compiled programs carry host callbacks (its input checks, some inside loops); with
+# JAX's asynchronous CPU dispatch such programs can hang (jax-ml/jax#25861): run them inline, as
+# the `kernattr` command does.
+jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 @pytest.fixture

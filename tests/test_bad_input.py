@@ -152,6 +152,27 @@ def _dup_masks_file(tmp):
     return path
 
 
+def _npz_test_part_mismatch(tmp, what):
+    """A datamodels .npz whose test part has another K (``what="K"``) or T than the training part."""
+    path = os.path.join(tmp, f"dm_{what}.npz")
+    masks = np.eye(4)[[0, 1, 2, 3, 0, 1]]
+    test_masks = masks[:, :3] if what == "K" else masks
+    test_scores = np.zeros((6, 2)) if what == "T" else np.zeros(6)
+    np.savez(path, masks=masks, scores=np.arange(6.0), test_masks=test_masks, test_scores=test_scores)
+    return path
+
+
+def _ids_test_part_mismatch(tmp):
+    path = os.path.join(tmp, "ids.json")
+    with open(path, "w") as f:
+        json.dump({"subsets": [[0], [1], [0, 1]], "scores": [0.1, 0.2, 0.3],
+                   "test_subsets": [[0], [1]], "test_scores": [[0.1, 0.2], [0.3, 0.4]]}, f)
+    return path
+
+
+Y0 = jnp.zeros((16, 0), jnp.float32)
+
+
 CONST = jnp.full((30,), 0.1, jnp.float32)
 X30 = jax.random.normal(jax.random.key(2), (30,))
 LDS_IN = (jnp.stack([CONST, X30], 1), jnp.stack([X30, X30 ** 3], 1))
@@ -268,6 +289,51 @@ CASES = [
                      ".npz archive or a masks .npy (with `scores=`); found a .json file"),
         run_eager=lambda: ka.load_subsets(_json_file(_tmp()), format="datamodels"),
     ),
+    Case(
+        "`ka.load_subsets(\"d.npz\")` whose `test_masks` have another K than `masks`",
+        eager=Raises(ValueError, "`test_masks` has 3 columns (tasks), `masks` 4"),
+        run_eager=lambda: ka.load_subsets(_npz_test_part_mismatch(_tmp(), "K")),
+    ),
+    Case(
+        "`ka.load_subsets(\"d.npz\")` whose `test_scores` have another T than `scores`",
+        eager=Raises(ValueError, "`test_scores` has 2 targets, `scores` 1"),
+        run_eager=lambda: ka.load_subsets(_npz_test_part_mismatch(_tmp(), "T")),
+    ),
+    Case(
+        "`ka.load_subsets(\"ids.json\")` whose `test_scores` have another T than `scores`",
+        eager=Raises(ValueError, "`test_scores` has 2 targets, `scores` 1"),
+        run_eager=lambda: ka.load_subsets(_ids_test_part_mismatch(_tmp())),
+    ),
+    Case(
+        "labels of shape `[m, 0]` in `fit_kernel` (direct, Nyström), `fit_linear`, "
+        "`fit_quadratic`, `fit_multifidelity`",
+        eager=Raises(ValueError, "`y` has shape (16, 0): no target columns"),
+        jit=Raises(ValueError, "`y` has shape (16, 0): no target columns"),
+        run_eager=lambda: [f() for f in (
+            lambda: ka.fit_kernel(M, Y0),
+            lambda: ka.fit_kernel(M, Y0, num_landmarks=4, key=jax.random.key(0)),
+            lambda: ka.fit_linear(M, Y0), lambda: ka.fit_quadratic(M, Y0),
+            lambda: ka.fit_multifidelity(M, Y, M, Y0))],
+        run_jit=lambda: [jax.jit(ka.fit_linear)(M, Y0), jax.jit(ka.fit_kernel)(M, Y0)],
+    ),
+    Case(
+        "`ka.lds_interval(key, pred, actual)` with 2 held-out masks",
+        eager=Raises(ValueError, "needs at least 3 held-out masks (rows), got 2"),
+        jit=Raises(ValueError, "needs at least 3 held-out masks (rows), got 2"),
+        run_eager=lambda: ka.lds_interval(jax.random.key(0), M[:2], M[:2] + 1.0),
+        run_jit=lambda: jax.jit(ka.lds_interval)(jax.random.key(0), M[:2], M[:2] + 1.0),
+    ),
+    Case(
+        "`ka.lds_interval` where most resamples have no defined LDS (3 masks, ties)",
+        eager=Returns("`low`, `high`, `std` NaN; `num_resamples_valid` counts the defined "
+                      "resamples", lambda r: bool(jnp.isnan(r.low) & jnp.isnan(r.high)
+                                                 & (2 * r.num_resamples_valid < 1000))),
+        jit=Returns("same", lambda r: bool(jnp.isnan(r.low) & (2 * r.num_resamples_valid < 1000))),
+        run_eager=lambda: ka.lds_interval(jax.random.key(0), jnp.array([0.0, 0.0, 1.0]),
+                                          jnp.array([1.0, 0.0, 0.0])),
+        run_jit=lambda: jax.jit(ka.lds_interval)(jax.random.key(0), jnp.array([0.0, 0.0, 1.0]),
+                                                 jnp.array([1.0, 0.0, 0.0])),
+    ),
     Case("`kernattr fit --gamma=-1`",
          eager=Exits(2, "argument --gamma: must be finite and > 0"),
          argv=lambda tmp: ["fit", "--gamma=-1"]),
@@ -280,6 +346,12 @@ CASES = [
     Case("`kernattr fit --ridge 0` on duplicated masks",
          eager=Exits(1, "--ridge: `ridge` too small: the kernel matrix is singular"),
          argv=lambda tmp: ["fit", "--data", _dup_masks_file(tmp), "--ridge", "0"]),
+    Case("`kernattr fit --ridge 1e-3,,1`",
+         eager=Exits(2, "argument --ridge: empty item in '1e-3,,1'"),
+         argv=lambda tmp: ["fit", "--ridge", "1e-3,,1"]),
+    Case("`kernattr fit --mix 2`",
+         eager=Exits(2, "argument --mix: each value must be in [0, 1], got 2"),
+         argv=lambda tmp: ["fit", "--mix", "2"]),
     Case("`kernattr fit --json missing/dir/o.json`",
          eager=Exits(1, "folder"),
          argv=lambda tmp: ["fit", "--json", os.path.join(tmp, "missing", "dir", "o.json")]),

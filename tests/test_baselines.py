@@ -191,7 +191,7 @@ def test_trak_equals_numpy(x64, loss, weighting):
 @pytest.mark.parametrize("loss", ["squared", "logistic", "softmax"])
 def test_trak_weights_times_features_are_minus_loss_gradients(x64, loss):
     from kernattr._baselines import loss_grads, trak_features
-    from kernattr._estimation import check_feature_pair
+    from kernattr.labels._estimation import check_feature_pair
 
     train, _ = _features(loss)
     (G, f0, y, _), _ = check_feature_pair(train, train, loss)

@@ -46,3 +46,33 @@ def test_check_labels_nan_and_rows():
         _checks.check_labels(jnp.array([1.0, jnp.nan, 2.0]), 3)
     with pytest.raises(ValueError, match="rows"):
         _checks.check_labels(jnp.arange(4.0), 3)
+
+
+def test_failed_check_under_jit_is_one_clean_error(caplog, capfd):
+    """issue 26 row 8: the error reaches the caller; JAX does not log "jax.debug.callback
+    failed" with a traceback first. Other callbacks' failures are still logged."""
+    import logging
+
+    import kernattr as ka
+
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(Exception, match="ridge"):
+            jax.block_until_ready(
+                jax.jit(lambda r: ka.fit_linear(jnp.eye(3), jnp.ones(3), ridge=r).coef)(-1.0))
+    assert "callback failed" not in caplog.text
+    assert "callback failed" not in capfd.readouterr().err
+    # a failing callback that is not a kernattr check is still reported by JAX
+    caplog.clear()
+
+    def boom(_):
+        raise RuntimeError("not a check")
+
+    with caplog.at_level(logging.DEBUG), pytest.raises(Exception):
+        jax.block_until_ready(jax.jit(lambda x: (jax.debug.callback(boom, x), x)[1])(1.0))
+    assert "callback failed" in caplog.text
+
+
+def test_labels_without_target_columns_rejected():
+    """issue 26 row 6: [m, 0] labels are one clear error."""
+    with pytest.raises(ValueError, match="no target columns"):
+        _checks.check_labels(jnp.zeros((4, 0)), 4)

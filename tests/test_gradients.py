@@ -312,3 +312,19 @@ def test_bad_input():
         ).block_until_ready()
     with pytest.raises(ValueError, match="num_tasks"):
         gf(mlp, params, X, y, proj, num_tasks=3)
+
+
+def test_configured_features_serve_training_and_target_sets():
+    """issue 26 row 5: one gradient_features_fn(num_tasks=K) serves the training set (with
+    task ids, range-checked against K) and the target set (task_ids=None)."""
+    params, X = make_params(), make_inputs()
+    proj = ka.make_projector(jax.random.key(2), params, dim=4, kind="rademacher")
+    feats = jax.jit(ka.gradient_features_fn(mlp_scalar, proj, num_tasks=3))
+    y = jnp.zeros(X.shape[0])
+    train = feats(params, X, y, jnp.arange(X.shape[0]) % 3)
+    target = feats(params, X, y)  # no task ids: the target set
+    assert target.task_ids is None and train.task_ids is not None
+    want = ka.gradient_features(mlp_scalar, params, X, y, proj)
+    np.testing.assert_allclose(target.grads, want.grads, rtol=1e-5, atol=1e-6)
+    with pytest.raises(Exception, match="task_ids"):
+        jax.block_until_ready(feats(params, X, y, jnp.arange(X.shape[0]) % 5).grads)

@@ -111,3 +111,19 @@ def test_bad_sharded_input():
         ka.projected_gradients(mlp, params, X, proj, mesh=mesh)
     with pytest.raises(ValueError, match="axis"):
         ka.projected_gradients(mlp, params, X, proj, mesh=jax.make_mesh((8,), ("batch",)))
+
+
+def test_sharded_masks_and_labels_into_fit_kernel_and_fit_linear():
+    """issue 26 row 3: rows sharded with shard_examples give the single-device fits (the
+    direct solvers gather them), eagerly and under jit."""
+    mesh = ka.data_mesh()
+    masks = ka.sample_subsets(jax.random.key(0), num_tasks=5, num_subsets=32, p=0.5)
+    y = jnp.stack([masks[:, 0] * masks[:, 1], masks[:, 2] - masks[:, 3]], 1)
+    sm, sy = ka.shard_examples((masks, y), mesh)
+    assert sm.sharding.spec == PartitionSpec("data")
+    grids = dict(gamma=jnp.array([0.1, 0.5]), ridge=jnp.array([0.01, 1.0]))
+    for fit in (lambda a, b: ka.fit_kernel(a, b, **grids), lambda a, b: ka.fit_linear(a, b)):
+        ref = fit(masks, y)
+        for got in (fit(sm, sy), jax.jit(fit)(sm, sy)):
+            for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -207,3 +207,20 @@ def test_bad_input():
         jax.block_until_ready(_pv(s, masks.at[0, 0].set(0.5)))
     with pytest.raises(Exception, match="one \\(gamma, ridge\\)"):
         jax.block_until_ready(_pv(s._replace(ridge=jnp.array([0.1, 0.2])), masks))
+
+
+def test_what_fits_has_a_posterior_float32_linear_kernel():
+    """issue 26 row 2: one singularity rule for the fit and the posterior. The linear kernel on
+    K=30 tasks has rank 30 << m = 2000; ridge 1e-3 fits in float32, so the posterior exists."""
+    masks = ka.sample_subsets(jax.random.key(0), num_tasks=30, num_subsets=2000, p=0.5)
+    y = masks @ jnp.linspace(-1.0, 1.0, 30) + 0.1 * jax.random.normal(jax.random.key(1), (2000,))
+    s = jax.jit(lambda a, b: ka.fit_kernel(a, b, kernel="linear", ridge=1e-3))(masks, y)
+    probe = ka.leave_one_out_masks(30)
+    var = jax.jit(ka.posterior_variance)(s, probe)
+    assert bool(jnp.all(jnp.isfinite(var)) & jnp.all(var >= 0))
+    iv = ka.attribution_intervals(s, kind="shapley")
+    assert bool(jnp.all(jnp.isfinite(iv.std)))
+    # the linear surrogate's Shapley values are its coefficients; the interval is narrow
+    np.testing.assert_allclose(iv.value[:, 0], np.linspace(-1.0, 1.0, 30), atol=0.05)
+    picks = ka.select_masks(jax.random.key(2), s, 3, num_candidates=64)
+    assert picks.shape == (3, 30)

@@ -214,6 +214,20 @@ def _pair(masks, scores, path, mfield, sfield):
     return m, _as_labels(scores, m.shape[0], path, sfield)
 
 
+def _check_test_part(path, train, test, fields) -> None:
+    """The held-out part must have the training part's K (mask columns) and T (targets).
+
+    ``fields``: names of (train masks, train scores, test masks, test scores) in the file.
+    """
+    tm, ts, vm, vs = fields
+    if test[0].shape[1] != train[0].shape[1]:
+        raise _fail(path, f"`{vm}` has {test[0].shape[1]} columns (tasks), `{tm}` "
+                    f"{train[0].shape[1]}; the held-out masks must have the same K.")
+    if test[1].shape[1] != train[1].shape[1]:
+        raise _fail(path, f"`{vs}` has {test[1].shape[1]} targets, `{ts}` {train[1].shape[1]}; "
+                    "the held-out scores must have the same T.")
+
+
 def _first_key(store: dict, names: tuple[str, ...]) -> Optional[str]:
     for name in names:
         if name in store:
@@ -275,6 +289,7 @@ def _load_datamodels(path: str, scores: Optional[str]) -> SubsetData:
     if tsk is None:
         raise _fail(path, f"`{tk}` is present but no matching test scores/margins.")
     test = _pair(get(tk), get(tsk), path, tk, tsk)
+    _check_test_part(path, train, test, (mk, sk if scores is None else "scores", tk, tsk))
     return SubsetData(*train, *test)
 
 
@@ -300,10 +315,8 @@ def _load_json(path: str) -> SubsetData:
         _to_numeric(data["test_subset_scores"], path, "test_subset_scores"),
         path, "test_w", "test_subset_scores",
     )
-    if test[0].shape[1] != train[0].shape[1]:
-        raise _fail(path, f"`test_w` has {test[0].shape[1]} columns, `train_w` {train[0].shape[1]}.")
-    if test[1].shape[1] != train[1].shape[1]:
-        raise _fail(path, "`test_subset_scores` and `train_subset_scores` differ in targets.")
+    _check_test_part(path, train, test,
+                     ("train_w", "train_subset_scores", "test_w", "test_subset_scores"))
     return SubsetData(*train, *test)
 
 
@@ -368,6 +381,7 @@ def _load_ids(path: str, scores: Optional[str]) -> SubsetData:
         _to_numeric(data["test_scores"], path, "test_scores"),
         path, "test_subsets", "test_scores",
     )
+    _check_test_part(path, train, test, ("subsets", "scores", "test_subsets", "test_scores"))
     return SubsetData(*train, *test)
 
 

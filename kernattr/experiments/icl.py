@@ -293,10 +293,27 @@ def attribution_for_rule(cfg: ICLExperimentConfig, fns: _Compiled, masks: dict,
                                     jnp.asarray(prob.demo_y), q, a))  # [K, T]
     preds["influence"] = masks["heldout"] @ infl
 
-    # leave-one-out inside the held-out 4-shot prompts: F(S) - F(S minus j), j in S
-    ho = masks["heldout"]
-    rows, cols = np.nonzero(ho)
-    drop = ho[rows].copy()
+    loo_real, loo = _loo_in_prompts(real, fns, sur, preds, masks["heldout"], F_ho, infl)
+    choice, selection = _select_demonstrations(real, fns, sur, loo, subsets, masks, F_ho, k)
+    cats = _second_differences(real, fns, prob, K)
+    return dict(problem=prob, F_tr=F_tr, F_ho=F_ho, Fh_tr=Fh_tr, Fh_ho=Fh_ho, preds=preds,
+                loo=loo, loo_real=loo_real, selection=selection,
+                choice={n: np.asarray(v).tolist() for n, v in choice.items()},
+                choice_kinds={n: [KINDS[prob.kinds[i]] for i in v] for n, v in choice.items()},
+                second_differences=cats, times=times, num_real=n_real,
+                gamma=float(np.asarray(sur["kernel"].gamma)[0]),
+                ridge=float(np.asarray(sur["kernel"].ridge)[0]),
+                mix=float(np.asarray(sur["kernel"].mix)[0]))
+
+
+
+def _loo_in_prompts(real, fns: _Compiled, sur: dict, preds: dict, heldout: np.ndarray, F_ho,
+                    infl) -> tuple[np.ndarray, dict]:
+    """Leave-one-out inside the held-out prompts, ``F(S) - F(S minus j)`` for ``j`` in ``S``,
+    averaged per candidate ``[K, T]``: real (a forward pass per dropped prompt) and each method's."""
+    K = heldout.shape[1]
+    rows, cols = np.nonzero(heldout)
+    drop = heldout[rows].copy()
     drop[np.arange(len(rows)), cols] = 0.0
     F_drop = real(drop, fns.real_small)
     diff_real = F_ho[rows] - F_drop  # [m·k, T]
@@ -314,13 +331,19 @@ def attribution_for_rule(cfg: ICLExperimentConfig, fns: _Compiled, masks: dict,
     loo["linear"] = np.asarray(sur["linear"].coef)
     loo["datamodels"] = np.asarray(sur["datamodels"].coef)
     loo["influence"] = infl
+    return loo_real, loo
 
-    # selection: 4 demonstrations by each method, scored by a real forward pass
+
+def _select_demonstrations(real, fns: _Compiled, sur: dict, loo: dict, subsets, masks: dict, F_ho,
+                           k: int) -> tuple[dict, dict]:
+    """``k`` demonstrations chosen by each method, each choice scored by a real forward pass;
+    ``(choice, selection)`` with the random and oracle references in ``selection``."""
+    K = masks["heldout"].shape[1]
     sub = np.asarray(subsets)
     choice = {
         "linear": _top(loo["linear"].mean(1), k),
         "datamodels": _top(loo["datamodels"].mean(1), k),
-        "influence": _top(infl.mean(1), k),
+        "influence": _top(loo["influence"].mean(1), k),
     }
     for n in ("kernel", "kernel_real"):
         _, best = fns.search(sur[n], subsets)
@@ -331,8 +354,12 @@ def attribution_for_rule(cfg: ICLExperimentConfig, fns: _Compiled, masks: dict,
     selection = {n: float(v) for n, v in zip(choice, F_chosen)}
     selection["random"] = float(F_ho.mean())
     selection["oracle"] = float(min(F_oracle.min(), F_chosen.min()))
+    return choice, selection
 
-    # real pairwise second differences from the empty prompt: F(ij) - F(i) - F(j) + F()
+
+def _second_differences(real, fns: _Compiled, prob, K: int) -> dict:
+    """Real pairwise second differences from the empty prompt, ``F(ij) - F(i) - F(j) + F()``,
+    grouped by the kind of pair."""
     pairs = np.asarray(list(itertools.combinations(range(K), 2)))
     pm = np.zeros((len(pairs), K), np.float32)
     pm[np.arange(len(pairs))[:, None], pairs] = 1.0
@@ -343,16 +370,7 @@ def attribution_for_rule(cfg: ICLExperimentConfig, fns: _Compiled, masks: dict,
     cats: dict[str, list] = {}
     for (i, j), v in zip(pairs, second):
         cats.setdefault(pair_category(prob, int(i), int(j)), []).append(float(v))
-
-    return dict(problem=prob, F_tr=F_tr, F_ho=F_ho, Fh_tr=Fh_tr, Fh_ho=Fh_ho, preds=preds,
-                loo=loo, loo_real=loo_real, selection=selection,
-                choice={n: np.asarray(v).tolist() for n, v in choice.items()},
-                choice_kinds={n: [KINDS[prob.kinds[i]] for i in v] for n, v in choice.items()},
-                second_differences=cats, times=times, num_real=n_real,
-                gamma=float(np.asarray(sur["kernel"].gamma)[0]),
-                ridge=float(np.asarray(sur["kernel"].ridge)[0]),
-                mix=float(np.asarray(sur["kernel"].mix)[0]))
-
+    return cats
 
 def _interval(res) -> dict:
     return {"lds": float(res.mean), "lds_ci": [float(res.low), float(res.high)]}

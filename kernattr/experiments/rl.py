@@ -446,28 +446,15 @@ def run_rl(cfg: RLConfig, *, out: Optional[str] = None, progress: bool = True,
 
     BC0 = np.concatenate([r["BC0"] for r in runs])
     err = estimator_error(jnp.asarray(-Fh_ho), jnp.asarray(BC_ho), F0=jnp.asarray(BC0))
-
-    sel_names = sorted(runs[0]["selection"])
-    per = {n: np.stack([r["selection"][n] for r in runs]) for n in sel_names}  # [S, T]
-    R0 = np.stack([r["R0"] for r in runs])
-    selection = {n: float(v.mean()) for n, v in per.items()}
-    selection_spread = {n: {"std_over_seeds_of_target_mean": float(v.mean(1).std()),
-                            "min": float(v.min()), "max": float(v.max()),
-                            "per_seed_target": v.tolist()} for n, v in per.items()}
-    wins = {n: float(np.mean(per["kernel"] > v)) for n, v in per.items() if n != "kernel"}
+    per = {n: np.stack([r["selection"][n] for r in runs])
+           for n in sorted(runs[0]["selection"])}  # [S, T]
     results = {
         "lds": lds,
         "paired": paired,
         "noise_ceiling": ceiling,
-        "estimator": {"relative_error": float(err.relative_error),
-                      "no_change_relative_error": float(err.no_change_relative_error),
-                      "ratio_to_no_change": float(err.relative_error / err.no_change_relative_error),
-                      "spearman": float(err.spearman), "change_captured": float(err.change_captured),
-                      "quantity": "target tasks' behaviour-cloning loss (what the estimator predicts)"},
-        "selection": selection,
-        "selection_spread": selection_spread,
-        "selection_kernel_wins_fraction": wins,
-        "return_W0": float(R0.mean()),
+        "estimator": _estimator_summary(err),
+        **_selection_summary(per),
+        "return_W0": float(np.stack([r["R0"] for r in runs]).mean()),
         "chosen_companions": [r["chosen"] for r in runs],
         "num_targets": len(runs[0]["targets"]),
         "num_seeds": len(runs),
@@ -493,6 +480,28 @@ def run_rl(cfg: RLConfig, *, out: Optional[str] = None, progress: bool = True,
         with open(os.path.join(out, "results.json"), "w") as fh:
             json.dump(results, fh, indent=2)
     return results
+
+
+def _estimator_summary(err) -> dict:
+    """The estimator's error on the target tasks' behaviour-cloning loss, as JSON numbers."""
+    return {"relative_error": float(err.relative_error),
+            "no_change_relative_error": float(err.no_change_relative_error),
+            "ratio_to_no_change": float(err.relative_error / err.no_change_relative_error),
+            "spearman": float(err.spearman), "change_captured": float(err.change_captured),
+            "quantity": "target tasks' behaviour-cloning loss (what the estimator predicts)"}
+
+
+def _selection_summary(per: dict) -> dict:
+    """Mean return of each selector's masks, its spread over seeds, and how often the kernel's
+    choice beat each other selector's; ``per[name]`` is ``[S, T]`` (seeds, targets)."""
+    return {
+        "selection": {n: float(v.mean()) for n, v in per.items()},
+        "selection_spread": {n: {"std_over_seeds_of_target_mean": float(v.mean(1).std()),
+                                 "min": float(v.min()), "max": float(v.max()),
+                                 "per_seed_target": v.tolist()} for n, v in per.items()},
+        "selection_kernel_wins_fraction": {n: float(np.mean(per["kernel"] > v))
+                                           for n, v in per.items() if n != "kernel"},
+    }
 
 
 def write_rl_plots(out: str, interactions: np.ndarray, names, targets, per: dict) -> list:

@@ -28,7 +28,7 @@ import numpy as np
 from .. import task_weights
 from ._rl_common import (SACAttributionConfig, lds_summary, paired_summary, sac_batch,
                          sac_optimizers)
-from .rl import Features
+from .rl import Features, select, select_additive
 
 MT10 = ("reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3",
         "drawer-close-v3", "button-press-topdown-v3", "peg-insert-side-v3", "window-open-v3",
@@ -248,8 +248,7 @@ def run_mt10(cfg: MT10Config, *, out: Optional[str] = None, progress: bool = Tru
     import kernattr as ka
     from tqdm.auto import tqdm
 
-    from .rl import (all_masks_with, baseline_scores, estimated_labels, make_masks, select,
-                     select_additive)
+    from .rl import all_masks_with, baseline_scores, estimated_labels, make_masks
 
     t_start = time.perf_counter()
     timings = {}
@@ -291,28 +290,11 @@ def run_mt10(cfg: MT10Config, *, out: Optional[str] = None, progress: bool = Tru
         preds[name] = masks["heldout"] @ s
 
     t = time.perf_counter()
-    rng = np.random.default_rng(cfg.seed)
-    sel_masks, sel_index = [], []
-    for j, tt in enumerate(run.target_idx):
-        chosen = {n: select(predictors[n], j, tt, K) for n in predictors}
-        chosen.update({n: select_additive(scores[n], j, tt) for n in scores})
-        chosen["all_tasks"] = np.ones(K, np.float32)
-        for _ in range(cfg.num_random):
-            m = (rng.random(K) < 0.5).astype(np.float32)
-            m[tt] = 1.0
-            chosen.setdefault("random", []).append(m)
-        for n, m in chosen.items():
-            for mm in (m if n == "random" else [m]):
-                sel_index.append((j, n))
-                sel_masks.append(mm)
+    sel_masks, sel_index = _selection_masks(cfg, run.target_idx, predictors, scores, K)
     R_sel, S_sel = run.real_labels(np.stack(sel_masks), jax.random.fold_in(key, 2), bar)
     bar.close()
     timings["selection"] = time.perf_counter() - t
-    sel_R, sel_S, counts = {}, {}, {}
-    for (j, n), r, s in zip(sel_index, R_sel, S_sel):
-        sel_R.setdefault(n, np.zeros(T))[j] += r[j]
-        sel_S.setdefault(n, np.zeros(T))[j] += s[j]
-        counts.setdefault(n, np.zeros(T))[j] += 1
+    sel_R, sel_S, counts = _per_selector(sel_index, R_sel, S_sel, T)
     key_b = jax.random.key(cfg.seed + 99)
     lds = {n: lds_summary(key_b, p, R_ho) for n, p in preds.items()}
     results = {
@@ -334,6 +316,36 @@ def run_mt10(cfg: MT10Config, *, out: Optional[str] = None, progress: bool = Tru
         with open(os.path.join(out, "results.json"), "w") as fh:
             json.dump(results, fh, indent=2)
     return results
+
+
+def _selection_masks(cfg, target_idx, predictors: dict, scores: dict, K: int):
+    """Every selector's mask for every target (and ``cfg.num_random`` random masks containing
+    the target): ``(masks, index)`` with ``index[i] = (target column, selector name)``."""
+    rng = np.random.default_rng(cfg.seed)
+    sel_masks, sel_index = [], []
+    for j, tt in enumerate(target_idx):
+        chosen = {n: select(predictors[n], j, tt, K) for n in predictors}
+        chosen.update({n: select_additive(scores[n], j, tt) for n in scores})
+        chosen["all_tasks"] = np.ones(K, np.float32)
+        for _ in range(cfg.num_random):
+            m = (rng.random(K) < 0.5).astype(np.float32)
+            m[tt] = 1.0
+            chosen.setdefault("random", []).append(m)
+        for n, m in chosen.items():
+            for mm in (m if n == "random" else [m]):
+                sel_index.append((j, n))
+                sel_masks.append(mm)
+    return sel_masks, sel_index
+
+
+def _per_selector(sel_index, R_sel, S_sel, T: int):
+    """Sums of each selector's real returns and successes per target, and their counts."""
+    sel_R, sel_S, counts = {}, {}, {}
+    for (j, n), r, s in zip(sel_index, R_sel, S_sel):
+        sel_R.setdefault(n, np.zeros(T))[j] += r[j]
+        sel_S.setdefault(n, np.zeros(T))[j] += s[j]
+        counts.setdefault(n, np.zeros(T))[j] += 1
+    return sel_R, sel_S, counts
 
 
 def format_mt10(results: dict) -> str:

@@ -27,22 +27,9 @@ PyTree = Any
 
 
 def _check_labels(labels: Any, n: int, loss: str, name: str = "labels") -> jax.Array:
-    if isinstance(labels, (str, bytes)) or labels is None:
-        raise TypeError(f"`{name}` must be an array [n], got {labels!r}.")
-    labels = jnp.asarray(labels)
-    if labels.ndim == 0:
-        raise ValueError(f"`{name}` must have a leading example axis [n], got a scalar.")
-    if labels.shape[0] != n:
-        raise ValueError(f"`{name}` has {labels.shape[0]} entries but `inputs` has {n} examples.")
-    if loss == "softmax":
-        _checks.check_rank(labels, 1, name, "[n] (integer class ids for softmax)")
-    if jnp.issubdtype(labels.dtype, jnp.floating):
-        _checks.error_if(
-            labels,
-            ~jnp.isfinite(labels),
-            f"`{name}` contains {{count}} non-finite values (NaN/inf).",
-        )
-    return labels
+    """Per-example labels for ``loss``: class ids ``[n]`` for softmax, ``[n, ...]`` otherwise."""
+    return _checks.check_example_labels(labels, n, name, vector=loss == "softmax",
+                                        shape_doc="[n] (integer class ids for softmax)")
 
 
 # ----------------------------------------------------------------------------- training

@@ -567,10 +567,7 @@ def estimate_subset_labels(
     return est if diagnostics else est.labels
 
 
-def _estimate(
-    train, target, masks, *, loss, metric, ridge, solver, mask_chunk_size, max_iter, tol, throw, diag
-) -> SubsetEstimates:
-    check_loss_metric(loss, metric)
+def _check_solver_config(solver: str, mask_chunk_size: Any, max_iter: Any) -> None:
     if solver not in SOLVERS:
         raise ValueError(f"`solver` must be one of {SOLVERS}, got {solver!r}.")
     if mask_chunk_size is not None and (
@@ -579,6 +576,30 @@ def _estimate(
         raise ValueError(f"`mask_chunk_size` must be a positive int or None, got {mask_chunk_size!r}.")
     if not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
         raise ValueError(f"`max_iter` must be a positive int, got {max_iter!r}.")
+
+
+def _unsolved_message(solver: str, max_iter: int, tol: float) -> str:
+    """The error for masks the solver could not solve (``{count}`` of them), with the fix."""
+    if solver == "exact":
+        return (
+            f"estimate_subset_labels: {{count}} masks did not converge within "
+            f"max_iter={max_iter} to tol={tol:g} (or their Newton system is singular / the "
+            "result not finite): raise max_iter or tol, use `ridge` > 0, or pass throw=False "
+            "and inspect estimate_subset_labels(..., diagnostics=True).converged."
+        )
+    return (
+        "estimate_subset_labels: {count} masks could not be solved: the Newton system is "
+        "singular or the result not finite. Use `ridge` > 0 (rank-deficient statistics "
+        "at ridge=0), or pass throw=False and inspect "
+        "estimate_subset_labels(..., diagnostics=True).converged."
+    )
+
+
+def _estimate(
+    train, target, masks, *, loss, metric, ridge, solver, mask_chunk_size, max_iter, tol, throw, diag
+) -> SubsetEstimates:
+    check_loss_metric(loss, metric)
+    _check_solver_config(solver, mask_chunk_size, max_iter)
     (g, f0, y, t), (gt, ft, yt) = check_feature_pair(train, target, loss)
     dtype = g.dtype
     masks = _checks.check_masks(masks, "masks")
@@ -634,20 +655,7 @@ def _estimate(
     else:
         labels, theta, ok, iters, gnorm, hvps = run(data, tgt, masks, ridge)
     if throw:
-        if solver == "exact":
-            msg = (
-                f"estimate_subset_labels: {{count}} masks did not converge within "
-                f"max_iter={max_iter} to tol={tol:g} (or their Newton system is singular / the "
-                "result not finite): raise max_iter or tol, use `ridge` > 0, or pass throw=False "
-                "and inspect estimate_subset_labels(..., diagnostics=True).converged."
-            )
-        else:
-            msg = (
-                "estimate_subset_labels: {count} masks could not be solved: the Newton system is "
-                "singular or the result not finite. Use `ridge` > 0 (rank-deficient statistics "
-                "at ridge=0), or pass throw=False and inspect estimate_subset_labels(..., diagnostics=True).converged."
-            )
-        _checks.error_if(ok, ridge_ok & ~ok, msg)
+        ok = _checks.error_if(ok, ridge_ok & ~ok, _unsolved_message(solver, max_iter, tol))
     ok = ok & ridge_ok
     labels = jnp.where(ridge_ok, labels, jnp.nan)
     return SubsetEstimates(labels, theta, ok, iters, gnorm, hvps)

@@ -233,26 +233,6 @@ def projected_gradients(
     return _compute(apply_fn, params, inputs, projector, chunk_size, method, mesh)[1]
 
 
-def _check_labels(labels: Any, n: int) -> jax.Array:
-    if isinstance(labels, (str, bytes)) or labels is None:
-        raise TypeError(f"`labels` must be an array [n], got {type(labels).__name__}.")
-    labels = jnp.asarray(labels)
-    if not (jnp.issubdtype(labels.dtype, jnp.number) or labels.dtype == jnp.bool_):
-        raise TypeError(f"`labels` must be numeric, got dtype {labels.dtype}.")
-    if jnp.issubdtype(labels.dtype, jnp.complexfloating):
-        raise TypeError(f"`labels` must be real, got dtype {labels.dtype}.")
-    _checks.check_rank(labels, 1, "labels", "[n] (one label per example)")
-    if labels.shape[0] != n:
-        raise ValueError(f"`labels` has {labels.shape[0]} entries but `inputs` has n={n} examples.")
-    if jnp.issubdtype(labels.dtype, jnp.floating):
-        _checks.error_if(
-            labels,
-            ~jnp.isfinite(labels),
-            "`labels` contains {count} non-finite values (NaN/inf); drop or fix those examples.",
-        )
-    return labels
-
-
 def gradient_features(
     apply_fn: Callable,
     params: Any,
@@ -298,7 +278,7 @@ def gradient_features(
     ((3, 3), (3,))
     """
     n = _checks.num_examples(inputs, "inputs")
-    labels = _check_labels(labels, n)
+    labels = _checks.check_example_labels(labels, n)
     if task_ids is not None:
         task_ids, _ = _checks.check_task_ids(task_ids, num_tasks=num_tasks, num_examples=n)
     elif num_tasks is not None:
@@ -339,7 +319,9 @@ def gradient_features_fn(
     Args:
       apply_fn: ``apply_fn(params, x)`` -> scalar or ``[C]`` for ONE example.
       projector: a :class:`kernattr.Projector` (:func:`kernattr.make_projector`).
-      num_tasks, chunk_size, method, mesh, throw: as in :func:`gradient_features`.
+      num_tasks, chunk_size, method, mesh, throw: as in :func:`gradient_features`;
+        ``num_tasks`` checks the ids of calls with ``task_ids`` (the training set), so one
+        configured function also serves the target set (``task_ids=None``).
 
     Returns:
       ``features(params, inputs [n, ...], labels [n], task_ids [n] | None)`` ->
@@ -360,8 +342,9 @@ def gradient_features_fn(
         num_tasks = _checks.check_count(num_tasks, "num_tasks")
 
     def features(params: Any, inputs: Any, labels: Any, task_ids: Any = None) -> GradientFeatures:
+        # num_tasks checks the training set's ids; a target set (task_ids=None) has none
         return gradient_features(apply_fn, params, inputs, labels, projector, task_ids=task_ids,
-                                 num_tasks=num_tasks, chunk_size=chunk_size, method=method,
-                                 mesh=mesh, throw=throw)
+                                 num_tasks=None if task_ids is None else num_tasks,
+                                 chunk_size=chunk_size, method=method, mesh=mesh, throw=throw)
 
     return features

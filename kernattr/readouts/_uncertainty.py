@@ -38,10 +38,10 @@ import numpy as np
 
 from .. import _checks
 from ._attribution import loo_scores, shapley_values
-from .._linalg import eigh
 from ..surrogates._nystrom import NystromSurrogate
 from ..surrogates._quadratic import QuadraticSurrogate, attribution_functionals, walsh_features
-from ..surrogates._krr import KernelSurrogate, surrogate_gram
+from ..surrogates._krr import (KernelSurrogate, group_duplicates, intercept_free_gram, nonsingular,
+                               surrogate_gram, weighted_eigh)
 
 __all__ = ["AttributionIntervals", "attribution_intervals", "posterior_variance", "select_masks"]
 
@@ -93,31 +93,50 @@ def _check_one_pair(s: KernelSurrogate, name: str) -> None:
 
 
 def _exact_posterior(s: KernelSurrogate) -> _Posterior:
+    """The GP posterior of an exact surrogate, from the eigensystem its fit used.
+
+    Copies of a mask are one distinct mask observed ``c`` times (noise ``ridge/c``), and with an
+    intercept the posterior is written with the kernel centred on the training rows
+    (``k_c(s, s') = k(s, s') - a_s - a_s' + ā``, ``a_s = Σ_i k(s, x_i)/m``) plus ``ridge/m``
+    for the intercept, minus the data term on ``d^⊥`` — the same restricted eigensystem and
+    the same singularity rule (:func:`kernattr._surrogates.nonsingular`) as the fit, so every
+    surrogate that fitted has a posterior.
+    """
     spec = s.spec
     kp, lam = (s.gamma[0], s.mix[0], s.linear_scale), s.ridge[0]
-    x = s.masks
-    m = x.shape[0]
     dtype = s.dual_coef.dtype
+    groups = group_duplicates(s.masks, s.dual_coef)
+    x, counts = groups.masks, groups.counts
+    m = x.shape[0]
+    mf = jnp.sum(counts)
+    d = jnp.sqrt(counts)
     kmat = surrogate_gram(spec, x, x, *kp)
-    d, v = eigh(kmat)
-    d_max = jnp.max(jnp.abs(d))
-    d = jnp.maximum(d, 0.0)
-    tol = jnp.where(lam > 0, 1.0, float(m)) * jnp.finfo(dtype).eps * d_max
+    e, u, e_max = weighted_eigh(intercept_free_gram(spec, x, *kp), counts, spec.fit_intercept)
+    ok = nonsingular(jnp.min(e), e_max, lam, m, slack=0.5) & ((lam > 0) | jnp.all(counts > 0))
     _checks.error_if(
-        x, ~(jnp.min(d) + lam > tol), "the surrogate's kernel matrix + ridge·I is singular; refit with ridge > 0."
+        x, ~ok, "the surrogate's kernel matrix + ridge·I is singular; refit with ridge > 0."
     )
-    inv = 1.0 / (d + lam)
-    factors = [_Factor(x, v * jnp.sqrt(inv)[None, :], jnp.zeros((m,), dtype), -1.0)]
-    p_diag = (v * v) @ inv
+    inv = 1.0 / (e + lam)
+    du = d[:, None] * u  # [m, r]
+    zero = jnp.zeros((), dtype)
+    factors = []
     if spec.fit_intercept:
-        o = jnp.sum(v, axis=0)  # Vᵀ1
-        c = jnp.sum(o * o * inv)
-        a1 = v @ (inv * o)  # A⁻¹1
-        p_diag = p_diag - a1 * a1 / c
-        sc = 1.0 / jnp.sqrt(c)
-        factors.append(_Factor(x, -(a1 * sc)[:, None], jnp.full((1,), 1.0, dtype) * sc, 1.0))
-    alpha = s.dual_coef
-    prior_var = jnp.mean(alpha * alpha / p_diag[:, None], axis=0)
+        w = counts / mf  # a_s = k(s, x) @ w
+        abar = w @ kmat @ w
+        half = jnp.sqrt(jnp.asarray(0.5, dtype))
+        factors += [
+            _Factor(x, jnp.zeros((m, 1), dtype), jnp.sqrt(jnp.maximum(abar, 0.0) + lam / mf)[None], 1.0),
+            _Factor(x, -half * w[:, None], half[None], 1.0),
+            _Factor(x, half * w[:, None], half[None], -1.0),
+        ]
+        const = -(du.T @ (kmat @ w)) * jnp.sqrt(inv)
+    else:
+        const = jnp.zeros_like(inv) + zero
+    factors.append(_Factor(x, du * jnp.sqrt(inv)[None, :], const, -1.0))
+    beta = jnp.where(counts[:, None] > 0, groups.y_mean * counts[:, None] / jnp.where(d > 0, d, 1.0)[:, None], 0.0)
+    p_diag = jnp.where(counts > 0, (u * u) @ inv, 1.0)
+    num_real = jnp.sum(counts > 0)
+    prior_var = jnp.sum(beta * beta / p_diag[:, None], axis=0) / num_real
     return _Posterior(s, kp, lam, prior_var, lam * prior_var, tuple(factors))
 
 

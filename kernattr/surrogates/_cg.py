@@ -234,8 +234,8 @@ def solve_kernel_cg(
         )((masks, rhs), rep)
     converged = jnp.all(res <= tol)
     if throw:
-        _checks.error_if(
-            masks,
+        converged = _checks.error_if(
+            converged,
             ~converged,
             f"CG did not reach tol={tol:g} within max_iter={max_iter} iterations; raise `max_iter`, "
             "`ridge` or `num_landmarks` (a better preconditioner), or use float64.",

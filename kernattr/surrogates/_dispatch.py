@@ -86,9 +86,22 @@ def fit_kernel(
 
     ``per_target=True`` chooses the grid point separately for every target (with either
     criterion); otherwise one point serves all targets (one kernel matrix at prediction time).
-    Near-ties (within a relative ``sqrt(eps)`` of the best) go to the largest ridge, then the
-    smallest gamma, then the largest mix, so eager and jitted runs agree
-    (:func:`select_grid_point`).
+
+    Repeated masks are repeated measurements of one mask: the rows are first collapsed into one
+    weighted row per distinct mask (its count and mean label; the fitted model is the same as
+    on the duplicated rows), and "leave-one-out" leaves out a distinct mask with all its
+    copies (leaving out one copy while the others stay would make every model look perfect).
+    Without duplicates this is the ordinary leave-one-out. The collapse sorts the masks, so
+    the criterion does not depend on the order of the rows. Grid points whose criteria differ
+    by less than their numerical error (the change when every eigenvalue moves by its rounding
+    bound, and at least a relative ``sqrt(eps)``) are ties, which go to the largest ridge, then
+    the smallest gamma, then the largest mix, so eager, jitted and permuted runs agree
+    (:func:`select_grid_point`); ``KernelSurrogate.status`` records when the tie rule, not
+    the data, decided (bit 1), and when the chosen ``kernel + ridge·I`` is ill-conditioned for
+    the dtype (bit 2). In float32 the smallest ridges of the default grid are often
+    ill-conditioned: predictions and attributions then carry rounding error that float64 (or a
+    grid starting at a larger ridge) removes. (The Nyström, CG and Walsh paths use the
+    ``sqrt(eps)`` tie rule on their own leave-one-row-out criteria.)
 
     Args:
       masks: ``[m, K]`` 0/1 training masks.

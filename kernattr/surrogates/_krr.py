@@ -41,6 +41,7 @@ import numpy as np
 from .. import _checks
 from .._linalg import eigh
 from .._metrics import column_spearman
+from .._sharding import gather_rows
 
 __all__ = [
     "KernelSpec",
@@ -118,7 +119,8 @@ class KernelSurrogate(NamedTuple):
 
     Attributes:
       masks: ``[m, K]`` training masks (the kernel centres).
-      dual_coef: ``[m, T]`` dual coefficients ``α``.
+      dual_coef: ``[m, T]`` dual coefficients ``α`` (copies of a mask share its coefficient
+        equally; only the sum over the copies enters the model).
       intercept: ``[T]`` unpenalised intercept (0 when ``fit_intercept=False``).
       gamma: ``[T]`` bandwidth used for each target (all equal unless selected per target).
       ridge: ``[T]`` ridge used for each target.
@@ -135,6 +137,13 @@ class KernelSurrogate(NamedTuple):
         predictions and the labels (``select="loo_spearman"``; NaN-filled otherwise, and NaN
         for a constant column or a singular grid point).
       spec: static :class:`KernelSpec` (kernel name, degree, coef0, ...; no array leaves).
+      status: ``[T]`` int32 bit flags of the selection (``None`` on surrogates built by hand):
+        ``1`` the chosen grid point was decided by the tie rule, not by the data (its
+        leave-one-out criterion is within numerical error of a better one); ``2`` the chosen
+        system ``kernel + ridge·I`` is ill-conditioned for the dtype (condition number times
+        ``eps`` above ``1e-3``: rounding may move predictions and attributions by more than
+        0.1%; use float64 or a larger ridge); ``4`` the chosen point is singular or its
+        hyperparameters invalid (``throw=False``; coefficients not finite). 0: none of these.
     """
 
     masks: jax.Array
@@ -150,6 +159,7 @@ class KernelSurrogate(NamedTuple):
     cv_error: jax.Array
     cv_spearman: jax.Array
     spec: KernelSpec
+    status: jax.Array | None = None
 
 
 class MultiFidelitySurrogate(NamedTuple):
@@ -200,23 +210,28 @@ def _base_kernel(kernel: str) -> str:
     return "rbf" if kernel == "linear+rbf" else kernel
 
 
-def _gram(kernel: str, degree: int, coef0: float, a: jax.Array, b: jax.Array, gamma) -> jax.Array:
-    """Single-kernel matrix ``[m_a, m_b]`` between 0/1 masks ``a [m_a, K]`` and ``b [m_b, K]``."""
+def _gram(kernel: str, degree: int, coef0: float, a: jax.Array, b: jax.Array, gamma,
+          minus_one: bool = False) -> jax.Array:
+    """Single-kernel matrix ``[m_a, m_b]`` between 0/1 masks ``a [m_a, K]`` and ``b [m_b, K]``.
+
+    ``minus_one``: the RBF kernel minus the constant 1, as ``expm1`` (accurate when the
+    bandwidth is small and the kernel is nearly constant)."""
     inner = a @ b.T
     if kernel == "rbf":
         # On 0/1 masks ||a-b||² is the Hamming distance, an integer: exact from the inner products.
         na = jnp.sum(a, axis=1)
         nb = jnp.sum(b, axis=1)
         dist = jnp.maximum(na[:, None] + nb[None, :] - 2.0 * inner, 0.0)
-        return jnp.exp(-gamma * dist)
+        return jnp.expm1(-gamma * dist) if minus_one else jnp.exp(-gamma * dist)
     if kernel == "polynomial":
         return (gamma * inner + coef0) ** degree
     return inner
 
 
-def _mixed_gram(kernel, degree, coef0, a, b, gamma, mix, linear_scale) -> jax.Array:
-    """``mix·<a,b>/linear_scale + (1-mix)·rbf`` for ``"linear+rbf"``, else the single kernel."""
-    base = _gram(_base_kernel(kernel), degree, coef0, a, b, gamma)
+def _mixed_gram(kernel, degree, coef0, a, b, gamma, mix, linear_scale, minus_one=False) -> jax.Array:
+    """``mix·<a,b>/linear_scale + (1-mix)·rbf`` for ``"linear+rbf"``, else the single kernel
+    (``minus_one``: the RBF part minus its constant 1, see :func:`_gram`)."""
+    base = _gram(_base_kernel(kernel), degree, coef0, a, b, gamma, minus_one)
     if kernel != "linear+rbf":
         return base
     return (mix / linear_scale) * (a @ b.T) + (1.0 - mix) * base
@@ -224,6 +239,19 @@ def _mixed_gram(kernel, degree, coef0, a, b, gamma, mix, linear_scale) -> jax.Ar
 
 # Named (non-underscore) for the Nyström / CG modules that share it.
 check_kernel_config = _check_kernel_config
+
+
+def intercept_free_gram(spec: KernelSpec, a: jax.Array, gamma, mix, linear_scale) -> jax.Array:
+    """The kernel between training masks ``a`` as the fit's eigendecomposition needs it.
+
+    With an unpenalised intercept a constant added to the kernel changes nothing (the dual
+    coefficients are orthogonal to the constant), so the RBF part enters as ``exp(-γ·d) - 1``
+    computed by ``expm1``: at small bandwidths the kernel is nearly constant and subtracting
+    the constant after rounding would lose most of the digits that the fit depends on.
+    """
+    minus_one = spec.fit_intercept and _base_kernel(spec.kernel) == "rbf"
+    return _mixed_gram(spec.kernel, spec.degree, spec.coef0, a, a, gamma, mix, linear_scale,
+                       minus_one)
 
 
 def surrogate_gram(
@@ -354,8 +382,8 @@ def fit_linear(
     >>> s.coef.shape, s.intercept.shape
     ((3, 1), (1,))
     """
-    masks = _checks.check_masks(masks)
-    y, _ = _checks.check_labels(y, masks.shape[0])
+    masks = gather_rows(_checks.check_masks(masks))  # sharded rows: gathered for the SVD
+    y, _ = _checks.check_labels(gather_rows(y), masks.shape[0])
     if not isinstance(ridge, (str, bytes)) and ridge is not None and jnp.ndim(ridge) != 0:
         raise ValueError(f"`ridge` must be a scalar, got shape {jnp.shape(ridge)}.")
     ridge_ok = _checks.check_hyperparameter(ridge, "ridge", allow_zero=True, throw=throw)
@@ -419,20 +447,29 @@ def _restricted_eigh(kmat: jax.Array, fit_intercept: bool) -> tuple[jax.Array, j
 
 
 def select_grid_point(
-    cv: jax.Array, gamma: jax.Array, ridge: jax.Array, mix: jax.Array | None = None
+    cv: jax.Array,
+    gamma: jax.Array,
+    ridge: jax.Array,
+    mix: jax.Array | None = None,
+    *,
+    tol: jax.Array | None = None,
 ) -> jax.Array:
     """Index of the best grid point per column, with deterministic tie-breaking.
 
-    Grid points whose CV error is within a relative ``sqrt(eps)`` of the column's minimum are
-    ties (float32 rounding differs between eager and jitted runs, so an exact ``argmin`` could
-    pick differently); among ties the largest ridge wins, then the smallest gamma (the smoothest
-    model), then the largest ``mix`` (the most linear model), then the lowest index.
+    Grid points whose criteria cannot be told apart numerically are ties, so that the choice
+    does not depend on rounding (eager vs ``jit``, row order, precision). Without ``tol`` a
+    point ties with the column's minimum when it is within a relative ``sqrt(eps)`` of it. With
+    ``tol`` (the criterion's own numerical error at every point) each point stands for the
+    interval ``cv ± tol``, and every point whose interval reaches below the lowest upper end
+    ``min(cv + tol)`` is a tie. Among ties the largest ridge wins, then the smallest gamma (the
+    smoothest model), then the largest ``mix`` (the most linear model), then the lowest index.
 
     Args:
       cv: ``[P, T]`` CV errors of ``P`` grid points (``inf`` where invalid).
       gamma: ``[P]`` bandwidth of each grid point.
       ridge: ``[P]`` ridge of each grid point.
       mix: optional ``[P]`` linear share of each grid point (``"linear+rbf"``).
+      tol: optional ``[P, T]`` absolute numerical error of ``cv`` (``>= 0``).
 
     Returns:
       ``[T]`` int indices into ``P``.
@@ -442,9 +479,20 @@ def select_grid_point(
     >>> select_grid_point(cv, jnp.array([1.0, 1.0, 1.0]), jnp.array([0.1, 1.0, 10.0])).tolist()
     [1]
     """
-    rtol = float(np.sqrt(jnp.finfo(cv.dtype).eps))
-    best = jnp.min(cv, axis=0, keepdims=True)  # [1, T]
-    cand = cv <= best + rtol * jnp.abs(best)  # all True when every point is inf
+    return _select_with_ties(cv, gamma, ridge, mix, tol)[0]
+
+
+def _select_with_ties(cv, gamma, ridge, mix=None, tol=None):
+    """``(index [T], tied [T])`` of :func:`select_grid_point`; ``tied`` is True where the
+    tie rule, not the data, decided: the chosen point's criterion is above the minimum."""
+    if tol is None:
+        rtol = float(np.sqrt(jnp.finfo(cv.dtype).eps))
+        best = jnp.min(cv, axis=0, keepdims=True)  # [1, T]
+        cand = cv <= best + rtol * jnp.abs(best)  # all True when every point is inf
+    else:
+        tol = jnp.where(jnp.isfinite(cv) & jnp.isfinite(tol), tol, 0.0)
+        best_upper = jnp.min(cv + tol, axis=0, keepdims=True)
+        cand = cv - tol <= best_upper  # all True when every point is inf
     rmax = jnp.max(jnp.where(cand, ridge[:, None], -jnp.inf), axis=0, keepdims=True)
     cand = cand & (ridge[:, None] == rmax)
     gmin = jnp.min(jnp.where(cand, gamma[:, None], jnp.inf), axis=0, keepdims=True)
@@ -452,7 +500,188 @@ def select_grid_point(
     if mix is not None:
         wmax = jnp.max(jnp.where(cand, mix[:, None], -jnp.inf), axis=0, keepdims=True)
         cand = cand & (mix[:, None] == wmax)
-    return jnp.argmax(cand, axis=0)
+    idx = jnp.argmax(cand, axis=0)
+    chosen = jnp.take_along_axis(cv, idx[None, :], axis=0)[0]
+    return idx, chosen > jnp.min(cv, axis=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Duplicated masks: one weighted row per distinct mask
+# --------------------------------------------------------------------------------------------
+STATUS_TIE = 1
+STATUS_ILL_CONDITIONED = 2
+STATUS_SINGULAR = 4
+
+
+class DuplicateGroups(NamedTuple):
+    """Rows of ``(masks, y)`` grouped by distinct mask, in an order that does not depend on the
+    order of the input rows (masks sorted, then the first label).
+
+    Attributes:
+      order: ``[m]`` input row of each row in the canonical order.
+      group: ``[m]`` distinct-mask index (``0..u-1``, non-decreasing) of each canonical row.
+      masks: ``[m, K]`` the ``u`` distinct masks in rows ``0..u-1``; zero rows after them.
+      counts: ``[m]`` copies of each distinct mask (0 for the padding rows ``u..m-1``).
+      y_mean: ``[m, T]`` mean label of each distinct mask (0 for padding).
+      within: ``[T]`` sum over rows of the squared deviation from their mask's mean label.
+    """
+
+    order: jax.Array
+    group: jax.Array
+    masks: jax.Array
+    counts: jax.Array
+    y_mean: jax.Array
+    within: jax.Array
+
+
+def group_duplicates(masks: jax.Array, y: jax.Array) -> DuplicateGroups:
+    """Collapse repeated masks into one row each (their count and mean label), under ``jit``.
+
+    The shapes stay ``[m, ...]`` (the number ``u`` of distinct masks is a value, not a shape):
+    rows ``u..m-1`` are padding with count 0. Sums run in a canonical order (masks, then the
+    first label), so the result is the same for any order of the input rows.
+
+    Args:
+      masks: ``[m, K]`` validated 0/1 masks.
+      y: ``[m, T]`` validated labels.
+
+    Returns:
+      :class:`DuplicateGroups`.
+
+    >>> import jax.numpy as jnp
+    >>> g = group_duplicates(jnp.array([[1., 0.], [0., 1.], [1., 0.]]), jnp.array([[1.], [5.], [3.]]))
+    >>> g.counts.tolist(), g.y_mean[:, 0].tolist()
+    ([1.0, 2.0, 0.0], [5.0, 2.0, 0.0])
+    """
+    m, k = masks.shape
+    nw = -(-k // 30)  # 30 mask bits per int32 sort key
+    bits = jnp.pad(masks, ((0, 0), (0, nw * 30 - k))).astype(jnp.int32).reshape(m, nw, 30)
+    words = jnp.sum(bits << jnp.arange(30, dtype=jnp.int32)[None, None, :], axis=2)  # [m, nw]
+    order = jnp.lexsort((y[:, 0],) + tuple(words[:, j] for j in range(nw - 1, -1, -1)))
+    ws, ms, ys = words[order], masks[order], y[order]
+    new = jnp.concatenate([jnp.ones((1,), bool), jnp.any(ws[1:] != ws[:-1], axis=1)])
+    group = jnp.cumsum(new.astype(jnp.int32)) - 1
+    seg = functools.partial(jax.ops.segment_sum, segment_ids=group, num_segments=m,
+                            indices_are_sorted=True)
+    counts = seg(jnp.ones((m,), y.dtype))
+    y_mean = seg(ys) / jnp.maximum(counts, 1.0)[:, None]
+    distinct = jax.ops.segment_max(ms, group, num_segments=m, indices_are_sorted=True)
+    distinct = jnp.where(counts[:, None] > 0, distinct, 0.0)
+    dev = ys - y_mean[group]
+    return DuplicateGroups(order, group, distinct, counts, y_mean, jnp.sum(dev * dev, axis=0))
+
+
+def nonsingular(e_min: jax.Array, e_max: jax.Array, ridge: jax.Array, num_rows: int,
+                slack: float = 1.0) -> jax.Array:
+    """The one rule deciding whether ``kernel + ridge·I`` is numerically non-singular.
+
+    ``e_min``/``e_max``: smallest (clamped at 0) and largest eigenvalue of the kernel on the
+    space the dual coefficients live in. ``ridge > 0``: singular only when the ridge drowns in
+    rounding (``ridge + e_min <= eps·e_max``); ``ridge = 0``: the kernel itself must have
+    ``e_min > m·eps·e_max``. ``slack < 1`` loosens the rule for a second eigendecomposition
+    of a system already accepted (the posterior), so that rounding differences between the
+    two never reject what the fit accepted.
+    """
+    eps = float(jnp.finfo(e_max.dtype).eps)
+    tol = jnp.where(ridge > 0, 1.0, float(num_rows)) * eps * slack * e_max
+    return e_min + ridge > tol
+
+
+def weighted_eigh(kmat: jax.Array, counts: jax.Array, fit_intercept: bool):
+    """Eigenpairs of ``D K D`` (``D = diag(sqrt(counts))``) on the space of the dual coefficients.
+
+    This is kernel ridge on distinct masks with ``counts`` copies each: with an unpenalised
+    intercept the transformed coefficients are orthogonal to ``d = sqrt(counts)``, so the
+    operator is restricted to ``d^⊥`` through a Householder reflection (``v = d/|d| + e_1``,
+    stable since ``d_1 > 0``). Padding rows (count 0) get the mean of the other eigenvalues, so
+    they neither set the range of the spectrum nor enter the fit (the labels are 0 there).
+
+    Returns:
+      ``(e [r], U [m, r], e_max)``: eigenvalues clamped at 0 (computed negative ones are
+      rounding noise of the PSD kernel), eigenvectors mapped back to ``[m, r]`` (``r = m - 1``
+      with an intercept, else ``m``), and the largest absolute eigenvalue before clamping.
+    """
+    m = kmat.shape[0]
+    d = jnp.sqrt(counts)
+    real = counts > 0
+    kt = d[:, None] * kmat * d[None, :]
+    if fit_intercept:
+        v = (d / jnp.sqrt(jnp.sum(counts))).at[0].add(1.0)
+        c = v @ v
+        kv = kt @ v
+        vkv = v @ kv
+        hkh = (kt - (2.0 / c) * (v[:, None] * kv[None, :] + kv[:, None] * v[None, :])
+               + (4.0 * vkv / (c * c)) * (v[:, None] * v[None, :]))
+        sub, pad = hkh[1:, 1:], ~real[1:]
+    else:
+        sub, pad = kt, ~real
+    n_eff = jnp.sum(~pad)
+    fill = jnp.sum(jnp.where(pad, 0.0, jnp.diagonal(sub))) / jnp.maximum(n_eff, 1)
+    e, w = eigh(sub + jnp.diag(jnp.where(pad, fill, 0.0)))
+    if fit_intercept:
+        w = jnp.concatenate([jnp.zeros((1, m - 1), w.dtype), w], axis=0)
+        w = w - (2.0 / c) * v[:, None] * (v @ w)[None, :]
+    e_max = jnp.max(jnp.abs(e))
+    return jnp.maximum(e, 0.0), w, e_max
+
+
+def _weighted_resid(u, e, z, d, ridge_grid, valid):
+    """``[R, m, T]`` leave-one-distinct-mask-out residuals of the mean labels (0 on padding)."""
+    inv = 1.0 / (e[None, :] + ridge_grid[:, None])  # [R, r]
+    inv = jnp.where(valid[:, None], inv, 0.0)
+    beta = jnp.einsum("ir,Rr,rt->Rit", u, inv, z)  # [R, m, T]
+    diag = (u * u) @ inv.T  # [m, R]
+    diag = jnp.where(valid[None, :] & (d[:, None] > 0), diag, 1.0)
+    safe_d = jnp.where(d > 0, d, 1.0)
+    return jnp.where(d[None, :, None] > 0, beta / (diag.T * safe_d[None, :])[:, :, None], 0.0)
+
+
+class GroupedLoo(NamedTuple):
+    """Result of :func:`grouped_loo` (``R`` ridges, ``r`` eigenpairs)."""
+
+    resid: jax.Array  # [R, m, T] residual of each distinct mask's mean label (0 on padding)
+    resid_hi: jax.Array  # [R, m, T] the same with every eigenvalue raised by its rounding bound
+    resid_lo: jax.Array  # [R, m, T] ... and lowered (clamped at 0)
+    valid: jax.Array  # [R] non-singular ridges
+    kappa: jax.Array  # [R] condition number of D K D + ridge·I on the fitted space
+    e: jax.Array  # [r]
+    u: jax.Array  # [m, r]
+    z: jax.Array  # [r, T]
+
+
+def grouped_loo(kmat: jax.Array, groups: DuplicateGroups, yc: jax.Array, ridge_grid: jax.Array,
+                fit_intercept: bool) -> GroupedLoo:
+    """Exact leave-one-distinct-mask-out residuals for every ridge, from ONE eigendecomposition.
+
+    Leaving out a distinct mask removes all its copies (repeated measurements of one mask are
+    not independent evidence about it). ``kmat [m, m]`` is the kernel between
+    ``groups.masks``; ``yc [m, T]`` the (centred) mean label of each distinct mask. The fit is
+    kernel ridge with weights ``counts``; in the transformed system ``r̃_g = β_g / P_gg`` is the
+    exact LOO residual (penalised least squares in a fixed feature space), and ``r̃_g / d_g``
+    that of the mean label. ``valid``: :func:`nonsingular`, and ``ridge = 0`` also needs every
+    mask distinct (the kernel on the ``m`` rows is singular otherwise). ``resid_hi/lo``
+    repeat the residuals with every eigenvalue moved by ``eps·||D K D||_F``, a bound
+    on what rounding the kernel entries and the eigendecomposition can move it by: their
+    spread is the numerical error of a criterion computed from ``resid``. The final fit is
+    ``β = U diag(1/(e + λ)) z``.
+    """
+    m = kmat.shape[0]
+    e, u, e_max = weighted_eigh(kmat, groups.counts, fit_intercept)
+    d = jnp.sqrt(groups.counts)
+    all_distinct = jnp.all(groups.counts > 0)
+    valid = nonsingular(jnp.min(e), e_max, ridge_grid, m) & ((ridge_grid > 0) | all_distinct)
+    kappa = (e_max + ridge_grid) / jnp.maximum(jnp.min(e) + ridge_grid, jnp.finfo(e.dtype).tiny)
+    z = u.T @ (d[:, None] * yc)  # [r, T]
+    shift = float(jnp.finfo(e.dtype).eps) * jnp.sqrt(jnp.sum((d[:, None] * kmat * d[None, :]) ** 2))
+    resid = _weighted_resid(u, e, z, d, ridge_grid, valid)
+    hi = _weighted_resid(u, e + shift, z, d, ridge_grid, valid)
+    lo = _weighted_resid(u, jnp.maximum(e - shift, 0.0), z, d, ridge_grid, valid)
+    return GroupedLoo(resid, hi, lo, valid, kappa, e, u, z)
+
+
+def ill_conditioned(kappa: jax.Array, dtype) -> jax.Array:
+    """True where ``kappa·eps > 1e-3``: rounding may move predictions by more than 0.1%."""
+    return kappa * float(jnp.finfo(dtype).eps) > 1e-3
 
 
 def _loo_pair(kmat: jax.Array, yc: jax.Array, ridge_grid: jax.Array, fit_intercept: bool):
@@ -472,8 +701,7 @@ def _loo_pair(kmat: jax.Array, yc: jax.Array, ridge_grid: jax.Array, fit_interce
     e = jnp.maximum(e, 0.0)
     # ridge > 0: K + λI is PD by construction; flagged only if λ drowns in rounding.
     # ridge = 0: the kernel itself must be numerically non-singular (rank tolerance m·eps).
-    tol = jnp.where(ridge_grid > 0, 1.0, float(m)) * eps * e_max  # [R]
-    valid = jnp.min(e) + ridge_grid > tol  # [R]
+    valid = nonsingular(jnp.min(e), e_max, ridge_grid, m)  # [R]
     z = u.T @ yc  # [r, T]
     inv = 1.0 / (e[None, :] + ridge_grid[:, None])  # [R, r]
     inv = jnp.where(valid[:, None], inv, 0.0)
@@ -625,84 +853,146 @@ def fit_kernel_direct(
     """
     _check_kernel_config(kernel, degree, coef0)
     check_select(select)
-    masks = _checks.check_masks(masks)
-    y, _ = _checks.check_labels(y, masks.shape[0])
+    masks = gather_rows(_checks.check_masks(masks))
+    y, _ = _checks.check_labels(gather_rows(y), masks.shape[0])
     dtype = jnp.result_type(masks.dtype, y.dtype)
     masks = masks.astype(dtype)
     y = y.astype(dtype)
     m, k = masks.shape
-    t = y.shape[1]
     if fit_intercept and m < 2:
         raise ValueError("`masks` needs at least 2 rows to fit a kernel surrogate with an intercept.")
     gamma_grid, mix_grid, ridge_grid = kernel_grids(kernel, k, gamma, mix, ridge, dtype)
-    num_g, num_w, num_r = gamma_grid.shape[0], mix_grid.shape[0], ridge_grid.shape[0]
     gamma_ok, ridge_ok = hyperparameters_ok(kernel, gamma, ridge, throw)
-    gamma_ok = jnp.broadcast_to(gamma_ok, (num_g,))
-    ridge_ok = jnp.broadcast_to(ridge_ok, (num_r,))
-    shared_gamma = (not per_target) or num_g * num_w == 1
-    spec = KernelSpec(
-        kernel=kernel,
-        degree=int(degree),
-        coef0=float(coef0),
-        shared_gamma=shared_gamma,
-        fit_intercept=bool(fit_intercept),
-    )
-    linear_scale = mask_linear_scale(kernel, masks)
+    shared_gamma = (not per_target) or gamma_grid.shape[0] * mix_grid.shape[0] == 1
+    spec = KernelSpec(kernel=kernel, degree=int(degree), coef0=float(coef0),
+                      shared_gamma=shared_gamma, fit_intercept=bool(fit_intercept))
+    grid = _DirectGrid(gamma_grid, mix_grid, ridge_grid,
+                       jnp.broadcast_to(gamma_ok, gamma_grid.shape),
+                       jnp.broadcast_to(ridge_ok, ridge_grid.shape))
+    return _fit_direct(masks, y, spec, grid, select=select, per_target=per_target, throw=throw)
 
-    y_mean = jnp.mean(y, axis=0)
-    yc = y - y_mean[None, :] if fit_intercept else y
-    scale = jnp.mean(yc * yc, axis=0)
-    scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
-    want_rho = select == "loo_spearman"
+
+class _DirectGrid(NamedTuple):
+    gamma: jax.Array  # [G]
+    mix: jax.Array  # [W]
+    ridge: jax.Array  # [R]
+    gamma_ok: jax.Array  # [G] valid hyperparameter values
+    ridge_ok: jax.Array  # [R]
+
+
+class _PairLoo(NamedTuple):
+    """Leave-one-distinct-mask-out results of the ``C = G·W`` (gamma, mix) pairs."""
+
+    cv: jax.Array  # [C, R, T] normalised LOO mean squared error (inf where invalid)
+    rho: jax.Array  # [C, R, T] LOO Spearman (NaN unless select="loo_spearman")
+    err: jax.Array  # [C, R, T] numerical error of cv (0 where invalid)
+    kappa: jax.Array  # [C, R] condition number
+    valid: jax.Array  # [C, R]
+    e: jax.Array  # [C, r]
+    u: jax.Array  # [C, m, r]
+    z: jax.Array  # [C, r, T]
+    colmean: jax.Array  # [C, m] Σ_i k(x_i, x_g) / m over the training rows, per distinct mask
+
+
+def _pair_loo(spec: KernelSpec, groups: DuplicateGroups, yc_u: jax.Array, rows_yc: jax.Array,
+              scale: jax.Array, grid: _DirectGrid, linear_scale: jax.Array,
+              want_rho: bool) -> _PairLoo:
+    """Closed-form leave-one-distinct-mask-out criteria over the whole grid (vmapped pairs).
+
+    ``yc_u [m, T]``: centred mean label per distinct mask; ``rows_yc [m, T]``: the centred
+    labels of the rows in the canonical order (for the rank criterion)."""
+    m, t = yc_u.shape
+    num_r = grid.ridge.shape[0]
+    num_w = grid.mix.shape[0]
+    mf = jnp.sum(groups.counts)
 
     def per_pair(g, w, g_ok):
-        kmat = _mixed_gram(kernel, degree, coef0, masks, masks, g, w, linear_scale)
-        resid, nonsingular, e, u, z = _loo_pair(kmat, yc, ridge_grid, fit_intercept)
-        valid = nonsingular & ridge_ok & g_ok  # [R]; invalid hyperparameters: never chosen
-        cv = jnp.mean(resid * resid, axis=1) / scale[None, :]  # [R, T]
+        kmat = surrogate_gram(spec, groups.masks, groups.masks, g, w, linear_scale)
+        gl = grouped_loo(intercept_free_gram(spec, groups.masks, g, w, linear_scale), groups,
+                         yc_u, grid.ridge, spec.fit_intercept)
+        resid, kappa, e, u, z = gl.resid, gl.kappa, gl.e, gl.u, gl.z
+        valid = gl.valid & grid.ridge_ok & g_ok  # [R]; invalid hyperparameters: never chosen
+
+        def crit(r):
+            sq = jnp.einsum("g,Rgt->Rt", groups.counts, r * r) + groups.within[None, :]
+            return sq / mf / scale[None, :]  # [R, T]
+
+        cv = crit(resid)
+        err = jnp.maximum(jnp.abs(crit(gl.resid_hi) - cv), jnp.abs(crit(gl.resid_lo) - cv))
+        err = err + float(np.sqrt(jnp.finfo(cv.dtype).eps)) * cv  # reductions over rows
         cv = jnp.where(valid[:, None] & jnp.isfinite(cv), cv, jnp.inf)
         if want_rho:
-            loo_pred = yc[None, :, :] - resid  # [R, m, T]
-            flat = jnp.transpose(loo_pred, (1, 0, 2)).reshape(m, num_r * t)
-            rho = column_spearman(flat, jnp.tile(yc, (1, num_r))).reshape(num_r, t)
+            loo_pred = yc_u[None, :, :] - resid  # [R, m, T] per distinct mask
+            flat = jnp.transpose(loo_pred[:, groups.group], (1, 0, 2)).reshape(m, num_r * t)
+            ys_flat = jnp.tile(rows_yc, (1, num_r))
+            rho = column_spearman(flat, ys_flat).reshape(num_r, t)
             rho = jnp.where(valid[:, None] & jnp.isfinite(cv), rho, jnp.nan)
         else:
-            rho = jnp.full((num_r, t), jnp.nan, dtype)
-        colmean = jnp.mean(kmat, axis=0)  # [m]
-        return cv, rho, e, u, z, valid, colmean
+            rho = jnp.full((num_r, t), jnp.nan, yc_u.dtype)
+        colmean = (kmat @ groups.counts) / mf  # [m]
+        return cv, rho, jnp.where(jnp.isfinite(cv), err, 0.0), kappa, valid, e, u, z, colmean
 
-    gg = jnp.repeat(gamma_grid, num_w)  # [C] pairs in (gamma, mix) order
-    ww = jnp.tile(mix_grid, num_g)
-    gg_ok = jnp.repeat(gamma_ok, num_w)
-    cv, rho, es, us, zs, valids, colmeans = jax.vmap(per_pair)(gg, ww, gg_ok)  # cv, rho: [C, R, T]
-    num_c = num_g * num_w
-    if want_rho:
+    gg = jnp.repeat(grid.gamma, num_w)  # [C] pairs in (gamma, mix) order
+    ww = jnp.tile(grid.mix, grid.gamma.shape[0])
+    gg_ok = jnp.repeat(grid.gamma_ok, num_w)
+    return _PairLoo(*jax.vmap(per_pair)(gg, ww, gg_ok))
+
+
+def _choose_point(loo: _PairLoo, grid: _DirectGrid, select: str, per_target: bool):
+    """``(pair index [T], ridge index [T], tied [T])`` by the LOO criterion and the tie rule."""
+    num_c, num_r, t = loo.cv.shape
+    num_w = grid.mix.shape[0]
+    if select == "loo_spearman":
         # maximise the correlation; undefined (constant / singular) counts as worst
-        loss = jnp.where(jnp.isnan(rho), jnp.inf, -rho)
+        loss = jnp.where(jnp.isnan(loo.rho), jnp.inf, -loo.rho)
+        # a relative error of the residuals moves the rank correlation by about as much
+        rel = loo.err / jnp.where(jnp.isfinite(loo.cv) & (loo.cv > 0), loo.cv, 1.0)
+        tol = rel
         if not per_target:
-            ok = ~jnp.isnan(rho)
+            ok = ~jnp.isnan(loo.rho)
             cnt = jnp.sum(ok, axis=2)
-            mean_rho = jnp.sum(jnp.where(ok, rho, 0.0), axis=2) / jnp.maximum(cnt, 1)
-            pooled = jnp.where(cnt > 0, -mean_rho, jnp.inf)
+            mean_rho = jnp.sum(jnp.where(ok, loo.rho, 0.0), axis=2) / jnp.maximum(cnt, 1)
+            loss = jnp.where(cnt > 0, -mean_rho, jnp.inf)[:, :, None]
+            tol = jnp.max(rel, axis=2, keepdims=True)
     else:
-        loss = cv
+        tol = loo.err
+        loss = loo.cv
         if not per_target:
-            pooled = jnp.mean(cv, axis=2)
-    gam_flat = jnp.repeat(gg, num_r)  # [C*R], index c*R + r
-    mix_flat = jnp.repeat(ww, num_r)
-    rid_flat = jnp.tile(ridge_grid, num_c)
-    if per_target:
-        best = select_grid_point(loss.reshape(num_c * num_r, t), gam_flat, rid_flat, mix_flat)
-    else:
-        best = jnp.broadcast_to(
-            select_grid_point(pooled.reshape(-1, 1), gam_flat, rid_flat, mix_flat), (t,))
-    c_idx = best // num_r
-    r_idx = best % num_r
-    gamma_t = gg[c_idx]
-    mix_t = ww[c_idx]
-    ridge_t = ridge_grid[r_idx]
-    chosen_ok = valids[c_idx, r_idx]  # [T]
-    hyper_ok = gg_ok[c_idx] & ridge_ok[r_idx]  # [T]
+            loss = jnp.mean(loo.cv, axis=2, keepdims=True)
+            tol = jnp.mean(tol, axis=2, keepdims=True)
+    cols = loss.shape[2]
+    gg = jnp.repeat(grid.gamma, num_w)
+    ww = jnp.tile(grid.mix, grid.gamma.shape[0])
+    best, tied = _select_with_ties(
+        loss.reshape(num_c * num_r, cols), jnp.repeat(gg, num_r), jnp.tile(grid.ridge, num_c),
+        jnp.repeat(ww, num_r), tol.reshape(num_c * num_r, cols))
+    best, tied = jnp.broadcast_to(best, (t,)), jnp.broadcast_to(tied, (t,))
+    return best // num_r, best % num_r, tied
+
+
+def _fit_direct(masks, y, spec: KernelSpec, grid: _DirectGrid, *, select, per_target, throw):
+    """The eigendecomposition path of :func:`fit_kernel` on validated, gathered inputs."""
+    dtype = y.dtype
+    m, t = y.shape
+    groups = group_duplicates(masks, y)
+    linear_scale = mask_linear_scale(spec.kernel, masks)
+    mf = jnp.sum(groups.counts)
+    y_mean = jnp.einsum("g,gt->t", groups.counts, groups.y_mean) / mf
+    yc_u = groups.y_mean - y_mean[None, :] if spec.fit_intercept else groups.y_mean
+    yc_u = jnp.where(groups.counts[:, None] > 0, yc_u, 0.0)
+    scale = (jnp.einsum("g,gt->t", groups.counts, yc_u * yc_u) + groups.within) / mf
+    scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+    rows_yc = y[groups.order] - y_mean[None, :] if spec.fit_intercept else y[groups.order]
+    loo = _pair_loo(spec, groups, yc_u, rows_yc, scale, grid, linear_scale,
+                    select == "loo_spearman")
+    c_idx, r_idx, tied = _choose_point(loo, grid, select, per_target)
+    num_c, num_r = loo.valid.shape
+    num_w = grid.mix.shape[0]
+    gg = jnp.repeat(grid.gamma, num_w)
+    ww = jnp.tile(grid.mix, grid.gamma.shape[0])
+    ridge_t = grid.ridge[r_idx]
+    chosen_ok = loo.valid[c_idx, r_idx]  # [T]
+    hyper_ok = jnp.repeat(grid.gamma_ok, num_w)[c_idx] & grid.ridge_ok[r_idx]  # [T]
     if throw:
         _checks.error_if(
             masks,
@@ -712,29 +1002,42 @@ def fit_kernel_direct(
             "pass ridge > 0 or a ridge grid.",
         )
     onehot = jnp.arange(num_c)[:, None] == c_idx[None, :]  # [C, T]
-    denom = es[:, :, None] + ridge_t[None, None, :]  # [C, r, T]
-    w = jnp.where(onehot[:, None, :], zs / jnp.where(onehot[:, None, :], denom, 1.0), 0.0)
-    alpha = jnp.einsum("gir,grt->it", us, w)  # [m, T]
-    if fit_intercept:
-        intercept = y_mean - jnp.einsum("gi,gt,it->t", colmeans, onehot.astype(dtype), alpha)
+    denom = loo.e[:, :, None] + ridge_t[None, None, :]  # [C, r, T]
+    w = jnp.where(onehot[:, None, :], loo.z / jnp.where(onehot[:, None, :], denom, 1.0), 0.0)
+    beta = jnp.einsum("gir,grt->it", loo.u, w)  # [m, T] transformed, per distinct mask
+    d = jnp.sqrt(groups.counts)
+    alpha_u = d[:, None] * beta  # dual coefficient of each distinct mask (all its copies)
+    if spec.fit_intercept:
+        intercept = y_mean - jnp.einsum("gi,gt,it->t", loo.colmean, onehot.astype(dtype), alpha_u)
     else:
         intercept = jnp.zeros((t,), dtype)
+    # copies of a mask share its coefficient equally. (The m-row solution adds
+    # (y_i - mean label of the mask) / ridge to each copy; those terms sum to 0 over the copies,
+    # so predictions, attributions and the posterior are the same, and leaving them out keeps
+    # the float32 sums free of their cancellation at small ridges.)
+    per_row = (alpha_u / jnp.maximum(groups.counts, 1.0)[:, None])[groups.group]
+    alpha = jnp.zeros((m, t), dtype).at[groups.order].set(per_row)
     alpha = jnp.where(hyper_ok[None, :], alpha, jnp.nan)
     intercept = jnp.where(hyper_ok, intercept, jnp.nan)
+    status = (jnp.where(tied, STATUS_TIE, 0)
+              | jnp.where(ill_conditioned(loo.kappa[c_idx, r_idx], dtype), STATUS_ILL_CONDITIONED, 0)
+              | jnp.where(chosen_ok & hyper_ok, 0, STATUS_SINGULAR)).astype(jnp.int32)
+    num_g = grid.gamma.shape[0]
     return KernelSurrogate(
         masks=masks,
         dual_coef=alpha,
         intercept=intercept,
-        gamma=gamma_t,
+        gamma=gg[c_idx],
         ridge=ridge_t,
-        mix=mix_t,
-        gamma_grid=gamma_grid,
-        mix_grid=mix_grid,
-        ridge_grid=ridge_grid,
+        mix=ww[c_idx],
+        gamma_grid=grid.gamma,
+        mix_grid=grid.mix,
+        ridge_grid=grid.ridge,
         linear_scale=linear_scale,
-        cv_error=cv.reshape(num_g, num_w, num_r, t),
-        cv_spearman=rho.reshape(num_g, num_w, num_r, t),
+        cv_error=loo.cv.reshape(num_g, num_w, num_r, t),
+        cv_spearman=loo.rho.reshape(num_g, num_w, num_r, t),
         spec=spec,
+        status=status,
     )
 
 

@@ -141,7 +141,8 @@ def fit_multifidelity(
         fixed = _checks.as_float_array(rho, "rho").astype(dtype)
         if fixed.ndim > 1 or (fixed.ndim == 1 and fixed.shape[0] != t):
             raise ValueError(f"`rho` must be a scalar or [T] = [{t}], got shape {fixed.shape}.")
-        _checks.error_if(fixed, ~jnp.isfinite(fixed), "`rho` contains {count} non-finite values.")
+        fixed = _checks.error_if(fixed, ~jnp.isfinite(fixed),
+                                 "`rho` contains {count} non-finite values.")
         rho_grid = jnp.broadcast_to(fixed, e_y.shape[:2] + (t,))
     e = e_y - rho_grid[:, :, None, :] * e_c  # [C, R, m, T]
     ok = valid[:, :, None]

@@ -272,8 +272,8 @@ def fit_nystrom(
     ci, ri = best // num_r, best % num_r
     hyper_ok = gg_ok[ci] & ridge_ok[ri]
     if throw:
-        _checks.error_if(
-            masks,
+        hyper_ok = _checks.error_if(
+            hyper_ok,
             hyper_ok & ~valids[ci, ri],
             "`ridge` too small: the Nyström feature Gram matrix is singular at the chosen "
             "(gamma, mix, ridge); pass ridge > 0 or a ridge grid.",

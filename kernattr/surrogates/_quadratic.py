@@ -393,7 +393,7 @@ def _fit_walsh_grid(masks, y, ratio_grid, ridge_grid, ridge_table, ok_table, tie
     qi, ri = best // num_r, best % num_r
     hyper_ok = ok_table[qi, ri]
     if throw:
-        _checks.error_if(masks, hyper_ok & ~valids[qi, ri], singular_msg)
+        hyper_ok = _checks.error_if(hyper_ok, hyper_ok & ~valids[qi, ri], singular_msg)
     q, lam = ratio_grid[qi], ridge_table[qi, ri]
     ok = hyper_ok & valids[qi, ri]
     sc = _prior_scale(q, k, num_pairs)
@@ -423,9 +423,10 @@ def _fit_walsh_grid(masks, y, ratio_grid, ridge_grid, ridge_table, ok_table, tie
         sq_a, _, valid_a = loo_sums(sc, lam[None], ok[None], final)
         ard_cv = loo_cv_error(sq_a[None], valid_a[None], yc2, mf)[0, 0]
         if throw:
-            _checks.error_if(masks, ok & ~valid_a[0],
-                             "fit_quadratic(ard_steps=...): the learned prior makes the scaled Gram "
-                             "matrix singular in the working precision; use float64 or fewer ard_steps.")
+            ok = _checks.error_if(ok, ok & ~valid_a[0],
+                                  "fit_quadratic(ard_steps=...): the learned prior makes the scaled "
+                                  "Gram matrix singular in the working precision; use float64 or "
+                                  "fewer ard_steps.")
         ok = ok & valid_a[0]
         feature_prior = jnp.where(ok, feature_prior, jnp.nan)
         noise_var = jnp.where(ok, noise_var, jnp.nan)
