@@ -449,6 +449,12 @@ def _add_reproduce_lora(psub: argparse._SubParsersAction) -> None:
     add_lora(psub)
 
 
+def _add_reproduce_digits(psub: argparse._SubParsersAction) -> None:
+    from .experiments.digits_cli import add_digits  # light: argparse only
+
+    add_digits(psub)
+
+
 # `kernattr reproduce <name>`: one line per experiment. An entry is `_add_reproduce_<name>(psub)`
 # that calls `psub.add_parser("<name>", ...)`, adds its flags (plus `_experiment_flags`) and
 # `set_defaults(func=_run_reproduce_<name>)`; the run function imports its experiment module
@@ -460,6 +466,7 @@ REPRODUCE: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_reproduce_rl,
     _add_reproduce_icl,
     _add_reproduce_lora,
+    _add_reproduce_digits,
 ]
 
 
