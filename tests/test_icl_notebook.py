@@ -3,11 +3,14 @@
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NB = os.path.join(os.path.dirname(__file__), "..", "notebooks", "icl_selection.ipynb")
 
 
+# The documentation build (CI runs it with warnings as errors) executes every notebook too.
+@pytest.mark.slow
 def test_icl_notebook_executes():
     nb = nbformat.read(NB, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3",
