@@ -551,6 +551,27 @@ def _err(F_hat, F, F0) -> dict:
             "spearman": float(e.spearman)}
 
 
+def _compare(E: np.ndarray, E_ref: np.ndarray, F: np.ndarray, F0: np.ndarray, *,
+             seed: int = 0, num_resamples: int = 1000) -> dict:
+    """95% bootstrap intervals over masks (the same resamples for both) of an estimator's
+    error ratio and Spearman (= the LDS of its labels), and of their differences from a
+    reference estimator ``E_ref``: ``{"ratio": [lo, hi], "spearman": [lo, hi],
+    "ratio_minus_ref": [mean, lo, hi], "spearman_minus_ref": [mean, lo, hi]}``."""
+    mean_F = F.mean(1)
+    err = lambda X: np.abs(X.mean(1) - mean_F) / np.abs(mean_F)  # noqa: E731
+    e, e_ref, nc = err(E), err(E_ref), np.abs(F0.mean() - mean_F) / np.abs(mean_F)
+    idx = np.random.default_rng(seed).integers(0, len(F), (num_resamples, len(F)))
+    r, r_ref = e[idx].mean(1) / nc[idx].mean(1), e_ref[idx].mean(1) / nc[idx].mean(1)
+    q = lambda x: [float(np.quantile(x, 0.025)), float(np.quantile(x, 0.975))]  # noqa: E731
+    key = jax.random.key(seed)
+    sp = ka.lds_interval(key, jnp.asarray(E), jnp.asarray(F), num_resamples=num_resamples)
+    d = ka.paired_lds_interval(key, jnp.asarray(E), jnp.asarray(E_ref), jnp.asarray(F),
+                               num_resamples=num_resamples)
+    return {"ratio": q(r), "spearman": [float(sp.low), float(sp.high)],
+            "ratio_minus_ref": [float(e.mean() / nc.mean() - e_ref.mean() / nc.mean()),
+                                *q(r - r_ref)],
+            "spearman_minus_ref": [float(d.mean), float(d.low), float(d.high)]}
+
 def _change(F_full, F0) -> float:
     """Relative change of the mean target metric, all tasks vs ``W0`` (the mean over targets
     first, as in the estimator's relative error: per-target ratios would be dominated by the
@@ -621,18 +642,17 @@ def _linearized_stage(cfg: LoraConfig, lora_fn: Callable, lp0: dict, prob: dict,
             "what": "mean of the same- and other-draws runs against the mean of the two real runs"}
     logits = None
     if cfg.linearized_logits_variant:
+        # one call each: the times INCLUDE compilation (an upper bound on its cost)
         jl = make_features_fn(cfg, lora_fn, lp0, output="logits", unprojected=True)
-        _, jl_first = _timed(jl, *args)
         (train_l, target_l), jl_s = _timed(jl, *args)
-        _, ll_first = _timed(lab, train_l, target_l, ho, key)
         L_ho_l, ll_s = _timed(lab, train_l, target_l, ho, key)
         L_ho_l = np.asarray(L_ho_l, np.float64)
         del train_l, target_l
         logits = {**_err(L_ho_l, F_ho, F0),
+                  "intervals_vs_logodds": _compare(L_ho_l, L_ho, F_ho, F0, seed=cfg.seed),
                   "against_mean_of_two_runs": _err(L_ho_l, (F_ho + F_rep) / 2, F0) if two else None,
-                  "jacobian_seconds": jl_s, "jacobian_first_call_seconds": jl_first,
-                  "per_mask_seconds_excluding_fixed": ll_s / len(M_ho),
-                  "first_call_seconds": ll_first,
+                  "jacobian_seconds": jl_s, "per_mask_seconds_excluding_fixed": ll_s / len(M_ho),
+                  "timing": "one call each, compilation included (upper bounds)",
                   "what": "all ten logits linearized in B (softmax cross-entropy on them), same "
                           "draws; held-out masks only"}
         say(f"linearized AdamW on logits: jacobians {jl_s:.1f}s, {ll_s / len(M_ho) * 1e3:.1f}ms/mask")
@@ -698,8 +718,12 @@ def run_lora(cfg: LoraConfig, *, out: Optional[str] = None, cache_dir: Optional[
     with the cached ones); the estimator's ridge is calibrated on the first ``num_calibration``
     training masks' real labels.
     """
-    say = log or (lambda s: None)
     t_run = time.perf_counter()
+
+    def say(msg):
+        if log is not None:
+            log(f"[{time.perf_counter() - t_run:.0f}s] {msg}")
+
     K = len(TASKS)
     logits_fn, params0, pre = pretrained(cfg.pretrain, cache_dir=cache_dir, log=log)
     lora_fn, lp0, targets = lora_model(cfg, logits_fn, params0)
@@ -775,6 +799,7 @@ def run_lora(cfg: LoraConfig, *, out: Optional[str] = None, cache_dir: Optional[
     E_ho_heur = np.asarray(_estimate(train_f, target_f, jnp.asarray(M_ho), heur), np.float64)
     E_ho_all = np.asarray(_estimate(train_f, target_f, jnp.asarray(M_ho), sel_all["ridge"]),
                           np.float64)
+    say("GLM: ridge variants done")
     glm = {**_err(E_ho, F_ho, F0), "ridge": ridge, "ridge_selection": sel,
                  "ridge_how": f"grid ridge with the least squared error against the real labels "
                               f"of the first {ncal} TRAINING masks (held-out masks unseen)",
@@ -814,7 +839,10 @@ def run_lora(cfg: LoraConfig, *, out: Optional[str] = None, cache_dir: Optional[
     lin_amortised = (lin["jac_s"] + lin["lin_s"]) / lin["m_all"]
     decomposition = _error_decomposition(cfg, logits_fn, params0, lora_fn, lp0, prob, W_cost,
                                          again, L_ho[:len(again)], F0)
+    say("error decomposition done")
     lin_est = {**lin["variants"]["same_draws"], "variants": lin["variants"],
+               "intervals_vs_glm": _compare(L_ho, E_ho, F_ho, F0, seed=cfg.seed),
+               "training_masks": _err(L_tr, F_tr, F0),
                "logits_variant": lin["logits"], "error_decomposition": decomposition,
                "real_rerun": glm["real_rerun"], "num_heldout_masks": m_ho,
                "features_output": "logodds", "loss": "logistic (label 1) on the log-odds",
@@ -892,6 +920,7 @@ def run_lora(cfg: LoraConfig, *, out: Optional[str] = None, cache_dir: Optional[
                                              num_resamples=num_resamples)),
                  "what": "LDS of the held-out masks fine-tuned again with other minibatch draws"}
 
+    say("LDS done")
     # --- where it holds: the sweep cells (GLM: ridge calibrated on their first masks; both
     # estimators scored on the rest)
     table = [_cell("main", cfg.learning_rate, cfg.num_steps, F_full, F0, E_ho, F_ho, ridge,
@@ -920,6 +949,7 @@ def run_lora(cfg: LoraConfig, *, out: Optional[str] = None, cache_dir: Optional[
                            np.asarray(Lc, np.float64),
                            lin["jac_s"] / lin["m_all"] + lc_s / len(scored)))
 
+    say("sweep done")
     F0_eval = per_task_eval(logits_fn, params0, eval_set(cfg.pretrain))
     results = {
         "estimator": estimator,
@@ -1104,6 +1134,18 @@ def _estimator_lines(results: dict) -> list:
     rr = e.get("real_rerun")
     if rr:
         lines.append(_est_row("real fine-tuning again, other draws (noise ceiling)", rr))
+    pairs = [("linearized AdamW", "GLM", lin.get("intervals_vs_glm")),
+             ("linearized AdamW, ten logits", "log-odds", (lg or {}).get("intervals_vs_logodds"))]
+    if any(p[2] for p in pairs):
+        lines += ["", "| held-out masks, 95% bootstrap intervals | ratio | Spearman | "
+                      "ratio difference | Spearman difference |", "|---|---|---|---|---|"]
+        for a, b, iv in pairs:
+            if iv:
+                r, sp = iv["ratio_minus_ref"], iv["spearman_minus_ref"]
+                lines.append(
+                    f"| {a} (difference: minus {b}) | [{_f(iv['ratio'][0])}, {_f(iv['ratio'][1])}] | "
+                    f"[{_f(iv['spearman'][0])}, {_f(iv['spearman'][1])}] | {r[0]:+.3f} "
+                    f"[{r[1]:+.3f}, {r[2]:+.3f}] | {sp[0]:+.3f} [{sp[1]:+.3f}, {sp[2]:+.3f}] |")
     return lines
 
 
