@@ -115,8 +115,18 @@ def _argsort_rows(u: jax.Array) -> jax.Array:
     return order
 
 
-def _rank_rows(x: jax.Array) -> jax.Array:
-    """Average (1-based) ranks along the last axis of ``[R, m]``; ties share their mean rank."""
+class _Ties(NamedTuple):
+    """Sort structure of the rows of ``[R, m]`` values: ``order`` (stable argsort), ``inverse``
+    (position of each entry in the sorted row), ``start`` / ``end`` (first and last sorted
+    position of each sorted entry's tie group), all ``[R, m]`` int32."""
+
+    order: jax.Array
+    inverse: jax.Array
+    start: jax.Array
+    end: jax.Array
+
+
+def _ties(x: jax.Array) -> _Ties:
     m = x.shape[-1]
     axis = x.ndim - 1
     u = _sort_keys(x)
@@ -129,9 +139,43 @@ def _rank_rows(x: jax.Array) -> jax.Array:
     last = jnp.concatenate([differs, ones], axis=axis)  # ends a tie group
     start = lax.cummax(jnp.where(first, j, 0), axis=axis)
     end = lax.cummin(jnp.where(last, j, m - 1), axis=axis, reverse=True)
-    avg = (start + end).astype(jnp.promote_types(x.dtype, jnp.float32)) / 2 + 1
     rows = jnp.arange(x.shape[0])[:, None]
-    return jnp.zeros_like(avg).at[rows, order].set(avg, unique_indices=True)
+    inverse = jnp.zeros_like(order).at[rows, order].set(j, unique_indices=True)
+    return _Ties(order, inverse, start, end)
+
+
+def _rank_rows(x: jax.Array) -> jax.Array:
+    """Average (1-based) ranks along the last axis of ``[R, m]``; ties share their mean rank."""
+    t = _ties(x)
+    avg = (t.start + t.end).astype(jnp.promote_types(x.dtype, jnp.float32)) / 2 + 1
+    return jnp.take_along_axis(avg, t.inverse, axis=-1)
+
+
+def _resampled_ranks(t: _Ties, counts: jax.Array) -> jax.Array:
+    """Average ranks ``[R, m]`` of each original entry within a resample of the rows.
+
+    ``counts [m]`` says how often each row was drawn. A row drawn ``c`` times is ``c`` tied
+    copies, and its rank in the resample is the number of drawn entries strictly below its tie
+    group plus half the group's drawn size (plus 1/2): prefix sums of the counts in sorted order,
+    no new sort. Rows drawn zero times get a rank too; callers weight them by their count (0).
+    """
+    cs = counts[t.order]  # [R, m] counts in sorted order
+    cum = jnp.cumsum(cs, axis=-1)
+    below = jnp.take_along_axis(cum - cs, t.start, axis=-1)
+    size = jnp.take_along_axis(cum, t.end, axis=-1) - below
+    return jnp.take_along_axis(below + (size + 1) / 2, t.inverse, axis=-1)
+
+
+def _weighted_pearson_rows(a: jax.Array, b: jax.Array, w: jax.Array) -> jax.Array:
+    """Pearson correlation per row of ``[R, m]`` with row weights ``w [m]`` (copies drawn);
+    NaN where either side has zero weighted variance."""
+    n = jnp.sum(w)
+    a = a - (a @ w)[:, None] / n
+    b = b - (b @ w)[:, None] / n
+    saa, sbb, sab = (a * a) @ w, (b * b) @ w, (a * b) @ w
+    ok = (saa > 0) & (sbb > 0)
+    r = jnp.where(ok, sab / jnp.sqrt(jnp.where(ok, saa * sbb, 1.0)), jnp.nan)
+    return jnp.clip(r, -1.0, 1.0)
 
 
 def _ranks(x: jax.Array) -> jax.Array:
@@ -641,15 +685,32 @@ def _lds_replicates(
     key: jax.Array, preds: tuple[jax.Array, ...], actual: jax.Array, num_resamples: int,
     batch_size: int | None,
 ) -> jax.Array:
-    """``[B, P]`` LDS of each prediction in ``preds`` on each resample of the rows."""
+    """``[B, P]`` LDS of each prediction in ``preds`` on each resample of the rows.
+
+    Every column is sorted once; a resample's tie-aware ranks then follow from how often each row
+    was drawn (:func:`_resampled_ranks`), and its Spearman correlations are count-weighted
+    Pearson correlations of those ranks. This equals re-ranking each resample (a row drawn twice
+    is a tie) without sorting ``B`` times.
+    """
     m = actual.shape[0]
     idx = bootstrap_indices(key, m, num_resamples)
     cells = m * actual.shape[1] * (len(preds) + 1)
     bs = _default_batch(num_resamples, cells) if batch_size is None else batch_size
+    dtype = jnp.promote_types(actual.dtype, jnp.float32)
+    ties_a = _ties(actual.T)
+    ties_p = [_ties(p.T) for p in preds]
 
     def one(rows):
-        a = actual[rows]
-        return jnp.stack([_lds_cols(p[rows], a)[0] for p in preds])
+        counts = jnp.zeros((m,), dtype).at[rows].add(1.0)
+        ra = _resampled_ranks(ties_a, counts)
+        out = []
+        for t in ties_p:
+            r = _weighted_pearson_rows(_resampled_ranks(t, counts), ra, counts)
+            valid = ~jnp.isnan(r)
+            num_valid = jnp.sum(valid, dtype=jnp.int32)
+            total = jnp.sum(jnp.where(valid, r, 0.0))
+            out.append(jnp.where(num_valid > 0, total / jnp.maximum(num_valid, 1), jnp.nan))
+        return jnp.stack(out)
 
     return lax.map(one, idx, batch_size=bs)
 

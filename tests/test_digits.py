@@ -14,6 +14,7 @@ import pytest
 
 pytest.importorskip("sklearn")
 
+import kernattr as ka  # noqa: E402
 from kernattr.experiments import curvature as C  # noqa: E402
 from kernattr.experiments import digits as D  # noqa: E402
 
@@ -281,3 +282,18 @@ def test_smoke_run_and_results_json_schema(tmp_path):
     assert "| subsets retrained | 1024 |" in D.results_markdown(res)
 
 
+
+
+@pytest.mark.slow  # compiles the estimator; `kernattr reproduce digits --smoke` runs ridge_check
+def test_ridge_check_selects_on_one_half_and_reports_on_the_other(toy_stages):
+    cfg, _, prep, gt, _ = toy_stages
+    est = D.estimate_stage(cfg, prep, gt.masks)
+    rc = D.ridge_check(est, gt, ridges=(1e-2, 10.0))
+    # the configured ridge reproduces the stage's labels (same features, same solver)
+    again = D.estimated_labels(est.train, est.target, gt.masks, cfg.ridge)
+    np.testing.assert_allclose(again, est.F_hat, rtol=1e-6, atol=1e-6)
+    # the report half is scored on the odd-indexed subsets only (an oracle from the same labels)
+    F_hat = D.estimated_labels(est.train, est.target, gt.masks, 10.0)
+    err = ka.estimator_error(F_hat[1::2], gt.F[1::2], F0=gt.F0)
+    assert rc["report_relative_error"][1] == pytest.approx(float(err.relative_error), rel=1e-6)
+    assert rc["selected"] == rc["ridges"][int(np.argmax(rc["select_spearman"]))]
