@@ -118,6 +118,7 @@ from .workflow import WorkflowTimings as WorkflowTimings
 from .workflow import as_apply_fn as as_apply_fn
 from .workflow import run_workflow as run_workflow
 from .workflow import workflow as workflow
+from .workflow import __all__ as _workflow_names
 from .io import load as load
 from .io import save as save
 
@@ -193,15 +194,8 @@ __all__ = [
     # building blocks (layout)
     "error_if",
     "task_weights",
-    # workflow, save/load (lib)
-    "Attributions",
-    "Workflow",
-    "WorkflowConfig",
-    "WorkflowResult",
-    "WorkflowTimings",
-    "as_apply_fn",
+    # workflow (every name of kernattr.workflow's __all__), save/load (lib)
+    *_workflow_names,
     "load",
-    "run_workflow",
     "save",
-    "workflow",
 ]

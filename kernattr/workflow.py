@@ -589,7 +589,9 @@ def run_workflow(
       train_inputs: pytree of ``[n, ...]`` training inputs.
       train_labels: ``[n]`` their labels (targets, 0/1, or class ids, as the loss needs).
       task_ids: ``[n]`` ints in ``0..K-1``, the task of each training example.
-      target_inputs: pytree of ``[T, ...]`` target inputs; target_labels: ``[T]``.
+      target_inputs: pytree of ``[T, ...]`` target inputs (the examples whose loss is
+        attributed).
+      target_labels: ``[T]`` their labels, in the same encoding as ``train_labels``.
       train_fn: optional ``train_fn(mask) -> [T]``: the real target metric of the model trained
         (e.g. fine-tuned from ``W0``) on the tasks in ``mask`` (``[K]`` float 0/1); called
         ``num_real + num_heldout`` times, in Python.

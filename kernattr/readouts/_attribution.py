@@ -30,6 +30,9 @@ Multi-fidelity surrogates ``rho·g_cheap + g_residual`` (:func:`kernattr.fit_mul
 every score is linear in the game, so it is ``rho`` times the cheap surrogate's plus the
 residual surrogate's.
 
+Each surrogate type declares once which of these forms it is made of (its attribution form,
+:mod:`kernattr.surrogates._registry`); the functions here read the forms, never the type.
+
 Shapes: ``K`` tasks, ``m`` training masks, ``T`` targets.
 """
 
@@ -39,57 +42,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..surrogates._nystrom import NystromSurrogate
-from ..surrogates._quadratic import QuadraticSurrogate
-from ..surrogates._krr import (
-    KernelSurrogate,
-    LinearSurrogate,
-    MultiFidelitySurrogate,
-    kernel_predict,
-    split_linear_part,
-)
+from ..surrogates._krr import KernelSurrogate, LinearSurrogate, MultiFidelitySurrogate, kernel_predict
+from ..surrogates._protocol import read_form
+from ..surrogates._registry import surrogate_ops
 
 __all__ = ["banzhaf_values", "interaction_scores", "loo_scores", "shapley_values"]
 
 
-def _check_surrogate(s) -> None:
-    if not isinstance(s, (LinearSurrogate, KernelSurrogate, MultiFidelitySurrogate)):
-        raise TypeError(
-            "`surrogate` must be a LinearSurrogate (fit_linear), KernelSurrogate (fit_kernel), "
-            "NystromSurrogate (fit_nystrom), QuadraticSurrogate (fit_quadratic) or "
-            f"MultiFidelitySurrogate (fit_multifidelity), got {type(s).__name__}."
-        )
+def _read(surrogate, kernel_fn, linear_fn, pair_weight=None) -> jax.Array:
+    """A read-out of any registered surrogate type, from its attribution form
+    (:mod:`kernattr.surrogates._protocol`): ``linear_fn(coef)`` on a linear part,
+    ``kernel_fn(kernel_surrogate)`` on a single-kernel part, and on a pairwise part
+    ``sᵀa + Σ_{j<k} B_jk s_j s_k`` either ``linear_fn(a + pair_weight·Σ_j B_kj)`` (each score
+    credits task ``k`` with that share of its pair terms) or ``B`` for interactions
+    (``pair_weight=None``); parts summed with their weights."""
+    if pair_weight is None:
+        pairwise = lambda a, b: b  # noqa: E731
+    else:
+        pairwise = lambda a, b: linear_fn(a + pair_weight * jnp.sum(b, axis=1))  # noqa: E731
+    form = surrogate_ops(surrogate).attribution_form(surrogate)
+    return read_form(form, linear=linear_fn, kernel=kernel_fn, pairwise=pairwise)
 
 
-def _num_tasks(s) -> int:
-    return s.coef.shape[0] if isinstance(s, LinearSurrogate) else s.masks.shape[1]
-
-
-def _dispatch(surrogate, kernel_fn, linear_fn, pair_weight=None):
-    """``linear_fn(coef)`` for a linear surrogate; for a kernel surrogate the sum over its exact
-    split (:func:`split_linear_part`) into a linear part and a single-kernel part. A Nyström
-    surrogate is read through its landmark-form kernel surrogate (exact for it). A pairwise
-    surrogate ``sᵀa + Σ_{j<k} B_jk s_j s_k`` gives ``linear_fn(a + pair_weight·Σ_j B_kj)`` (each
-    score credits task ``k`` with that share of its pair terms), or ``B`` for interactions
-    (``pair_weight=None``)."""
-    if isinstance(surrogate, NystromSurrogate):
-        surrogate = surrogate.surrogate
-    if isinstance(surrogate, QuadraticSurrogate):
-        if pair_weight is None:
-            return surrogate.pairwise
-        return linear_fn(surrogate.linear + pair_weight * jnp.sum(surrogate.pairwise, axis=1))
-    _check_surrogate(surrogate)
-    if isinstance(surrogate, LinearSurrogate):
-        return linear_fn(surrogate.coef)
-    if isinstance(surrogate, MultiFidelitySurrogate):
-        rho = surrogate.rho
-        cheap = _dispatch(surrogate.cheap, kernel_fn, linear_fn)
-        return rho.reshape((1,) * (cheap.ndim - 1) + rho.shape) * cheap + _dispatch(
-            surrogate.residual, kernel_fn, linear_fn)
-    if surrogate.spec.kernel != "linear+rbf":
-        return kernel_fn(surrogate)
-    coef, rest = split_linear_part(surrogate)
-    return linear_fn(coef) + kernel_fn(rest)
+def _num_tasks(s: KernelSurrogate) -> int:
+    return s.masks.shape[1]
 
 
 def _no_interactions(coef: jax.Array) -> jax.Array:
@@ -117,7 +93,7 @@ def loo_scores(
     >>> loo_scores(LinearSurrogate(jnp.array([[1.0], [-2.0]]), jnp.array([0.0]))).tolist()
     [[1.0], [-2.0]]
     """
-    return _dispatch(surrogate, _loo_kernel, lambda coef: coef, pair_weight=1.0)
+    return _read(surrogate, _loo_kernel, lambda coef: coef, pair_weight=1.0)
 
 
 def _loo_kernel(s: KernelSurrogate) -> jax.Array:
@@ -185,7 +161,7 @@ def shapley_values(
     >>> shapley_values(s).shape
     (5, 1)
     """
-    return _dispatch(surrogate, _shapley_kernel, lambda coef: coef, pair_weight=0.5)
+    return _read(surrogate, _shapley_kernel, lambda coef: coef, pair_weight=0.5)
 
 
 def _shapley_kernel(s: KernelSurrogate) -> jax.Array:
@@ -230,7 +206,7 @@ def banzhaf_values(
     >>> banzhaf_values(fit_kernel(masks, masks[:, 0], gamma=0.2, ridge=0.1)).shape
     (5, 1)
     """
-    return _dispatch(surrogate, _banzhaf_kernel, lambda coef: coef, pair_weight=0.5)
+    return _read(surrogate, _banzhaf_kernel, lambda coef: coef, pair_weight=0.5)
 
 
 def _banzhaf_kernel(s: KernelSurrogate) -> jax.Array:
@@ -286,7 +262,7 @@ def interaction_scores(
     >>> interaction_scores(LinearSurrogate(jnp.ones((3, 2)), jnp.zeros(2))).shape
     (3, 3, 2)
     """
-    return _dispatch(surrogate, _interactions_kernel, _no_interactions)
+    return _read(surrogate, _interactions_kernel, _no_interactions)
 
 
 def _interactions_kernel(s: KernelSurrogate) -> jax.Array:

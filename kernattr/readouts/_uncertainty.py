@@ -1,6 +1,11 @@
 """The Gaussian-process view of a kernel surrogate: posterior variance, attribution intervals,
 and the active choice of the next masks to retrain.
 
+Each surrogate type declares its posterior once (:mod:`kernattr.surrogates._registry`): a
+Gaussian process for the kernel surrogates (below), a Bayesian linear model on the Walsh
+features for the pairwise surrogate; this module reads either form and never branches on the
+surrogate's type.
+
 Kernel ridge regression is the posterior mean of a Gaussian process: labels
 ``y = b + f(s) + ε`` with ``f ~ GP(0, σ_f² k)``, noise ``ε ~ N(0, σ_n²)``, ``σ_n² = ridge·σ_f²``
 and a flat prior on the intercept ``b``. The posterior covariance of ``g(s) = b + f(s)`` is
@@ -38,10 +43,9 @@ import numpy as np
 
 from .. import _checks
 from ._attribution import loo_scores, shapley_values
-from ..surrogates._nystrom import NystromSurrogate
-from ..surrogates._quadratic import QuadraticSurrogate, attribution_functionals, walsh_features
-from ..surrogates._krr import (KernelSurrogate, group_duplicates, intercept_free_gram, nonsingular,
-                               surrogate_gram, weighted_eigh)
+from ..surrogates._krr import KernelSurrogate, surrogate_gram
+from ..surrogates._protocol import read_posterior
+from ..surrogates._registry import surrogate_ops
 
 __all__ = ["AttributionIntervals", "attribution_intervals", "posterior_variance", "select_masks"]
 
@@ -62,144 +66,16 @@ class AttributionIntervals(NamedTuple):
     upper: jax.Array
 
 
-class _Factor(NamedTuple):
-    """A ``[n, r]`` factor ``P(x) = const + k(x, centres) @ coefs`` entering with ``sign``."""
-
-    centres: jax.Array
-    coefs: jax.Array
-    const: jax.Array
-    sign: float
+def _posterior(surrogate: Any):
+    """The registered posterior of ``surrogate`` (:mod:`kernattr.surrogates._registry`): a
+    Gaussian process (kernel surrogates) or a Bayesian linear model on features (pairwise)."""
+    ops = surrogate_ops(surrogate, need_posterior=True)
+    return ops, ops.posterior(surrogate)
 
 
-class _Posterior(NamedTuple):
-    base: KernelSurrogate  # spec, gamma, ridge and the mean
-    kp: tuple  # (gamma, mix, linear_scale) scalars of the kernel
-    ridge: jax.Array  # scalar
-    prior_var: jax.Array  # [T] σ_f²
-    noise_var: jax.Array  # [T] σ_n²
-    factors: tuple
-
-
-def _check_one_pair(s: KernelSurrogate, name: str) -> None:
-    if not s.spec.shared_gamma:
-        raise ValueError(
-            f"`{name}` needs one bandwidth for all targets (this surrogate selected gamma per "
-            "target); fit with per_target=False, or one target at a time."
-        )
-    same = jnp.all(s.ridge == s.ridge[0]) & jnp.all(s.gamma == s.gamma[0]) & jnp.all(s.mix == s.mix[0])
-    _checks.error_if(
-        s.ridge, ~same, f"`{name}` needs one (gamma, ridge) for all targets; fit with per_target=False."
-    )
-
-
-def _exact_posterior(s: KernelSurrogate) -> _Posterior:
-    """The GP posterior of an exact surrogate, from the eigensystem its fit used.
-
-    Copies of a mask are one distinct mask observed ``c`` times (noise ``ridge/c``), and with an
-    intercept the posterior is written with the kernel centred on the training rows
-    (``k_c(s, s') = k(s, s') - a_s - a_s' + ā``, ``a_s = Σ_i k(s, x_i)/m``) plus ``ridge/m``
-    for the intercept, minus the data term on ``d^⊥`` — the same restricted eigensystem and
-    the same singularity rule (:func:`kernattr._surrogates.nonsingular`) as the fit, so every
-    surrogate that fitted has a posterior.
-    """
-    spec = s.spec
-    kp, lam = (s.gamma[0], s.mix[0], s.linear_scale), s.ridge[0]
-    dtype = s.dual_coef.dtype
-    groups = group_duplicates(s.masks, s.dual_coef)
-    x, counts = groups.masks, groups.counts
-    m = x.shape[0]
-    mf = jnp.sum(counts)
-    d = jnp.sqrt(counts)
-    kmat = surrogate_gram(spec, x, x, *kp)
-    e, u, e_max = weighted_eigh(intercept_free_gram(spec, x, *kp), counts, spec.fit_intercept)
-    ok = nonsingular(jnp.min(e), e_max, lam, m, slack=0.5) & ((lam > 0) | jnp.all(counts > 0))
-    e = _checks.error_if(
-        e, ~ok, "the surrogate's kernel matrix + ridge·I is singular; refit with ridge > 0."
-    )
-    inv = 1.0 / (e + lam)
-    du = d[:, None] * u  # [m, r]
-    zero = jnp.zeros((), dtype)
-    factors = []
-    if spec.fit_intercept:
-        w = counts / mf  # a_s = k(s, x) @ w
-        abar = w @ kmat @ w
-        half = jnp.sqrt(jnp.asarray(0.5, dtype))
-        factors += [
-            _Factor(x, jnp.zeros((m, 1), dtype), jnp.sqrt(jnp.maximum(abar, 0.0) + lam / mf)[None], 1.0),
-            _Factor(x, -half * w[:, None], half[None], 1.0),
-            _Factor(x, half * w[:, None], half[None], -1.0),
-        ]
-        const = -(du.T @ (kmat @ w)) * jnp.sqrt(inv)
-    else:
-        const = jnp.zeros_like(inv) + zero
-    factors.append(_Factor(x, du * jnp.sqrt(inv)[None, :], const, -1.0))
-    beta = jnp.where(counts[:, None] > 0, groups.y_mean * counts[:, None] / jnp.where(d > 0, d, 1.0)[:, None], 0.0)
-    p_diag = jnp.where(counts > 0, (u * u) @ inv, 1.0)
-    num_real = jnp.sum(counts > 0)
-    prior_var = jnp.sum(beta * beta / p_diag[:, None], axis=0) / num_real
-    return _Posterior(s, kp, lam, prior_var, lam * prior_var, tuple(factors))
-
-
-def _nystrom_posterior(n: NystromSurrogate) -> _Posterior:
-    s = n.surrogate
-    kp, lam = (s.gamma[0], s.mix[0], s.linear_scale), s.ridge[0]
-    lam = _checks.error_if(lam, ~(lam > 0),
-                           "the Nyström posterior needs ridge > 0 (refit with a positive ridge).")
-    lm = s.masks
-    dtype = s.dual_coef.dtype
-    r = n.feature_map.shape[1]
-    scale = jnp.sqrt(lam / (n.eigvals + lam))  # [r]
-    psi_coefs = (n.feature_map @ n.eigvecs) * scale[None, :]
-    psi_const = -(n.feature_mean @ n.eigvecs) * scale
-    factors = (
-        _Factor(lm, n.feature_map, jnp.zeros((r,), dtype), -1.0),
-        _Factor(lm, jnp.zeros((lm.shape[0], 1), dtype), jnp.sqrt(lam / n.num_train)[None], 1.0),
-        _Factor(lm, psi_coefs, psi_const, 1.0),
-    )
-    safe = jnp.where(lam > 0, lam, 1.0)
-    return _Posterior(s, kp, lam, n.noise_var / safe, n.noise_var, factors)
-
-
-def _posterior(surrogate: Any, name: str = "surrogate") -> _Posterior:
-    if isinstance(surrogate, NystromSurrogate):
-        _check_one_pair(surrogate.surrogate, name)
-        return _nystrom_posterior(surrogate)
-    if isinstance(surrogate, KernelSurrogate):
-        _check_one_pair(surrogate, name)
-        return _exact_posterior(surrogate)
-    raise TypeError(
-        f"`{name}` must be a KernelSurrogate (fit_kernel) or NystromSurrogate (fit_nystrom), "
-        f"got {type(surrogate).__name__}."
-    )
-
-
-def _factor_values(post: _Posterior, f: _Factor, x: jax.Array) -> jax.Array:
-    return f.const[None, :] + surrogate_gram(post.base.spec, x, f.centres, *post.kp) @ f.coefs
-
-
-def _covariance(post: _Posterior, x: jax.Array) -> jax.Array:
-    """``[n, n]`` unscaled posterior covariance (multiply by ``σ_f²``)."""
-    cov = surrogate_gram(post.base.spec, x, x, *post.kp)
-    for f in post.factors:
-        p = _factor_values(post, f, x)
-        cov = cov + f.sign * (p @ p.T)
-    return cov
-
-
-def _variance(post: _Posterior, x: jax.Array) -> jax.Array:
-    """``[n]`` unscaled posterior variance, without forming ``[n, n]``."""
-    kdiag = jax.vmap(lambda a: surrogate_gram(post.base.spec, a[None], a[None], *post.kp)[0, 0])(x)
-    out = kdiag
-    for f in post.factors:
-        p = _factor_values(post, f, x)
-        out = out + f.sign * jnp.sum(p * p, axis=1)
-    return jnp.maximum(out, 0.0)
-
-
-def _query(masks, post: _Posterior) -> jax.Array:
-    k = post.base.masks.shape[1]
-    masks = _checks.check_masks(masks, num_tasks=k)
-    return masks.astype(jnp.result_type(masks.dtype, post.base.dual_coef.dtype))
+def _query(masks, surrogate, ops) -> jax.Array:
+    masks = _checks.check_masks(masks, num_tasks=ops.num_tasks(surrogate))
+    return masks.astype(jnp.result_type(masks.dtype, ops.dtype(surrogate)))
 
 
 def posterior_variance(surrogate: Any, masks: jax.Array, *, include_noise: bool = False) -> jax.Array:
@@ -228,17 +104,9 @@ def posterior_variance(surrogate: Any, masks: jax.Array, *, include_noise: bool 
     >>> posterior_variance(s, ka.leave_one_out_masks(6)).shape
     (6, 1)
     """
-    if isinstance(surrogate, QuadraticSurrogate):
-        q = surrogate
-        masks = _checks.check_masks(masks, num_tasks=q.linear.shape[0])
-        x = walsh_features(masks.astype(jnp.result_type(masks.dtype, q.linear.dtype)))
-        xc = x - q.feature_mean[None, :]
-        unit = jnp.einsum("md,de,me->m", xc, q.feature_cov, xc) + 1.0 / q.num_train  # [m']
-        var = unit[:, None] * q.noise_var[None, :]
-        return var + q.noise_var[None, :] if include_noise else var
-    post = _posterior(surrogate)
-    x = _query(masks, post)
-    var = _variance(post, x)[:, None] * post.prior_var[None, :]
+    ops, post = _posterior(surrogate)
+    x = _query(masks, surrogate, ops)
+    var = post.variance(x)[:, None] * post.prior_var[None, :]
     if include_noise:
         var = var + post.noise_var[None, :]
     return var
@@ -259,43 +127,15 @@ def _functional(kind: str, s: KernelSurrogate) -> jax.Array:
     return shapley_values(s) if kind == "shapley" else loo_scores(s)
 
 
-def attribution_intervals(surrogate: Any, *, kind: str = "shapley", level: float = 0.95) -> AttributionIntervals:
-    """Leave-one-out scores or Shapley values with posterior intervals from the same GP.
+def _feature_functional_variance(post, kind: str) -> jax.Array:
+    """``[K]`` unit variance of the attribution functionals of a Bayesian linear model."""
+    ell = post.functionals(kind)  # [K, d]
+    return jnp.maximum(jnp.einsum("kd,de,ke->k", ell, post.cov, ell), 0.0)
 
-    The attribution is a linear functional of ``g``; its posterior is normal with the mean the
-    surrogate's score and the variance ``ℓ ⊗ ℓ`` of the posterior covariance (noise-free; module
-    docstring). Shapley intervals need the ``"linear+rbf"``, ``"rbf"`` or ``"linear"`` kernel (the
-    prior term has no closed form here for the polynomial kernel).
 
-    Args:
-      surrogate: :class:`~kernattr.KernelSurrogate` (one ``(gamma, ridge)`` for all targets),
-        :class:`~kernattr.NystromSurrogate` or :class:`~kernattr.QuadraticSurrogate` (exact
-        functionals of its Walsh features; pair features have Shapley value 0).
-      kind: ``"shapley"`` or ``"loo"``.
-      level: coverage of the interval, in ``(0, 1)``.
-
-    Returns:
-      :class:`AttributionIntervals` (``[K, T]`` each).
-
-    >>> import jax, kernattr as ka
-    >>> masks = ka.sample_subsets(jax.random.key(0), num_tasks=6, num_subsets=40, p=0.5)
-    >>> s = ka.fit_kernel(masks, masks[:, 0] - masks[:, 1], kernel="rbf", gamma=0.3, ridge=0.1)
-    >>> attribution_intervals(s, kind="loo").std.shape
-    (6, 1)
-    """
-    if kind not in ("shapley", "loo"):
-        raise ValueError(f"`kind` must be 'shapley' or 'loo', got {kind!r}.")
-    if not (isinstance(level, (float, int)) and 0 < level < 1):
-        raise ValueError(f"`level` must be a float in (0, 1), got {level!r}.")
-    z = statistics.NormalDist().inv_cdf(0.5 + level / 2.0)
-    if isinstance(surrogate, QuadraticSurrogate):
-        q = surrogate
-        ell = attribution_functionals(q.linear.shape[0], kind, q.linear.dtype)  # [K, d]
-        unit = jnp.maximum(jnp.einsum("kd,de,ke->k", ell, q.feature_cov, ell), 0.0)
-        std = jnp.sqrt(unit[:, None] * q.noise_var[None, :])
-        value = _functional(kind, q)
-        return AttributionIntervals(value=value, std=std, lower=value - z * std, upper=value + z * std)
-    post = _posterior(surrogate)
+def _gp_functional_variance(post, kind: str) -> jax.Array:
+    """``[K]`` unit variance ``ℓ ⊗ ℓ`` of the attribution functionals under a GP posterior: the
+    prior part in closed form, the factors' part by the exact attribution of kernel expansions."""
     spec = post.base.spec
     k = post.base.masks.shape[1]
     dtype = post.base.dual_coef.dtype
@@ -337,9 +177,43 @@ def attribution_intervals(surrogate: Any, *, kind: str = "shapley", level: float
         )
         lp = _functional(kind, fs)  # [K, r]
         var = var + f.sign * jnp.sum(lp * lp, axis=1)
-    var = jnp.maximum(var, 0.0)
-    std = jnp.sqrt(var[:, None] * post.prior_var[None, :])
-    value = _functional(kind, base)
+    return jnp.maximum(var, 0.0)
+
+
+def attribution_intervals(surrogate: Any, *, kind: str = "shapley", level: float = 0.95) -> AttributionIntervals:
+    """Leave-one-out scores or Shapley values with posterior intervals from the same GP.
+
+    The attribution is a linear functional of ``g``; its posterior is normal with the mean the
+    surrogate's score and the variance ``ℓ ⊗ ℓ`` of the posterior covariance (noise-free; module
+    docstring). Shapley intervals need the ``"linear+rbf"``, ``"rbf"`` or ``"linear"`` kernel (the
+    prior term has no closed form here for the polynomial kernel).
+
+    Args:
+      surrogate: :class:`~kernattr.KernelSurrogate` (one ``(gamma, ridge)`` for all targets),
+        :class:`~kernattr.NystromSurrogate` or :class:`~kernattr.QuadraticSurrogate` (exact
+        functionals of its Walsh features; pair features have Shapley value 0).
+      kind: ``"shapley"`` or ``"loo"``.
+      level: coverage of the interval, in ``(0, 1)``.
+
+    Returns:
+      :class:`AttributionIntervals` (``[K, T]`` each).
+
+    >>> import jax, kernattr as ka
+    >>> masks = ka.sample_subsets(jax.random.key(0), num_tasks=6, num_subsets=40, p=0.5)
+    >>> s = ka.fit_kernel(masks, masks[:, 0] - masks[:, 1], kernel="rbf", gamma=0.3, ridge=0.1)
+    >>> attribution_intervals(s, kind="loo").std.shape
+    (6, 1)
+    """
+    if kind not in ("shapley", "loo"):
+        raise ValueError(f"`kind` must be 'shapley' or 'loo', got {kind!r}.")
+    if not (isinstance(level, (float, int)) and 0 < level < 1):
+        raise ValueError(f"`level` must be a float in (0, 1), got {level!r}.")
+    z = statistics.NormalDist().inv_cdf(0.5 + level / 2.0)
+    _, post = _posterior(surrogate)
+    unit = read_posterior(post, gp=lambda g: _gp_functional_variance(g, kind),
+                          features=lambda f: _feature_functional_variance(f, kind))
+    std = jnp.sqrt(unit[:, None] * post.prior_var[None, :])
+    value = _functional(kind, surrogate)
     return AttributionIntervals(value=value, std=std, lower=value - z * std, upper=value + z * std)
 
 
@@ -389,10 +263,8 @@ def select_masks(
     if criterion not in ("integrated", "variance"):
         raise ValueError(f"`criterion` must be 'integrated' or 'variance', got {criterion!r}.")
     num = _checks.check_count(num, "num")
-    quad = isinstance(surrogate, QuadraticSurrogate)
-    post = None if quad else _posterior(surrogate)
-    k = surrogate.linear.shape[0] if quad else post.base.masks.shape[1]
-    dtype = surrogate.linear.dtype if quad else post.base.dual_coef.dtype
+    ops, post = _posterior(surrogate)
+    k, dtype = ops.num_tasks(surrogate), ops.dtype(surrogate)
     if candidates is None:
         num_candidates = _checks.check_count(num_candidates, "num_candidates")
         if not (isinstance(p, (float, int)) and 0 < p <= 1):
@@ -404,16 +276,10 @@ def select_masks(
     n = cand.shape[0]
     if num > n:
         raise ValueError(f"`num` = {num} exceeds the {n} candidates; pass more candidates.")
-    if quad:
-        # Bayesian linear model on the Walsh features, in units of σ_n²: prior-data covariance
-        # ``x_cᵀ C x_c' + 1/m`` (intercept), observation noise 1.
-        xc = walsh_features(cand) - surrogate.feature_mean[None, :]
-        cov = xc @ surrogate.feature_cov @ xc.T + 1.0 / surrogate.num_train
-        noise = jnp.ones((), cov.dtype)
-    else:
-        cov = _covariance(post, cand)
-        noise = jnp.maximum(post.ridge, jnp.finfo(dtype).tiny)
-
+    # in units of the posterior scale: for the pairwise surrogate's Bayesian linear model the
+    # noise variance (``x_cᵀ C x_c' + 1/m``, observation noise 1), for a GP ``σ_f²`` (noise: ridge)
+    cov = post.covariance(cand)
+    noise = post.unit_noise
     def step(state, _):
         c, taken = state
         diag = jnp.diagonal(c)

@@ -28,10 +28,10 @@ from jax.sharding import PartitionSpec
 
 from .. import _checks
 from .._sharding import mask_mesh, replicate, shard_rows
-from ._nystrom import draw_landmarks, features, fit_nystrom, nystrom_map
-from ._krr import KernelSpec, KernelSurrogate, check_kernel_config, mask_linear_scale, surrogate_gram
+from ._nystrom import draw_landmarks, features, nystrom, nystrom_map
+from ._krr import KernelSpec, KernelSurrogate, kernel_spec, mask_linear_scale, surrogate_gram
 
-__all__ = ["CGResult", "fit_kernel_cg", "solve_kernel_cg"]
+__all__ = ["CGResult", "fit_kernel_cg", "kernel_cg", "kernel_cg_solve", "solve_kernel_cg"]
 
 
 class CGResult(NamedTuple):
@@ -181,45 +181,66 @@ def solve_kernel_cg(
     >>> res.solution.shape, bool(res.converged)
     ((64, 1), True)
     """
-    _checks.check_key(key)
-    check_kernel_config(kernel, degree, coef0)
-    masks = _checks.check_masks(masks)
-    rhs, _ = _checks.check_labels(rhs, masks.shape[0], name="rhs")
+    return kernel_cg_solve(key, masks, rhs, kernel_spec(kernel, degree, coef0), gamma=gamma,
+                           ridge=ridge, mix=mix, num_landmarks=num_landmarks, tol=tol,
+                           max_iter=max_iter, block_size=block_size, mesh=mesh, axis=axis,
+                           throw=throw)
+
+
+class _SolveSettings(NamedTuple):
+    """Validated static settings of a CG solve."""
+
+    num_landmarks: int | None
+    tol: float
+    max_iter: int
+    block_size: int
+
+
+def _solve_settings(m: int, dtype, num_landmarks, tol, max_iter, block_size) -> _SolveSettings:
     max_iter = _checks.check_count(max_iter, "max_iter")
-    dtype = jnp.result_type(masks.dtype, rhs.dtype)
-    masks, rhs = masks.astype(dtype), rhs.astype(dtype)
-    m = masks.shape[0]
     if num_landmarks is not None:
-        num_landmarks = _checks.check_count(num_landmarks, "num_landmarks")
-        num_landmarks = min(num_landmarks, m)
+        num_landmarks = min(_checks.check_count(num_landmarks, "num_landmarks"), m)
     if block_size is None:
         block_size = max(1, (1 << 22) // m)
     block_size = _checks.check_count(block_size, "block_size")
     tol = _default_tol(dtype) if tol is None else float(tol)
     if not tol > 0:
         raise ValueError(f"`tol` must be > 0, got {tol}.")
-    for name, v in (("gamma", gamma), ("ridge", ridge)):
-        arr = _checks.as_float_array(v, name)
-        if arr.ndim != 0:
-            raise ValueError(f"`{name}` must be a scalar for the CG solve, got shape {tuple(arr.shape)}.")
-        _checks.check_hyperparameter(arr, name)
-    gamma = jnp.asarray(gamma, dtype)
-    ridge = jnp.asarray(ridge, dtype)
-    spec = KernelSpec(kernel=kernel, degree=int(degree), coef0=float(coef0))
+    return _SolveSettings(num_landmarks, tol, max_iter, block_size)
+
+
+def _scalar_hyperparameter(v, name: str, dtype) -> jax.Array:
+    arr = _checks.as_float_array(v, name)
+    if arr.ndim != 0:
+        raise ValueError(f"`{name}` must be a scalar for the CG solve, got shape {tuple(arr.shape)}.")
+    _checks.check_hyperparameter(arr, name)
+    return jnp.asarray(v, dtype)
+
+
+def kernel_cg_solve(key, masks, rhs, spec: KernelSpec, *, gamma, ridge, mix=0.0, num_landmarks=256,
+                    tol=None, max_iter=500, block_size=None, mesh=None, axis=None,
+                    throw=True) -> CGResult:
+    """:func:`solve_kernel_cg` with its kernel settings already built into ``spec``."""
+    _checks.check_key(key)
+    masks = _checks.check_masks(masks)
+    rhs, _ = _checks.check_labels(rhs, masks.shape[0], name="rhs")
+    dtype = jnp.result_type(masks.dtype, rhs.dtype)
+    masks, rhs = masks.astype(dtype), rhs.astype(dtype)
+    opts = _solve_settings(masks.shape[0], dtype, num_landmarks, tol, max_iter, block_size)
+    gamma = _scalar_hyperparameter(gamma, "gamma", dtype)
+    ridge = _scalar_hyperparameter(ridge, "ridge", dtype)
     where = mask_mesh(masks, mesh, axis)
-    kp = (gamma, jnp.asarray(mix, dtype), mask_linear_scale(kernel, masks))
-    if num_landmarks is None:
+    kp = (gamma, jnp.asarray(mix, dtype), mask_linear_scale(spec.kernel, masks))
+    if opts.num_landmarks is None:
         landmarks = fmap = None
     else:
-        landmarks = draw_landmarks(key, masks, num_landmarks, where)
+        landmarks = draw_landmarks(key, masks, opts.num_landmarks, where)
         fmap = nystrom_map(spec, landmarks, kp)
     rep = (landmarks, fmap, kp, ridge)
 
     def local(rows, rep_):
-        return _cg_local(
-            spec, rows, rep_, tol=tol, max_iter=max_iter, block_size=block_size,
-            axis=None if where is None else where[1],
-        )
+        return _cg_local(spec, rows, rep_, tol=opts.tol, max_iter=opts.max_iter,
+                         block_size=opts.block_size, axis=None if where is None else where[1])
 
     if where is None:
         x, it, res = local((masks, rhs), rep)
@@ -232,13 +253,13 @@ def solve_kernel_cg(
         x, it, res = jax.shard_map(
             local, mesh=mesh_, in_specs=((row, row), rep_specs), out_specs=(row, PartitionSpec(), PartitionSpec())
         )((masks, rhs), rep)
-    converged = jnp.all(res <= tol)
+    converged = jnp.all(res <= opts.tol)
     if throw:
         converged = _checks.error_if(
             converged,
             ~converged,
-            f"CG did not reach tol={tol:g} within max_iter={max_iter} iterations; raise `max_iter`, "
-            "`ridge` or `num_landmarks` (a better preconditioner), or use float64.",
+            f"CG did not reach tol={opts.tol:g} within max_iter={opts.max_iter} iterations; raise "
+            "`max_iter`, `ridge` or `num_landmarks` (a better preconditioner), or use float64.",
         )
     return CGResult(solution=x, num_iter=it, residual=res, converged=converged)
 
@@ -289,11 +310,17 @@ def fit_kernel_cg(
     >>> s.dual_coef.shape
     (64, 1)
     """
-    ny = fit_nystrom(
-        key, masks, y, num_landmarks=num_landmarks, kernel=kernel, gamma=gamma, ridge=ridge, mix=mix,
-        degree=degree, coef0=coef0, mesh=mesh, axis=axis, throw=throw,
-    )
-    sel = ny.surrogate
+    return kernel_cg(key, masks, y, kernel_spec(kernel, degree, coef0), num_landmarks=num_landmarks,
+                     gamma=gamma, ridge=ridge, mix=mix, tol=tol, max_iter=max_iter,
+                     block_size=block_size, mesh=mesh, axis=axis, throw=throw)
+
+
+def kernel_cg(key, masks, y, spec: KernelSpec, *, num_landmarks, gamma=None, ridge=None, mix=None,
+              tol=None, max_iter=500, block_size=None, mesh=None, axis=None,
+              throw=True) -> KernelSurrogate:
+    """:func:`fit_kernel_cg` with its kernel settings already built into ``spec``."""
+    sel = nystrom(key, masks, y, spec, num_landmarks=num_landmarks, gamma=gamma, ridge=ridge,
+                  mix=mix, mesh=mesh, axis=axis, throw=throw).surrogate
     masks = _checks.check_masks(masks)
     y, _ = _checks.check_labels(y, masks.shape[0])
     dtype = jnp.result_type(masks.dtype, y.dtype)
@@ -303,27 +330,14 @@ def fit_kernel_cg(
     where = mask_mesh(masks, mesh, axis)
     y = replicate(y, where)
     rhs = jnp.concatenate([y - y_mean[None, :], jnp.ones((m, 1), dtype)], axis=1)
-    res = solve_kernel_cg(
-        key, masks, rhs, gamma=sel.gamma[0], ridge=sel.ridge[0], kernel=kernel, mix=sel.mix[0], degree=degree,
-        coef0=coef0, num_landmarks=num_landmarks, tol=tol, max_iter=max_iter,
-        block_size=block_size, mesh=mesh, axis=axis, throw=throw,
+    res = kernel_cg_solve(
+        key, masks, rhs, sel.spec, gamma=sel.gamma[0], ridge=sel.ridge[0], mix=sel.mix[0],
+        num_landmarks=num_landmarks, tol=tol, max_iter=max_iter, block_size=block_size, mesh=mesh,
+        axis=axis, throw=throw,
     )
     sol = replicate(res.solution, where)
     u, v = sol[:, :t], sol[:, t]
     shift = jnp.sum(u, axis=0) / jnp.sum(v)  # [T]
-    alpha = u - v[:, None] * shift[None, :]
-    return KernelSurrogate(
-        masks=replicate(masks, where),
-        dual_coef=alpha,
-        intercept=y_mean + shift,
-        gamma=sel.gamma,
-        ridge=sel.ridge,
-        mix=sel.mix,
-        gamma_grid=sel.gamma_grid,
-        mix_grid=sel.mix_grid,
-        ridge_grid=sel.ridge_grid,
-        linear_scale=sel.linear_scale,
-        cv_error=sel.cv_error,
-        cv_spearman=sel.cv_spearman,
-        spec=sel.spec,
-    )
+    # the exact model at the Nyström selection: every field but the fit is the selection's
+    return sel._replace(masks=replicate(masks, where), dual_coef=u - v[:, None] * shift[None, :],
+                        intercept=y_mean + shift, status=None)

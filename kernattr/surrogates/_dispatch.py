@@ -3,7 +3,7 @@
 :func:`fit_kernel` chooses the algorithm from its arguments: the exact eigendecomposition
 (:func:`._krr.fit_kernel_direct`), Nyström features (:func:`._nystrom.fit_nystrom`), the
 Nyström-preconditioned CG solve (:func:`._cg.fit_kernel_cg`) or the Walsh expansion
-(:func:`._quadratic.fit_kernel_walsh`). :func:`predict` evaluates any surrogate type. Both sit
+(:func:`._quadratic.fit_kernel_walsh`). :func:`predict` evaluates any registered surrogate type (:mod:`._registry`). Both sit
 above the solvers, which never import this module.
 """
 
@@ -13,18 +13,18 @@ import jax
 import jax.numpy as jnp
 
 from .. import _checks
-from ._cg import fit_kernel_cg
+from ._cg import kernel_cg
 from ._krr import (
     KernelSurrogate,
     LinearSurrogate,
     MultiFidelitySurrogate,
-    check_kernel_config,
     check_select,
     fit_kernel_direct,
-    kernel_predict,
+    kernel_spec,
 )
-from ._nystrom import NystromSurrogate, fit_nystrom
-from ._quadratic import QuadraticSurrogate, fit_kernel_walsh, quadratic_predict
+from ._nystrom import NystromSurrogate, nystrom
+from ._quadratic import QuadraticSurrogate, fit_kernel_walsh
+from ._registry import surrogate_ops
 
 __all__ = ["fit_kernel", "predict"]
 
@@ -165,51 +165,42 @@ def fit_kernel(
     >>> w.cv_error.shape, w.pairwise.shape  # same grid; the pairwise coefficients [K, K, T]
     ((2, 5, 2, 1), (6, 6, 1))
     """
-    check_kernel_config(kernel, degree, coef0)
+    spec = kernel_spec(kernel, degree, coef0, fit_intercept=fit_intercept)
     check_select(select)
     if solver not in ("direct", "cg", "walsh"):
         raise ValueError(f"`solver` must be 'direct', 'cg' or 'walsh', got {solver!r}.")
+    grid = dict(gamma=gamma, ridge=ridge, mix=mix, throw=throw)
+    if solver == "direct" and num_landmarks is None:
+        return fit_kernel_direct(masks, y, spec, select=select, per_target=per_target, **grid)
+    if select != "mse" or per_target or not fit_intercept:
+        raise ValueError(
+            f"with {_ROUTE[solver]} the selection is select='mse', one grid point for all "
+            "targets, with an intercept; drop select/per_target/fit_intercept.")
     if solver == "walsh":
-        return _fit_walsh(masks, y, kernel=kernel, gamma=gamma, ridge=ridge, mix=mix, select=select,
-                          per_target=per_target, fit_intercept=fit_intercept, throw=throw,
-                          num_landmarks=num_landmarks)
-    if num_landmarks is not None or solver == "cg":
-        return _fit_large(masks, y, kernel=kernel, gamma=gamma, ridge=ridge, mix=mix, degree=degree,
-                          coef0=coef0, select=select, per_target=per_target,
-                          fit_intercept=fit_intercept, throw=throw, num_landmarks=num_landmarks,
-                          key=key, solver=solver)
-    return fit_kernel_direct(masks, y, kernel=kernel, gamma=gamma, ridge=ridge, mix=mix, degree=degree,
-                             coef0=coef0, select=select, per_target=per_target,
-                             fit_intercept=fit_intercept, throw=throw)
+        return _fit_walsh(masks, y, spec, num_landmarks=num_landmarks, **grid)
+    return _fit_landmarks(masks, y, spec, num_landmarks=num_landmarks, key=key, solver=solver, **grid)
 
 
-def _fit_large(masks, y, *, num_landmarks, key, solver, select, per_target, fit_intercept, **kw):
-    """The ``num_landmarks=`` / ``solver="cg"`` paths of :func:`fit_kernel`."""
+_ROUTE = {"direct": "`num_landmarks`", "cg": "solver='cg'", "walsh": "solver='walsh'"}
+
+
+def _fit_landmarks(masks, y, spec, *, num_landmarks, key, solver, **grid):
+    """The Nyström (``num_landmarks=``) and CG (``solver="cg"``) routes of :func:`fit_kernel`."""
     if num_landmarks is None or key is None:
         raise ValueError(
             "the Nyström and CG paths need `num_landmarks=L` and `key=jax.random.key(seed)` "
             "(the landmarks are drawn with the key)."
         )
-    if select != "mse" or per_target or not fit_intercept:
-        raise ValueError(
-            "with `num_landmarks` (or solver='cg') the selection is select='mse', one grid point "
-            "for all targets, with an intercept; drop select/per_target/fit_intercept."
-        )
-    if solver == "cg":
-        return fit_kernel_cg(key, masks, y, num_landmarks=num_landmarks, **kw)
-    return fit_nystrom(key, masks, y, num_landmarks=num_landmarks, **kw)
+    fit = kernel_cg if solver == "cg" else nystrom
+    return fit(key, masks, y, spec, num_landmarks=num_landmarks, **grid)
 
 
-def _fit_walsh(masks, y, *, select, per_target, fit_intercept, num_landmarks, kernel, **kw):
-    """The ``solver="walsh"`` path of :func:`fit_kernel`."""
-    if kernel == "polynomial" or num_landmarks is not None:
+def _fit_walsh(masks, y, spec, *, num_landmarks, **grid):
+    """The ``solver="walsh"`` route of :func:`fit_kernel`."""
+    if spec.kernel == "polynomial" or num_landmarks is not None:
         raise ValueError("solver='walsh' expands the 'linear+rbf', 'rbf' or 'linear' kernel in Walsh "
                          "functions; it takes no `num_landmarks` and no polynomial kernel.")
-    if select != "mse" or per_target or not fit_intercept:
-        raise ValueError(
-            "with solver='walsh' the selection is select='mse', one grid point for all targets, "
-            "with an intercept; drop select/per_target/fit_intercept.")
-    return fit_kernel_walsh(masks, y, kernel=kernel, **kw)
+    return fit_kernel_walsh(masks, y, spec, **grid)
 
 
 def predict(
@@ -231,26 +222,7 @@ def predict(
     >>> predict(s, jnp.array([[1.0, 1.0], [0.0, 1.0]])).tolist()
     [[3.5], [2.5]]
     """
-    if isinstance(surrogate, NystromSurrogate):
-        surrogate = surrogate.surrogate
-    if isinstance(surrogate, QuadraticSurrogate):
-        masks = _checks.check_masks(masks, num_tasks=surrogate.linear.shape[0])
-        masks = masks.astype(jnp.result_type(masks.dtype, surrogate.linear.dtype))
-        return quadratic_predict(surrogate, masks)
-    if isinstance(surrogate, LinearSurrogate):
-        masks = _checks.check_masks(masks, num_tasks=surrogate.coef.shape[0])
-        masks = masks.astype(jnp.result_type(masks.dtype, surrogate.coef.dtype))
-        return masks @ surrogate.coef + surrogate.intercept[None, :]
-    if isinstance(surrogate, KernelSurrogate):
-        masks = _checks.check_masks(masks, num_tasks=surrogate.masks.shape[1])
-        masks = masks.astype(jnp.result_type(masks.dtype, surrogate.dual_coef.dtype))
-        return kernel_predict(surrogate, masks)
-    if isinstance(surrogate, MultiFidelitySurrogate):
-        masks = _checks.check_masks(masks, num_tasks=surrogate.cheap.masks.shape[1])
-        masks = masks.astype(jnp.result_type(masks.dtype, surrogate.cheap.dual_coef.dtype))
-        return surrogate.rho[None, :] * kernel_predict(surrogate.cheap, masks) + kernel_predict(
-            surrogate.residual, masks)
-    raise TypeError(
-        "`surrogate` must be a LinearSurrogate, KernelSurrogate, NystromSurrogate, "
-        f"QuadraticSurrogate or MultiFidelitySurrogate, got {type(surrogate).__name__}."
-    )
+    ops = surrogate_ops(surrogate)
+    masks = _checks.check_masks(masks, num_tasks=ops.num_tasks(surrogate))
+    masks = masks.astype(jnp.result_type(masks.dtype, ops.dtype(surrogate)))
+    return ops.predict(surrogate, masks)

@@ -58,6 +58,7 @@ __all__ = [
     "hyperparameters_ok",
     "kernel_grids",
     "kernel_predict",
+    "kernel_spec",
     "loo_residual_grid",
     "mask_linear_scale",
     "select_grid_point",
@@ -193,7 +194,17 @@ class MultiFidelitySurrogate(NamedTuple):
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
-def _check_kernel_config(kernel: Any, degree: Any, coef0: Any) -> None:
+def kernel_spec(kernel: Any = "linear+rbf", degree: Any = 2, coef0: Any = 1.0, *,
+                fit_intercept: bool = True) -> KernelSpec:
+    """The validated :class:`KernelSpec` of a fit: every public entry builds it once, from its
+    ``kernel``, ``degree`` and ``coef0`` arguments, and passes it down whole.
+
+    Raises ``ValueError`` for an unknown kernel, a degree that is not an integer ``>= 1`` or a
+    negative ``coef0``; ``TypeError`` for a ``coef0`` that is not a finite number.
+
+    >>> kernel_spec("polynomial", 3, 0.5)
+    KernelSpec(kernel='polynomial', degree=3, coef0=0.5, shared_gamma=True, fit_intercept=True)
+    """
     if kernel not in KERNELS:
         raise ValueError(f"`kernel` must be one of {KERNELS}, got {kernel!r}.")
     if isinstance(degree, bool) or not isinstance(degree, (int, np.integer)) or degree < 1:
@@ -204,6 +215,8 @@ def _check_kernel_config(kernel: Any, degree: Any, coef0: Any) -> None:
         raise ValueError(
             f"`coef0` must be >= 0 so that the polynomial kernel is positive semi-definite, got {coef0}."
         )
+    return KernelSpec(kernel=kernel, degree=int(degree), coef0=float(coef0),
+                      fit_intercept=bool(fit_intercept))
 
 
 def _base_kernel(kernel: str) -> str:
@@ -211,12 +224,13 @@ def _base_kernel(kernel: str) -> str:
     return "rbf" if kernel == "linear+rbf" else kernel
 
 
-def _gram(kernel: str, degree: int, coef0: float, a: jax.Array, b: jax.Array, gamma,
-          minus_one: bool = False) -> jax.Array:
-    """Single-kernel matrix ``[m_a, m_b]`` between 0/1 masks ``a [m_a, K]`` and ``b [m_b, K]``.
+def _gram(spec: KernelSpec, a: jax.Array, b: jax.Array, gamma, minus_one: bool = False) -> jax.Array:
+    """Matrix ``[m_a, m_b]`` of the single (non-linear) kernel of ``spec`` between 0/1 masks
+    ``a [m_a, K]`` and ``b [m_b, K]`` (for ``"linear+rbf"``: its RBF part).
 
     ``minus_one``: the RBF kernel minus the constant 1, as ``expm1`` (accurate when the
     bandwidth is small and the kernel is nearly constant)."""
+    kernel = _base_kernel(spec.kernel)
     inner = a @ b.T
     if kernel == "rbf":
         # On 0/1 masks ||a-b||² is the Hamming distance, an integer: exact from the inner products.
@@ -225,21 +239,17 @@ def _gram(kernel: str, degree: int, coef0: float, a: jax.Array, b: jax.Array, ga
         dist = jnp.maximum(na[:, None] + nb[None, :] - 2.0 * inner, 0.0)
         return jnp.expm1(-gamma * dist) if minus_one else jnp.exp(-gamma * dist)
     if kernel == "polynomial":
-        return (gamma * inner + coef0) ** degree
+        return (gamma * inner + spec.coef0) ** spec.degree
     return inner
 
 
-def _mixed_gram(kernel, degree, coef0, a, b, gamma, mix, linear_scale, minus_one=False) -> jax.Array:
+def _mixed_gram(spec: KernelSpec, a, b, gamma, mix, linear_scale, minus_one=False) -> jax.Array:
     """``mix·<a,b>/linear_scale + (1-mix)·rbf`` for ``"linear+rbf"``, else the single kernel
     (``minus_one``: the RBF part minus its constant 1, see :func:`_gram`)."""
-    base = _gram(_base_kernel(kernel), degree, coef0, a, b, gamma, minus_one)
-    if kernel != "linear+rbf":
+    base = _gram(spec, a, b, gamma, minus_one)
+    if spec.kernel != "linear+rbf":
         return base
     return (mix / linear_scale) * (a @ b.T) + (1.0 - mix) * base
-
-
-# Named (non-underscore) for the Nyström / CG modules that share it.
-check_kernel_config = _check_kernel_config
 
 
 def intercept_free_gram(spec: KernelSpec, a: jax.Array, gamma, mix, linear_scale) -> jax.Array:
@@ -251,8 +261,7 @@ def intercept_free_gram(spec: KernelSpec, a: jax.Array, gamma, mix, linear_scale
     the constant after rounding would lose most of the digits that the fit depends on.
     """
     minus_one = spec.fit_intercept and _base_kernel(spec.kernel) == "rbf"
-    return _mixed_gram(spec.kernel, spec.degree, spec.coef0, a, a, gamma, mix, linear_scale,
-                       minus_one)
+    return _mixed_gram(spec, a, a, gamma, mix, linear_scale, minus_one)
 
 
 def surrogate_gram(
@@ -269,7 +278,7 @@ def surrogate_gram(
     >>> [round(v, 4) for v in g[0].tolist()]
     [1.0, 0.0677]
     """
-    return _mixed_gram(spec.kernel, spec.degree, spec.coef0, a, b, gamma, mix, linear_scale)
+    return _mixed_gram(spec, a, b, gamma, mix, linear_scale)
 
 
 def kernel_matrix(
@@ -307,10 +316,10 @@ def kernel_matrix(
     >>> kernel_matrix(jnp.eye(2), jnp.ones((1, 2)), gamma=1.0).shape
     (2, 1)
     """
-    _check_kernel_config(kernel, degree, coef0)
+    spec = kernel_spec(kernel, degree, coef0)
     a = _checks.check_masks(a, "a")
     b = _checks.check_masks(b, "b", num_tasks=a.shape[1])
-    return _mixed_gram(kernel, degree, coef0, a, b, gamma, mix, linear_scale)
+    return _mixed_gram(spec, a, b, gamma, mix, linear_scale)
 
 
 def default_mix_grid(kernel: str = "linear+rbf") -> np.ndarray:
@@ -715,15 +724,12 @@ def _loo_pair(kmat: jax.Array, yc: jax.Array, ridge_grid: jax.Array, fit_interce
 def loo_residual_grid(
     masks: jax.Array,
     y: jax.Array,
+    spec: KernelSpec,
     *,
-    kernel: str,
     gamma_grid: jax.Array,
     mix_grid: jax.Array,
     ridge_grid: jax.Array,
     linear_scale: jax.Array,
-    degree: int = 2,
-    coef0: float = 1.0,
-    fit_intercept: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """Exact LOO residuals of kernel ridge on validated inputs, over a whole grid.
 
@@ -733,8 +739,8 @@ def loo_residual_grid(
 
     Args:
       masks: ``[m, K]`` validated 0/1 masks.
-      y: ``[m, T]`` validated labels (centred inside when ``fit_intercept``).
-      kernel, degree, coef0, fit_intercept: as in :func:`fit_kernel`.
+      y: ``[m, T]`` validated labels (centred inside when ``spec.fit_intercept``).
+      spec: the :class:`KernelSpec` (:func:`kernel_spec`).
       gamma_grid, mix_grid, ridge_grid: ``[G]``, ``[W]``, ``[R]`` validated grids.
       linear_scale: scalar ``c`` of ``"linear+rbf"`` (ignored otherwise).
 
@@ -743,18 +749,18 @@ def loo_residual_grid(
 
     >>> import jax.numpy as jnp
     >>> masks = jnp.array([[0., 1.], [1., 0.], [1., 1.], [0., 0.]])
-    >>> r, ok = loo_residual_grid(masks, masks[:, :1], kernel="rbf", gamma_grid=jnp.ones(1),
+    >>> r, ok = loo_residual_grid(masks, masks[:, :1], kernel_spec("rbf"), gamma_grid=jnp.ones(1),
     ...                           mix_grid=jnp.zeros(1), ridge_grid=jnp.ones(2),
     ...                           linear_scale=jnp.ones(()))
     >>> r.shape, ok.shape
     ((1, 2, 4, 1), (1, 2))
     """
-    yc = y - jnp.mean(y, axis=0, keepdims=True) if fit_intercept else y
+    yc = y - jnp.mean(y, axis=0, keepdims=True) if spec.fit_intercept else y
     num_w = mix_grid.shape[0]
 
     def per_pair(g, w):
-        kmat = _mixed_gram(kernel, degree, coef0, masks, masks, g, w, linear_scale)
-        resid, valid, *_ = _loo_pair(kmat, yc, ridge_grid, fit_intercept)
+        kmat = _mixed_gram(spec, masks, masks, g, w, linear_scale)
+        resid, valid, *_ = _loo_pair(kmat, yc, ridge_grid, spec.fit_intercept)
         return resid, valid
 
     return jax.vmap(per_pair)(jnp.repeat(gamma_grid, num_w), jnp.tile(mix_grid, gamma_grid.shape[0]))
@@ -825,34 +831,30 @@ def check_select(select: Any) -> None:
 def fit_kernel_direct(
     masks: jax.Array,
     y: jax.Array,
+    spec: KernelSpec,
     *,
-    kernel: str = "linear+rbf",
     gamma: float | jax.Array | None = None,
     ridge: float | jax.Array | None = None,
     mix: float | jax.Array | None = None,
-    degree: int = 2,
-    coef0: float = 1.0,
     select: str = "mse",
     per_target: bool = False,
-    fit_intercept: bool = True,
     throw: bool = True,
 ) -> KernelSurrogate:
     """Exact kernel ridge regression on masks: the ``solver="direct"`` path of ``fit_kernel``.
 
     One eigendecomposition per ``(gamma, mix)`` pair of the ``m x m`` kernel matrix gives the
-    fit and its closed-form leave-one-out selection for every ridge. Arguments, selection rule
-    and failure modes are those of :func:`kernattr.fit_kernel` (without ``num_landmarks``,
-    ``key`` and ``solver``).
+    fit and its closed-form leave-one-out selection for every ridge. ``spec`` (from
+    :func:`kernel_spec`) carries the kernel and ``fit_intercept``; the other arguments,
+    selection rule and failure modes are those of :func:`kernattr.fit_kernel`.
 
     Returns:
       :class:`KernelSurrogate`.
 
     >>> import jax, jax.numpy as jnp
     >>> masks = jax.random.bernoulli(jax.random.key(0), 0.5, (32, 4)).astype(jnp.float32)
-    >>> fit_kernel_direct(masks, masks[:, 0], gamma=0.3, ridge=0.1).dual_coef.shape
+    >>> fit_kernel_direct(masks, masks[:, 0], kernel_spec(), gamma=0.3, ridge=0.1).dual_coef.shape
     (32, 1)
     """
-    _check_kernel_config(kernel, degree, coef0)
     check_select(select)
     masks = gather_rows(_checks.check_masks(masks))
     y, _ = _checks.check_labels(gather_rows(y), masks.shape[0])
@@ -860,13 +862,12 @@ def fit_kernel_direct(
     masks = masks.astype(dtype)
     y = y.astype(dtype)
     m, k = masks.shape
-    if fit_intercept and m < 2:
+    if spec.fit_intercept and m < 2:
         raise ValueError("`masks` needs at least 2 rows to fit a kernel surrogate with an intercept.")
-    gamma_grid, mix_grid, ridge_grid = kernel_grids(kernel, k, gamma, mix, ridge, dtype)
-    gamma_ok, ridge_ok = hyperparameters_ok(kernel, gamma, ridge, throw)
+    gamma_grid, mix_grid, ridge_grid = kernel_grids(spec.kernel, k, gamma, mix, ridge, dtype)
+    gamma_ok, ridge_ok = hyperparameters_ok(spec.kernel, gamma, ridge, throw)
     shared_gamma = (not per_target) or gamma_grid.shape[0] * mix_grid.shape[0] == 1
-    spec = KernelSpec(kernel=kernel, degree=int(degree), coef0=float(coef0),
-                      shared_gamma=shared_gamma, fit_intercept=bool(fit_intercept))
+    spec = dataclasses.replace(spec, shared_gamma=shared_gamma)
     grid = _DirectGrid(gamma_grid, mix_grid, ridge_grid,
                        jnp.broadcast_to(gamma_ok, gamma_grid.shape),
                        jnp.broadcast_to(ridge_ok, ridge_grid.shape))
@@ -1077,7 +1078,7 @@ def split_linear_part(s: KernelSurrogate) -> tuple[jax.Array, KernelSurrogate]:
 
     >>> import jax, jax.numpy as jnp
     >>> masks = jax.random.bernoulli(jax.random.key(0), 0.5, (16, 4)).astype(jnp.float32)
-    >>> coef, rest = split_linear_part(fit_kernel_direct(masks, masks[:, 0], gamma=0.3, ridge=0.1))
+    >>> coef, rest = split_linear_part(fit_kernel_direct(masks, masks[:, 0], kernel_spec(), gamma=0.3, ridge=0.1))
     >>> coef.shape, rest.spec.kernel
     ((4, 1), 'rbf')
     """

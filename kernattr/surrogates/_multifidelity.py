@@ -18,7 +18,7 @@ Shapes: ``K`` tasks, ``m_c`` cheap masks, ``m`` real masks, ``T`` targets, ``G``
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +26,11 @@ import jax.numpy as jnp
 from .. import _checks
 from .._metrics import column_spearman
 from ._krr import (
-    KERNELS,
     MultiFidelitySurrogate,
     fit_kernel_direct,
     kernel_grids,
     kernel_predict,
+    kernel_spec,
     loo_residual_grid,
     mask_linear_scale,
     select_grid_point,
@@ -94,11 +94,53 @@ def fit_multifidelity(
     unknown = sorted(set(kernel_options) - set(_OPTIONS))
     if unknown:
         raise TypeError(f"unknown kernel option(s) {unknown}; allowed: {list(_OPTIONS)}.")
-    kernel = kernel_options.get("kernel", "linear+rbf")
-    if kernel not in KERNELS:
-        raise ValueError(f"`kernel` must be one of {KERNELS}, got {kernel!r}.")
-    select = kernel_options.get("select", "mse")
-    per_target = bool(kernel_options.get("per_target", False))
+    opts = {"select": "mse", "per_target": False, **kernel_options}
+    spec = kernel_spec(opts.pop("kernel", "linear+rbf"), opts.pop("degree", 2), opts.pop("coef0", 1.0))
+    cheap_masks, cheap_y, real_masks, real_y = _checked_inputs(cheap_masks, cheap_y, real_masks, real_y)
+    m, k = real_masks.shape
+    t = real_y.shape[1]
+
+    cheap = fit_kernel_direct(cheap_masks, cheap_y, spec, **opts)
+    dtype = jnp.result_type(cheap.dual_coef.dtype, real_y.dtype, real_masks.dtype)
+    real_masks = real_masks.astype(dtype)
+    real_y = real_y.astype(dtype)
+    c = kernel_predict(cheap, real_masks).astype(dtype)  # [m, T]
+
+    gamma_grid, mix_grid, ridge_grid = kernel_grids(
+        spec.kernel, k, opts.get("gamma"), opts.get("mix"), opts.get("ridge"), dtype)
+    num_g, num_w, num_r = gamma_grid.shape[0], mix_grid.shape[0], ridge_grid.shape[0]
+    resid, valid = loo_residual_grid(
+        real_masks, jnp.concatenate([real_y, c], axis=1), spec, gamma_grid=gamma_grid,
+        mix_grid=mix_grid, ridge_grid=ridge_grid,
+        linear_scale=mask_linear_scale(spec.kernel, real_masks),
+    )  # [C, R, m, 2T]
+    e_y, e_c = resid[..., :t], resid[..., t:]
+    rho_grid = _rho_grid(e_y, e_c, rho, dtype)
+    crit = _criteria(e_y, e_c, rho_grid, valid, real_y, opts["select"])
+    # grid points in (gamma, mix, ridge) order; near-ties broken as in fit_kernel
+    gam_flat = jnp.repeat(jnp.repeat(gamma_grid, num_w), num_r)
+    mix_flat = jnp.repeat(jnp.tile(mix_grid, num_g), num_r)
+    rid_flat = jnp.tile(ridge_grid, num_g * num_w)
+    if bool(opts["per_target"]):
+        best = select_grid_point(crit.loss.reshape(-1, t), gam_flat, rid_flat, mix_flat)  # [T]
+        rho_t = rho_grid.reshape(-1, t)[best, jnp.arange(t)]
+    else:
+        best = select_grid_point(crit.pooled.reshape(-1, 1), gam_flat, rid_flat, mix_flat)[0]
+        rho_t = rho_grid.reshape(-1, t)[best]
+    residual = fit_kernel_direct(real_masks, real_y - rho_t[None, :] * c, spec, **opts)
+    shape = (num_g, num_w, num_r, t)
+    return MultiFidelitySurrogate(
+        cheap=cheap,
+        residual=residual,
+        rho=rho_t,
+        cv_error=crit.cv.reshape(shape),
+        cv_error_real_only=crit.cv_real.reshape(shape),
+        cv_rho=rho_grid.reshape(shape),
+    )
+
+
+def _checked_inputs(cheap_masks, cheap_y, real_masks, real_y):
+    """Validated masks ``[m_c, K]``, ``[m, K]`` and labels ``[m_c, T]``, ``[m, T]``."""
     cheap_masks = _checks.check_masks(cheap_masks, "cheap_masks")
     real_masks = _checks.check_masks(real_masks, "real_masks", num_tasks=cheap_masks.shape[1])
     cheap_y, _ = _checks.check_labels(cheap_y, cheap_masks.shape[0], "cheap_y")
@@ -108,42 +150,41 @@ def fit_multifidelity(
             f"`cheap_y` has {cheap_y.shape[1]} targets but `real_y` has {real_y.shape[1]}; they "
             "must describe the same targets."
         )
-    m, k = real_masks.shape
-    if m < 3:
-        raise ValueError(f"`real_masks` has {m} rows; at least 3 real labels are needed.")
-    t = real_y.shape[1]
+    if real_masks.shape[0] < 3:
+        raise ValueError(f"`real_masks` has {real_masks.shape[0]} rows; at least 3 real labels are needed.")
+    return cheap_masks, cheap_y, real_masks, real_y
 
-    cheap = fit_kernel_direct(cheap_masks, cheap_y, **kernel_options)
-    dtype = jnp.result_type(cheap.dual_coef.dtype, real_y.dtype, real_masks.dtype)
-    real_masks = real_masks.astype(dtype)
-    real_y = real_y.astype(dtype)
-    c = kernel_predict(cheap, real_masks).astype(dtype)  # [m, T]
 
-    gamma_grid, mix_grid, ridge_grid = kernel_grids(
-        kernel, k, kernel_options.get("gamma"), kernel_options.get("mix"),
-        kernel_options.get("ridge"), dtype)
-    num_g, num_w, num_r = gamma_grid.shape[0], mix_grid.shape[0], ridge_grid.shape[0]
-    resid, valid = loo_residual_grid(
-        real_masks, jnp.concatenate([real_y, c], axis=1), kernel=kernel, gamma_grid=gamma_grid,
-        mix_grid=mix_grid, ridge_grid=ridge_grid,
-        linear_scale=mask_linear_scale(kernel, real_masks),
-        degree=kernel_options.get("degree", 2), coef0=kernel_options.get("coef0", 1.0),
-    )  # [C, R, m, 2T]
-    e_y, e_c = resid[..., :t], resid[..., t:]
-    ycen = real_y - jnp.mean(real_y, axis=0, keepdims=True)
-    scale = jnp.mean(ycen * ycen, axis=0)
-    scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+def _rho_grid(e_y: jax.Array, e_c: jax.Array, rho, dtype) -> jax.Array:
+    """``[C, R, T]`` scale of the cheap surrogate at each grid point: LOO-optimal
+    ``<e_y, e_c>/<e_c, e_c>`` from the LOO residuals ``[C, R, m, T]``, or the fixed ``rho``."""
+    t = e_y.shape[-1]
     if rho is None:
         ecc = jnp.sum(e_c * e_c, axis=2)  # [C, R, T]
         eyc = jnp.sum(e_y * e_c, axis=2)
-        rho_grid = jnp.where(ecc > 0, eyc / jnp.where(ecc > 0, ecc, 1.0), 0.0)
-    else:
-        fixed = _checks.as_float_array(rho, "rho").astype(dtype)
-        if fixed.ndim > 1 or (fixed.ndim == 1 and fixed.shape[0] != t):
-            raise ValueError(f"`rho` must be a scalar or [T] = [{t}], got shape {fixed.shape}.")
-        fixed = _checks.error_if(fixed, ~jnp.isfinite(fixed),
-                                 "`rho` contains {count} non-finite values.")
-        rho_grid = jnp.broadcast_to(fixed, e_y.shape[:2] + (t,))
+        return jnp.where(ecc > 0, eyc / jnp.where(ecc > 0, ecc, 1.0), 0.0)
+    fixed = _checks.as_float_array(rho, "rho").astype(dtype)
+    if fixed.ndim > 1 or (fixed.ndim == 1 and fixed.shape[0] != t):
+        raise ValueError(f"`rho` must be a scalar or [T] = [{t}], got shape {fixed.shape}.")
+    fixed = _checks.error_if(fixed, ~jnp.isfinite(fixed),
+                             "`rho` contains {count} non-finite values.")
+    return jnp.broadcast_to(fixed, e_y.shape[:2] + (t,))
+
+
+class _Criteria(NamedTuple):
+    cv: jax.Array  # [C, R, T] LOO MSE / variance at the grid's rho
+    cv_real: jax.Array  # [C, R, T] the same at rho = 0
+    loss: jax.Array  # [C, R, T] the per-target selection loss
+    pooled: jax.Array  # [C, R] the loss pooled over targets
+
+
+def _criteria(e_y, e_c, rho_grid, valid, real_y, select: str) -> _Criteria:
+    """Leave-one-out criteria of ``real - rho·cheap`` over the grid (``select`` as in
+    :func:`kernattr.fit_kernel`)."""
+    m, t = real_y.shape
+    ycen = real_y - jnp.mean(real_y, axis=0, keepdims=True)
+    scale = jnp.mean(ycen * ycen, axis=0)
+    scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
     e = e_y - rho_grid[:, :, None, :] * e_c  # [C, R, m, T]
     ok = valid[:, :, None]
 
@@ -152,36 +193,14 @@ def fit_multifidelity(
         return jnp.where(ok & jnp.isfinite(cv), cv, jnp.inf)
 
     cv = norm_mse(e)
-    cv_real = norm_mse(e_y)
-    if select == "loo_spearman":
-        loo_pred = ycen[None, None] - e  # [C, R, m, T]
-        flat = jnp.moveaxis(loo_pred, 2, 0).reshape(m, -1)
-        ys = jnp.broadcast_to(ycen[:, None, None, :], (m,) + loo_pred.shape[:2] + (t,))
-        score = column_spearman(flat, ys.reshape(m, -1)).reshape(cv.shape)
-        score = jnp.where(jnp.isfinite(cv), score, jnp.nan)
-        loss = jnp.where(jnp.isnan(score), jnp.inf, -score)
-        pooled = jnp.where(jnp.all(jnp.isnan(score), axis=2), jnp.inf,
-                           -jnp.nanmean(jnp.where(jnp.isnan(score), jnp.nan, score), axis=2))
-    else:
-        loss = cv
-        pooled = jnp.mean(cv, axis=2)
-    # grid points in (gamma, mix, ridge) order; near-ties broken as in fit_kernel
-    gam_flat = jnp.repeat(jnp.repeat(gamma_grid, num_w), num_r)
-    mix_flat = jnp.repeat(jnp.tile(mix_grid, num_g), num_r)
-    rid_flat = jnp.tile(ridge_grid, num_g * num_w)
-    if per_target:
-        best = select_grid_point(loss.reshape(-1, t), gam_flat, rid_flat, mix_flat)  # [T]
-        rho_t = rho_grid.reshape(-1, t)[best, jnp.arange(t)]
-    else:
-        best = select_grid_point(pooled.reshape(-1, 1), gam_flat, rid_flat, mix_flat)[0]
-        rho_t = rho_grid.reshape(-1, t)[best]
-    residual = fit_kernel_direct(real_masks, real_y - rho_t[None, :] * c, **kernel_options)
-    shape = (num_g, num_w, num_r, t)
-    return MultiFidelitySurrogate(
-        cheap=cheap,
-        residual=residual,
-        rho=rho_t,
-        cv_error=cv.reshape(shape),
-        cv_error_real_only=cv_real.reshape(shape),
-        cv_rho=rho_grid.reshape(shape),
-    )
+    if select != "loo_spearman":
+        return _Criteria(cv, norm_mse(e_y), cv, jnp.mean(cv, axis=2))
+    loo_pred = ycen[None, None] - e  # [C, R, m, T]
+    flat = jnp.moveaxis(loo_pred, 2, 0).reshape(m, -1)
+    ys = jnp.broadcast_to(ycen[:, None, None, :], (m,) + loo_pred.shape[:2] + (t,))
+    score = column_spearman(flat, ys.reshape(m, -1)).reshape(cv.shape)
+    score = jnp.where(jnp.isfinite(cv), score, jnp.nan)
+    loss = jnp.where(jnp.isnan(score), jnp.inf, -score)
+    pooled = jnp.where(jnp.all(jnp.isnan(score), axis=2), jnp.inf,
+                       -jnp.nanmean(jnp.where(jnp.isnan(score), jnp.nan, score), axis=2))
+    return _Criteria(cv, norm_mse(e_y), loss, pooled)

@@ -43,6 +43,7 @@ Shapes: ``m`` masks, ``K`` tasks, ``T`` targets, ``L`` landmarks, ``G`` bandwidt
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -55,16 +56,16 @@ from ._feature_ridge import (accumulate_rows, centred_feature_stats, loo_cv_erro
 from ._krr import (
     KernelSpec,
     KernelSurrogate,
-    check_kernel_config,
     hyperparameters_ok,
     kernel_grids,
+    kernel_spec,
     mask_linear_scale,
     select_grid_point,
     surrogate_gram,
 )
 from .._linalg import eigh
 
-__all__ = ["NystromSurrogate", "fit_nystrom"]
+__all__ = ["NystromSurrogate", "fit_nystrom", "nystrom"]
 
 
 class NystromSurrogate(NamedTuple):
@@ -208,33 +209,52 @@ def fit_nystrom(
     >>> s.surrogate.dual_coef.shape, s.cv_error.shape
     ((32, 1), (1, 5, 2, 1))
     """
-    _checks.check_key(key)
-    check_kernel_config(kernel, degree, coef0)
-    masks = _checks.check_masks(masks)
-    y, _ = _checks.check_labels(y, masks.shape[0])
-    num_landmarks = _checks.check_count(num_landmarks, "num_landmarks")
-    block_size = _checks.check_count(block_size, "block_size")
-    m, k = masks.shape
-    if num_landmarks > m:
-        raise ValueError(f"`num_landmarks` must be <= m = {m} (the number of masks), got {num_landmarks}.")
-    if m < 2:
-        raise ValueError("`masks` needs at least 2 rows to fit a kernel surrogate with an intercept.")
-    dtype = jnp.result_type(masks.dtype, y.dtype)
-    masks = masks.astype(dtype)
-    y = y.astype(dtype)
-    t = y.shape[1]
-    gamma_grid, mix_grid, ridge_grid = kernel_grids(kernel, k, gamma, mix, ridge, dtype)
-    num_g, num_w, num_r = gamma_grid.shape[0], mix_grid.shape[0], ridge_grid.shape[0]
-    gamma_ok, ridge_ok = hyperparameters_ok(kernel, gamma, ridge, throw)
-    gamma_ok = jnp.broadcast_to(gamma_ok, (num_g,))
-    ridge_ok = jnp.broadcast_to(ridge_ok, (num_r,))
-    spec = KernelSpec(kernel=kernel, degree=int(degree), coef0=float(coef0), shared_gamma=True, fit_intercept=True)
-    where = mask_mesh(masks, mesh, axis)
-    linear_scale = mask_linear_scale(kernel, masks)
+    return nystrom(key, masks, y, kernel_spec(kernel, degree, coef0), num_landmarks=num_landmarks,
+                   gamma=gamma, ridge=ridge, mix=mix, block_size=block_size, mesh=mesh, axis=axis,
+                   throw=throw)
 
-    landmarks = draw_landmarks(key, masks, num_landmarks, where)
+
+class _Grid(NamedTuple):
+    """The ``C = G·W`` ``(gamma, mix)`` pairs (in ``(gamma, mix)`` order) and the ridges."""
+
+    gamma: jax.Array  # [G]
+    mix: jax.Array  # [W]
+    ridge: jax.Array  # [R]
+    pair_gamma: jax.Array  # [C]
+    pair_mix: jax.Array  # [C]
+    pair_ok: jax.Array  # [C] valid gamma
+    ridge_ok: jax.Array  # [R] valid ridge
+
+
+class _PairFits(NamedTuple):
+    """Per ``(gamma, mix)`` pair: the LOO sums and the feature-space solution's pieces."""
+
+    sq: jax.Array  # [C, R, T] Σ r_i²
+    noise: jax.Array  # [C, R, T] Σ e_i²/(1 - H_ii)
+    valid: jax.Array  # [C, R]
+    fmap: jax.Array  # [C, L, r]
+    fmean: jax.Array  # [C, r]
+    eigvecs: jax.Array  # [C, r, r]
+    eigvals: jax.Array  # [C, r]
+    z: jax.Array  # [C, r, T]
+    yc2: jax.Array  # [C, T]
+
+
+def _grid(spec: KernelSpec, k: int, gamma, mix, ridge, throw: bool, dtype) -> _Grid:
+    gamma_grid, mix_grid, ridge_grid = kernel_grids(spec.kernel, k, gamma, mix, ridge, dtype)
+    num_g, num_w = gamma_grid.shape[0], mix_grid.shape[0]
+    gamma_ok, ridge_ok = hyperparameters_ok(spec.kernel, gamma, ridge, throw)
+    return _Grid(gamma_grid, mix_grid, ridge_grid, jnp.repeat(gamma_grid, num_w),
+                 jnp.tile(mix_grid, num_g), jnp.repeat(jnp.broadcast_to(gamma_ok, (num_g,)), num_w),
+                 jnp.broadcast_to(ridge_ok, ridge_grid.shape))
+
+
+def _pair_fits(spec, landmarks, masks, y, grid: _Grid, linear_scale, *, block_size, where) -> _PairFits:
+    """Two passes over the masks per ``(gamma, mix)`` pair (``lax.map``): the centred feature
+    statistics, one ``L x L`` eigendecomposition, and the leave-one-out sums of every ridge."""
+    num_landmarks = landmarks.shape[0]
     y_mean = jnp.mean(y, axis=0)
-    mf = jnp.asarray(m, dtype)
+    mf = jnp.asarray(masks.shape[0], y.dtype)
 
     def per_pair(args):
         g, w, g_ok = args
@@ -246,7 +266,7 @@ def fit_nystrom(
         fmean, gram_c, phi_yc, yc2 = centred_feature_stats(
             lambda rp, bm: features(spec, bm, *rp), (landmarks, fmap, kp), ref, masks, y, y_mean,
             block_size=block_size, where=where)
-        sv, vv, valid, inv = ridge_spectrum(gram_c, ridge_grid, ridge_ok & g_ok, num_landmarks)
+        sv, vv, valid, inv = ridge_spectrum(gram_c, grid.ridge, grid.ridge_ok & g_ok, num_landmarks)
         z = vv.T @ phi_yc  # [r, T]
 
         def loo(rep, blk, v):
@@ -258,52 +278,67 @@ def fit_nystrom(
         sq, noise = accumulate_rows(
             loo, (landmarks, kp, fmap, fmean, vv, z, inv, y_mean), (masks, y), block_size=block_size, where=where
         )
-        return sq, noise, valid, fmap, fmean, vv, sv, z, yc2
+        return _PairFits(sq, noise, valid, fmap, fmean, vv, sv, z, yc2)
 
-    gg = jnp.repeat(gamma_grid, num_w)  # [C] pairs in (gamma, mix) order
-    ww = jnp.tile(mix_grid, num_g)
-    gg_ok = jnp.repeat(gamma_ok, num_w)
-    sq, noise, valids, fmaps, fmeans, vvs, svs, zs, yc2s = jax.lax.map(per_pair, (gg, ww, gg_ok))
-    cv = loo_cv_error(sq, valids, yc2s[0], mf)  # [C, R, T]; Σ (y - ȳ)² is the same for every pair
+    return jax.lax.map(per_pair, (grid.pair_gamma, grid.pair_mix, grid.pair_ok))
+
+
+def nystrom(key, masks, y, spec: KernelSpec, *, num_landmarks, gamma=None, ridge=None, mix=None,
+            block_size=2048, mesh=None, axis=None, throw=True) -> NystromSurrogate:
+    """:func:`fit_nystrom` with its kernel settings already built into ``spec``."""
+    _checks.check_key(key)
+    masks = _checks.check_masks(masks)
+    y, _ = _checks.check_labels(y, masks.shape[0])
+    num_landmarks = _checks.check_count(num_landmarks, "num_landmarks")
+    block_size = _checks.check_count(block_size, "block_size")
+    m, k = masks.shape
+    if num_landmarks > m:
+        raise ValueError(f"`num_landmarks` must be <= m = {m} (the number of masks), got {num_landmarks}.")
+    if m < 2:
+        raise ValueError("`masks` needs at least 2 rows to fit a kernel surrogate with an intercept.")
+    dtype = jnp.result_type(masks.dtype, y.dtype)
+    masks, y = masks.astype(dtype), y.astype(dtype)
+    spec = dataclasses.replace(spec, shared_gamma=True, fit_intercept=True)
+    grid = _grid(spec, k, gamma, mix, ridge, throw, dtype)
+    where = mask_mesh(masks, mesh, axis)
+    linear_scale = mask_linear_scale(spec.kernel, masks)
+    landmarks = draw_landmarks(key, masks, num_landmarks, where)
+    fits = _pair_fits(spec, landmarks, masks, y, grid, linear_scale, block_size=block_size, where=where)
+    return _solution(spec, landmarks, y, grid, fits, linear_scale, throw=throw)
+
+
+def _solution(spec, landmarks, y, grid: _Grid, fits: _PairFits, linear_scale, *, throw) -> NystromSurrogate:
+    """The grid point of least leave-one-out error (averaged over targets) and its fit."""
+    m, t = y.shape
+    mf = jnp.asarray(m, y.dtype)
+    num_g, num_w, num_r = grid.gamma.shape[0], grid.mix.shape[0], grid.ridge.shape[0]
     num_c = num_g * num_w
+    cv = loo_cv_error(fits.sq, fits.valid, fits.yc2[0], mf)  # [C, R, T]; Σ (y - ȳ)² is the same for every pair
     best = select_grid_point(
-        jnp.mean(cv, axis=2).reshape(-1, 1), jnp.repeat(gg, num_r), jnp.tile(ridge_grid, num_c), jnp.repeat(ww, num_r)
+        jnp.mean(cv, axis=2).reshape(-1, 1), jnp.repeat(grid.pair_gamma, num_r),
+        jnp.tile(grid.ridge, num_c), jnp.repeat(grid.pair_mix, num_r)
     )[0]
     ci, ri = best // num_r, best % num_r
-    hyper_ok = gg_ok[ci] & ridge_ok[ri]
+    hyper_ok = grid.pair_ok[ci] & grid.ridge_ok[ri]
     if throw:
         hyper_ok = _checks.error_if(
             hyper_ok,
-            hyper_ok & ~valids[ci, ri],
+            hyper_ok & ~fits.valid[ci, ri],
             "`ridge` too small: the Nyström feature Gram matrix is singular at the chosen "
             "(gamma, mix, ridge); pass ridge > 0 or a ridge grid.",
         )
-    lam = ridge_grid[ri]
-    sv, vv, z, fmap, fmean = svs[ci], vvs[ci], zs[ci], fmaps[ci], fmeans[ci]
+    lam = grid.ridge[ri]
+    sv, vv, z, fmap, fmean = fits.eigvals[ci], fits.eigvecs[ci], fits.z[ci], fits.fmap[ci], fits.fmean[ci]
     w = vv @ (z / (sv + lam)[:, None])  # [r, T]
     beta = jnp.where(hyper_ok, fmap @ w, jnp.nan)  # [L, T]
-    intercept = jnp.where(hyper_ok, y_mean - fmean @ w, jnp.nan)
+    intercept = jnp.where(hyper_ok, jnp.mean(y, axis=0) - fmean @ w, jnp.nan)
+    shape = (num_g, num_w, num_r, t)
     surrogate = KernelSurrogate(
-        masks=landmarks,
-        dual_coef=beta,
-        intercept=intercept,
-        gamma=jnp.broadcast_to(gg[ci], (t,)),
-        ridge=jnp.broadcast_to(lam, (t,)),
-        mix=jnp.broadcast_to(ww[ci], (t,)),
-        gamma_grid=gamma_grid,
-        mix_grid=mix_grid,
-        ridge_grid=ridge_grid,
-        linear_scale=linear_scale,
-        cv_error=cv.reshape(num_g, num_w, num_r, t),
-        cv_spearman=jnp.full((num_g, num_w, num_r, t), jnp.nan, dtype),
-        spec=spec,
+        masks=landmarks, dual_coef=beta, intercept=intercept,
+        gamma=jnp.broadcast_to(grid.pair_gamma[ci], (t,)), ridge=jnp.broadcast_to(lam, (t,)),
+        mix=jnp.broadcast_to(grid.pair_mix[ci], (t,)), gamma_grid=grid.gamma, mix_grid=grid.mix,
+        ridge_grid=grid.ridge, linear_scale=linear_scale, cv_error=cv.reshape(shape),
+        cv_spearman=jnp.full(shape, jnp.nan, y.dtype), spec=spec,
     )
-    return NystromSurrogate(
-        surrogate=surrogate,
-        feature_map=fmap,
-        feature_mean=fmean,
-        eigvecs=vv,
-        eigvals=sv,
-        noise_var=noise[ci, ri] / mf,
-        num_train=mf,
-    )
+    return NystromSurrogate(surrogate=surrogate, feature_map=fmap, feature_mean=fmean, eigvecs=vv,
+                            eigvals=sv, noise_var=fits.noise[ci, ri] / mf, num_train=mf)

@@ -62,8 +62,8 @@ from .. import _checks
 from .._sharding import mask_mesh, replicate
 from ._feature_ridge import (accumulate_rows, centred_feature_stats, loo_cv_error, loo_row_sums,
                              ridge_spectrum)
-from ._krr import (default_ridge_grid, hyperparameters_ok, kernel_grids, mask_linear_scale,
-                   select_grid_point)
+from ._krr import (KernelSpec, default_ridge_grid, hyperparameters_ok, kernel_grids,
+                   mask_linear_scale, select_grid_point)
 
 __all__ = ["QuadraticSurrogate", "fit_quadratic", "default_ratio_grid"]
 
@@ -328,6 +328,59 @@ def _ard_prior(stats, dual, rho: jax.Array, steps: int, cap: jax.Array,
     return rho, noise_of(e2, dof)
 
 
+class _WalshStats(NamedTuple):
+    """The data of a Walsh fit after its first pass (centred statistics of the features)."""
+
+    masks: jax.Array  # [m, K] (the second passes read them again)
+    y: jax.Array  # [m, T]
+    y_mean: jax.Array  # [T]
+    xmean: jax.Array  # [d] mean Walsh feature
+    gram: jax.Array  # [d, d] Σ (x - x̄)(x - x̄)ᵀ
+    sy: jax.Array  # [d, T] Σ (x - x̄)(y - ȳ)ᵀ
+    yc2: jax.Array  # [T] Σ (y - ȳ)²
+    num_train: jax.Array  # scalar m
+    iu: np.ndarray  # pair index (static)
+    ju: np.ndarray
+    block_size: int
+    where: Any  # (mesh, axis) or None
+
+    def spectrum(self, sc, ridges, ok):
+        """:func:`ridge_spectrum` of the Gram scaled by the prior scales ``sc [d]``."""
+        return ridge_spectrum(sc[:, None] * self.gram * sc[None, :], ridges, ok, self.gram.shape[0])
+
+    def loo_sums(self, sc, ridges, ok, spec=None):
+        """Leave-one-out sums ``[R, T]`` x2 and validity ``[R]`` at prior scales ``sc``
+        (``spec``: their :meth:`spectrum`, if already computed)."""
+        _, vv, valid, inv = self.spectrum(sc, ridges, ok) if spec is None else spec
+        z = vv.T @ (sc[:, None] * self.sy)  # [d, T]
+        iu, ju, mf = self.iu, self.ju, self.num_train
+
+        def loo(rep, blk, v):
+            xm, sc_, vv_, z_, inv_, ym = rep
+            bm, by = blk
+            psi = ((_walsh_features(bm, iu, ju) - xm[None, :]) * sc_[None, :]) @ vv_  # [B, d]
+            return loo_row_sums(psi, by - ym[None, :], inv_, z_, v, mf)
+
+        sq, noise = accumulate_rows(loo, (self.xmean, sc, vv, z, inv, self.y_mean), (self.masks, self.y),
+                                    block_size=self.block_size, where=self.where)
+        return sq, noise, valid
+
+
+def _walsh_stats(masks, y, *, block_size, mesh, axis) -> _WalshStats:
+    """The first pass over the masks: centred Walsh-feature statistics."""
+    iu, ju = _pair_index(masks.shape[1])
+    where = mask_mesh(masks, mesh, axis)
+    y_mean = jnp.mean(y, axis=0)
+    # A reference shift (the features of the mean mask, close to the features' mean) keeps the
+    # float32 sums centred; a column mean also works on masks sharded over their rows.
+    ref = _walsh_features(jnp.mean(masks, axis=0, keepdims=True), iu, ju)[0]
+    xmean, gram, sy, yc2 = centred_feature_stats(
+        lambda _, bm: _walsh_features(bm, iu, ju), (), ref, masks, y, y_mean,
+        block_size=block_size, where=where)
+    return _WalshStats(masks, y, y_mean, xmean, gram, sy, yc2, jnp.asarray(masks.shape[0], masks.dtype),
+                       iu, ju, block_size, where)
+
+
 def _fit_walsh_grid(masks, y, ratio_grid, ridge_grid, ridge_table, ok_table, tie_keys, *, block_size,
                     mesh, axis, throw, singular_msg, ard_steps: int = 0) -> _GridFit:
     """The degree <= 2 Walsh model over a ``[Q]`` ratio grid, each ratio with its own ``[R]``
@@ -340,52 +393,19 @@ def _fit_walsh_grid(masks, y, ratio_grid, ridge_grid, ridge_table, ok_table, tie
     keys ``tie_keys = (gamma-like [Q], mix [Q] or None)``. The surrogate reports ``ratio_grid``
     and ``ridge_grid`` and the chosen entries of each. Validated, same-dtype ``masks [m, K]`` and
     ``y [m, T]``. With ``ard_steps > 0`` the chosen point's prior is refined per feature
-    (:func:`_ard_prior`) and the returned fit, noise and ``ard_cv_error`` are the ARD model's.
+    (:func:`_ard_refit`) and the returned fit, noise and ``ard_cv_error`` are the ARD model's.
     """
-    m, k = masks.shape
-    t = y.shape[1]
-    dtype = masks.dtype
+    k = masks.shape[1]
     num_q, num_r = ridge_table.shape
-    iu, ju = _pair_index(k)
-    num_pairs = iu.shape[0]
-    d = k + num_pairs
-    where = mask_mesh(masks, mesh, axis)
-    mf = jnp.asarray(m, dtype)
-    y_mean = jnp.mean(y, axis=0)
-    # A reference shift (the features of the mean mask, close to the features' mean) keeps the
-    # float32 sums centred; a column mean also works on masks sharded over their rows.
-    ref = _walsh_features(jnp.mean(masks, axis=0, keepdims=True), iu, ju)[0]
-
-    xmean, gram, sy, yc2 = centred_feature_stats(
-        lambda _, bm: _walsh_features(bm, iu, ju), (), ref, masks, y, y_mean,
-        block_size=block_size, where=where)
-
-    def spectrum(sc, ridges, ok):
-        """:func:`ridge_spectrum` of the Gram scaled by the prior scales ``sc [d]``."""
-        return ridge_spectrum(sc[:, None] * gram * sc[None, :], ridges, ok, d)
-
-    def loo_sums(sc, ridges, ok, spec=None):
-        """Leave-one-out sums ``[R, T]`` x2 and validity ``[R]`` at prior scales ``sc``
-        (``spec``: their :func:`spectrum`, if already computed)."""
-        _, vv, valid, inv = spectrum(sc, ridges, ok) if spec is None else spec
-        z = vv.T @ (sc[:, None] * sy)  # [d, T]
-
-        def loo(rep, blk, v):
-            xm, sc_, vv_, z_, inv_, ym = rep
-            bm, by = blk
-            psi = ((_walsh_features(bm, iu, ju) - xm[None, :]) * sc_[None, :]) @ vv_  # [B, d]
-            return loo_row_sums(psi, by - ym[None, :], inv_, z_, v, mf)
-
-        sq, noise = accumulate_rows(loo, (xmean, sc, vv, z, inv, y_mean), (masks, y),
-                                    block_size=block_size, where=where)
-        return sq, noise, valid
+    st = _walsh_stats(masks, y, block_size=block_size, mesh=mesh, axis=axis)
+    num_pairs = st.iu.shape[0]
 
     def per_ratio(args):
         q, ridges, ok = args
-        return loo_sums(_prior_scale(q, k, num_pairs), ridges, ok)
+        return st.loo_sums(_prior_scale(q, k, num_pairs), ridges, ok)
 
     sq, noise, valids = jax.lax.map(per_ratio, (ratio_grid, ridge_table, ok_table))  # [Q, R, T] x2, [Q, R]
-    cv = loo_cv_error(sq, valids, yc2, mf)
+    cv = loo_cv_error(sq, valids, st.yc2, st.num_train)
     first, mix_key = tie_keys
     best = select_grid_point(
         jnp.mean(cv, axis=2).reshape(-1, 1), jnp.repeat(first, num_r), jnp.tile(ridge_grid, num_q),
@@ -397,70 +417,94 @@ def _fit_walsh_grid(masks, y, ratio_grid, ridge_grid, ridge_table, ok_table, tie
     q, lam = ratio_grid[qi], ridge_table[qi, ri]
     ok = hyper_ok & valids[qi, ri]
     sc = _prior_scale(q, k, num_pairs)
-    noise_var = noise[qi, ri] / mf
-    feature_prior = ard_cv = None
+    noise_var = noise[qi, ri] / st.num_train
     if ard_steps:
-        # Each prior variance is capped at 0.01/(eps·G_jj): the scaled system stays well
-        # conditioned in the working precision, and a capped coefficient is shrunk by at most a
-        # relative ~100·eps (noise-free labels would otherwise send ρ to infinity).
-        eps, tiny = jnp.finfo(dtype).eps, jnp.finfo(dtype).tiny
-        cap = 0.01 / (eps * jnp.maximum(jnp.diagonal(gram), tiny))
-        # Start from the grid's prior (noise units), every feature kept alive (a ratio-0 choice
-        # would otherwise freeze the pairs at 0).
-        rho = jnp.minimum(sc * sc / jnp.maximum(lam, tiny), cap)
-        rho = jnp.minimum(rho + 0.01 * jnp.mean(rho), cap)
-        # The dual form holds the centred features and labels in memory ([m, d], m <= d),
-        # replicated on every device when the masks are sharded (m is small here).
-        dual = (replicate((_walsh_features(masks, iu, ju) - xmean[None, :], y - y_mean[None, :]), where)
-                if m <= d else None)
-        # The noise is never taken below the grid fit's leave-one-out calibrated value: with fewer
-        # masks than features the residual-dof estimate can reach 0 when the labels allow
-        # interpolation (seen on real fine-tuning labels), and the prior variances follow it up.
-        feature_prior, noise_var = _ard_prior((gram, sy, yc2, mf), dual, rho, ard_steps, cap,
-                                              jnp.maximum(noise_var, tiny + eps * yc2 / mf))
-        sc, lam = jnp.sqrt(jnp.where(ok, feature_prior, 1.0)), jnp.ones((), dtype)
-        final = spectrum(sc, lam[None], ok[None])  # also the final solve's, below
-        sq_a, _, valid_a = loo_sums(sc, lam[None], ok[None], final)
-        ard_cv = loo_cv_error(sq_a[None], valid_a[None], yc2, mf)[0, 0]
-        if throw:
-            ok = _checks.error_if(ok, ok & ~valid_a[0],
-                                  "fit_quadratic(ard_steps=...): the learned prior makes the scaled "
-                                  "Gram matrix singular in the working precision; use float64 or "
-                                  "fewer ard_steps.")
-        ok = ok & valid_a[0]
-        feature_prior = jnp.where(ok, feature_prior, jnp.nan)
-        noise_var = jnp.where(ok, noise_var, jnp.nan)
-    # Solve the chosen system once more (one eigendecomposition, the ARD one already done above)
-    # rather than keep Q of them; an invalid solve's entries are replaced by NaN below.
-    _, vv, _, inv = final if ard_steps else spectrum(sc, lam[None], ok[None])
+        ard = _ard_refit(st, sc, lam, ok, noise_var, ard_steps, throw=throw)
+        sc, lam, ok, noise_var, final = ard.scale, ard.ridge, ard.ok, ard.noise_var, ard.spectrum
+    else:
+        final = st.spectrum(sc, lam[None], ok[None])
+    surrogate = _walsh_solution(st, sc, final, ok)._replace(
+        ratio=jnp.broadcast_to(q, (y.shape[1],)),
+        ridge=jnp.broadcast_to(ridge_grid[ri], (y.shape[1],)),
+        ratio_grid=ratio_grid,
+        ridge_grid=ridge_grid,
+        cv_error=cv,
+        noise_var=noise_var,
+        feature_prior=ard.feature_prior if ard_steps else None,
+        ard_cv_error=ard.cv_error if ard_steps else None,
+    )
+    return _GridFit(surrogate, best)
+
+
+class _ArdFit(NamedTuple):
+    scale: jax.Array  # [d] square roots of the learned prior variances
+    ridge: jax.Array  # scalar 1 (the prior carries the scale)
+    ok: jax.Array  # scalar bool
+    noise_var: jax.Array  # [T]
+    spectrum: tuple  # the final system's ridge_spectrum
+    feature_prior: jax.Array  # [d]
+    cv_error: jax.Array  # [T]
+
+
+def _ard_refit(st: _WalshStats, sc, lam, ok, noise_var, steps: int, *, throw: bool) -> _ArdFit:
+    """``steps`` EM steps from the grid's prior ``sc``/``lam`` (:func:`_ard_prior`), and the
+    leave-one-out error of the learned prior (held fixed)."""
+    dtype = st.gram.dtype
+    mf, yc2 = st.num_train, st.yc2
+    # Each prior variance is capped at 0.01/(eps·G_jj): the scaled system stays well
+    # conditioned in the working precision, and a capped coefficient is shrunk by at most a
+    # relative ~100·eps (noise-free labels would otherwise send ρ to infinity).
+    eps, tiny = jnp.finfo(dtype).eps, jnp.finfo(dtype).tiny
+    cap = 0.01 / (eps * jnp.maximum(jnp.diagonal(st.gram), tiny))
+    # Start from the grid's prior (noise units), every feature kept alive (a ratio-0 choice
+    # would otherwise freeze the pairs at 0).
+    rho = jnp.minimum(sc * sc / jnp.maximum(lam, tiny), cap)
+    rho = jnp.minimum(rho + 0.01 * jnp.mean(rho), cap)
+    # The dual form holds the centred features and labels in memory ([m, d], m <= d),
+    # replicated on every device when the masks are sharded (m is small here).
+    m, d = st.masks.shape[0], st.gram.shape[0]
+    dual = (replicate((_walsh_features(st.masks, st.iu, st.ju) - st.xmean[None, :],
+                       st.y - st.y_mean[None, :]), st.where)
+            if m <= d else None)
+    # The noise is never taken below the grid fit's leave-one-out calibrated value: with fewer
+    # masks than features the residual-dof estimate can reach 0 when the labels allow
+    # interpolation (seen on real fine-tuning labels), and the prior variances follow it up.
+    feature_prior, noise_var = _ard_prior((st.gram, st.sy, yc2, mf), dual, rho, steps, cap,
+                                          jnp.maximum(noise_var, tiny + eps * yc2 / mf))
+    sc, lam = jnp.sqrt(jnp.where(ok, feature_prior, 1.0)), jnp.ones((), dtype)
+    final = st.spectrum(sc, lam[None], ok[None])  # also the final solve's
+    sq_a, _, valid_a = st.loo_sums(sc, lam[None], ok[None], final)
+    ard_cv = loo_cv_error(sq_a[None], valid_a[None], yc2, mf)[0, 0]
+    if throw:
+        ok = _checks.error_if(ok, ok & ~valid_a[0],
+                              "fit_quadratic(ard_steps=...): the learned prior makes the scaled "
+                              "Gram matrix singular in the working precision; use float64 or "
+                              "fewer ard_steps.")
+    ok = ok & valid_a[0]
+    return _ArdFit(sc, lam, ok, jnp.where(ok, noise_var, jnp.nan), final,
+                   jnp.where(ok, feature_prior, jnp.nan), ard_cv)
+
+
+def _walsh_solution(st: _WalshStats, sc, spectrum, ok) -> QuadraticSurrogate:
+    """The fit at prior scales ``sc`` from its ``spectrum`` (one ridge), in the mask basis;
+    NaN where ``ok`` is False. Grid fields are left for the caller (``None``/placeholders)."""
+    k, t = st.masks.shape[1], st.y.shape[1]
+    _, vv, _, inv = spectrum
     cov = (sc[:, None] * vv) @ (inv[0][:, None] * (vv.T * sc[None, :]))  # [d, d]
-    u = cov @ sy  # [d, T] Walsh coefficients
-    b = y_mean - xmean @ u
+    u = cov @ st.sy  # [d, T] Walsh coefficients
+    b = st.y_mean - st.xmean @ u
     u = jnp.where(ok, u, jnp.nan)
     b = jnp.where(ok, b, jnp.nan)
     cov = jnp.where(ok, cov, jnp.nan)
     # χ basis -> mask basis: χ_j χ_k = 4 s_j s_k - 2 s_j - 2 s_k + 1, χ_k = 2 s_k - 1.
     u1, u2 = u[:k], u[k:]
-    pair = jnp.zeros((k, k, t), dtype).at[iu, ju].set(4.0 * u2).at[ju, iu].set(4.0 * u2)
+    pair = jnp.zeros((k, k, t), u.dtype).at[st.iu, st.ju].set(4.0 * u2).at[st.ju, st.iu].set(4.0 * u2)
     linear = 2.0 * u1 - 0.5 * jnp.sum(pair, axis=1)
     intercept = b - jnp.sum(u1, axis=0) + jnp.sum(u2, axis=0)
-    surrogate = QuadraticSurrogate(
-        linear=linear,
-        pairwise=pair,
-        intercept=intercept,
-        ratio=jnp.broadcast_to(q, (t,)),
-        ridge=jnp.broadcast_to(ridge_grid[ri], (t,)),
-        ratio_grid=ratio_grid,
-        ridge_grid=ridge_grid,
-        cv_error=cv,
-        feature_mean=xmean,
-        feature_cov=cov,
-        noise_var=noise_var,
-        num_train=mf,
-        feature_prior=feature_prior,
-        ard_cv_error=ard_cv,
-    )
-    return _GridFit(surrogate, best)
+    return QuadraticSurrogate(
+        linear=linear, pairwise=pair, intercept=intercept, ratio=None, ridge=None, ratio_grid=None,
+        ridge_grid=None, cv_error=None, feature_mean=st.xmean, feature_cov=cov, noise_var=None,
+        num_train=st.num_train)
 
 
 def walsh_features(masks: jax.Array) -> jax.Array:
@@ -519,8 +563,8 @@ def walsh_kernel_weights(kernel: str, gamma: jax.Array, mix: jax.Array, linear_s
     return v1, v2, rbf * jnp.sum(terms, axis=-1)
 
 
-def fit_kernel_walsh(masks, y, *, kernel, gamma, mix, ridge, block_size=2048, mesh=None, axis=None,
-                     throw=True) -> QuadraticSurrogate:
+def fit_kernel_walsh(masks, y, spec: KernelSpec, *, gamma, mix, ridge, block_size=2048, mesh=None,
+                     axis=None, throw=True) -> QuadraticSurrogate:
     """``fit_kernel(..., solver="walsh")``: the kernel's degree <= 2 Walsh part exactly, the rest as
     ridge.
 
@@ -535,6 +579,7 @@ def fit_kernel_walsh(masks, y, *, kernel, gamma, mix, ridge, block_size=2048, me
     """
     masks, y, block_size = _checked_inputs(masks, y, block_size, "solver='walsh'", "num_landmarks=")
     k, t, dtype = masks.shape[1], y.shape[1], masks.dtype
+    kernel = spec.kernel
     gamma_grid, mix_grid, ridge_grid = kernel_grids(kernel, k, gamma, mix, ridge, dtype)
     gamma_ok, ridge_ok = hyperparameters_ok(kernel, gamma, ridge, throw)
     num_g, num_w, num_r = gamma_grid.shape[0], mix_grid.shape[0], ridge_grid.shape[0]
