@@ -32,7 +32,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -707,43 +707,76 @@ def _error_decomposition(cfg: LoraConfig, logits_fn: Callable, params0: Any, lor
     return out
 
 
-def run_lora(cfg: LoraConfig, *, out: Optional[str] = None, cache_dir: Optional[str] = None,
-             compute_ground_truth: bool = False, plots: bool = True, log=None,
-             num_resamples: int = 1000, num_cost_masks: int = 8, num_calibration: int = 8,
-             shipped: Optional[str] = SHIPPED) -> dict:
-    """Every stage; returns the results dict (also ``out/results.json`` and plots).
+class _Setup(NamedTuple):
+    """What a run is built on: the pretrained model (``logits_fn``, ``params0``, ``pretrain``
+    its cache record), its LoRA (``lora_fn``, ``lp0`` at init, ``targets`` the adapted
+    kernels), the problem and masks, and the real labels ``gt`` as float64 arrays: ``F0`` at
+    ``W0`` ``[T]``, ``F_full`` all tasks ``[1, T]``, ``F_tr``/``F_ho`` training/held-out
+    ``[m, T]``, ``F_rep`` the held-out repeat run (empty when absent), and the masks
+    ``M_tr``/``M_ho`` those labels belong to."""
 
-    The ground truth is read from the shipped labels file or the cache; with
-    ``compute_ground_truth`` a missing one is computed (long). The cost of real fine-tuning is
-    measured in this run on ``num_cost_masks`` held-out masks (their labels are also compared
-    with the cached ones); the estimator's ridge is calibrated on the first ``num_calibration``
-    training masks' real labels.
-    """
-    t_run = time.perf_counter()
+    logits_fn: Callable
+    params0: Any
+    pretrain: dict
+    lora_fn: Callable
+    lp0: dict
+    targets: Any
+    prob: dict
+    masks: dict
+    gt: dict
+    F0: np.ndarray
+    F_full: np.ndarray
+    F_tr: np.ndarray
+    F_ho: np.ndarray
+    F_rep: np.ndarray
+    M_tr: np.ndarray
+    M_ho: np.ndarray
 
-    def say(msg):
-        if log is not None:
-            log(f"[{time.perf_counter() - t_run:.0f}s] {msg}")
 
-    K = len(TASKS)
+def _prepare_stage(cfg: LoraConfig, *, cache_dir: Optional[str], log, shipped: Optional[str],
+                   compute_ground_truth: bool, say: Callable) -> _Setup:
+    """Load (or pretrain) the model, attach the LoRA, build the problem and the masks, and read
+    the real fine-tuning labels (computed when asked); the masks are cut to the labelled ones."""
     logits_fn, params0, pre = pretrained(cfg.pretrain, cache_dir=cache_dir, log=log)
     lora_fn, lp0, targets = lora_model(cfg, logits_fn, params0)
     prob, masks = make_problem(cfg), make_masks(cfg)
     gt = ground_truth(cfg, cache_dir=cache_dir, log=log, shipped=shipped,
                       compute=compute_ground_truth)
-    F0 = np.asarray(gt["F0"], np.float64)
-    F_full = np.asarray(gt["F_train"][:1], np.float64)
     F_tr = np.asarray(gt["F_train"][1:], np.float64)
     F_ho = np.asarray(gt["F_heldout"], np.float64)
-    F_rep = np.asarray(gt.get("F_repeat", np.zeros((0,))), np.float64)
-    m_tr, m_ho = len(F_tr), len(F_ho)
-    M_tr, M_ho = masks["train"][:m_tr], masks["heldout"][:m_ho]
-    say(f"ground truth: {m_tr} training, {m_ho} held-out masks ({gt['source']})")
+    s = _Setup(logits_fn=logits_fn, params0=params0, pretrain=pre, lora_fn=lora_fn, lp0=lp0,
+               targets=targets, prob=prob, masks=masks, gt=gt,
+               F0=np.asarray(gt["F0"], np.float64),
+               F_full=np.asarray(gt["F_train"][:1], np.float64), F_tr=F_tr, F_ho=F_ho,
+               F_rep=np.asarray(gt.get("F_repeat", np.zeros((0,))), np.float64),
+               M_tr=masks["train"][:len(F_tr)], M_ho=masks["heldout"][:len(F_ho)])
+    say(f"ground truth: {len(F_tr)} training, {len(F_ho)} held-out masks ({gt['source']})")
+    return s
 
-    # --- cost of real fine-tuning, measured now
-    labeler = make_labeler(cfg, lora_fn, lp0, prob, learning_rate=cfg.learning_rate,
+
+class _RealCost(NamedTuple):
+    """Real LoRA fine-tuning run in this session on ``masks`` (the first held-out ones) with
+    ``key``: the ``labeler`` (it also returns the fine-tuned LoRA parameters), its labels ``F``
+    and parameters ``W`` there, the seconds per mask, the first call's seconds (compilation
+    included), and the largest difference from the cached labels of the same masks."""
+
+    labeler: Callable
+    masks: jax.Array
+    key: jax.Array
+    F: np.ndarray
+    W: dict
+    per_mask_s: float
+    compile_s: float
+    cache_diff: float
+
+
+def _real_cost_stage(cfg: LoraConfig, s: _Setup, num_cost_masks: int,
+                     say: Callable) -> _RealCost:
+    """Time real fine-tuning now (the estimators' cost is measured against it in the same run)
+    and check the cached labels reproduce."""
+    labeler = make_labeler(cfg, s.lora_fn, s.lp0, s.prob, learning_rate=cfg.learning_rate,
                            num_steps=cfg.num_steps, return_params=True)
-    cm = jnp.asarray(masks["heldout"][:num_cost_masks])
+    cm = jnp.asarray(s.masks["heldout"][:num_cost_masks])
     key = jax.random.key(cfg.seed + 5)
     ts = time.perf_counter()
     first = np.asarray(jax.block_until_ready(labeler(cm, key))[0])
@@ -752,23 +785,57 @@ def run_lora(cfg: LoraConfig, *, out: Optional[str] = None, cache_dir: Optional[
     again, W_cost = jax.block_until_ready(labeler(cm, key))
     real_per_mask = (time.perf_counter() - ts) / num_cost_masks
     again = np.asarray(again)
-    n_cmp = min(num_cost_masks, m_ho)
-    cache_diff = float(np.max(np.abs(again[:n_cmp] - F_ho[:n_cmp]))) if n_cmp else float("nan")
+    n_cmp = min(num_cost_masks, len(s.F_ho))
+    cache_diff = (float(np.max(np.abs(again[:n_cmp] - s.F_ho[:n_cmp]))) if n_cmp
+                  else float("nan"))
     del first
     say(f"real LoRA fine-tuning: {real_per_mask:.2f}s/mask (compile {real_compile:.1f}s)")
+    return _RealCost(labeler=labeler, masks=cm, key=key, F=again, W=W_cost,
+                     per_mask_s=real_per_mask, compile_s=real_compile, cache_diff=cache_diff)
 
-    # --- estimator: features (compile included), ridge calibration, labels of every mask
+
+class _GlmFit(NamedTuple):
+    """The GLM estimator's features (``train_f``, ``target_f``), its ``loss``, the ``ridge``
+    calibrated on the first ``ncal`` training masks (``sel``; ``sel_all`` on all of them), its
+    labels ``E_tr``/``E_ho`` ``[m, T]``, and its timings (seconds; ``est_amortised`` per mask
+    with the fixed costs spread over the ``num_masks`` estimated masks)."""
+
+    train_f: Any
+    target_f: Any
+    loss: str
+    ridge: float
+    sel: dict
+    sel_all: dict
+    ncal: int
+    E_tr: np.ndarray
+    E_ho: np.ndarray
+    num_masks: int
+    feat_s: float
+    feat_compile: float
+    select_s: float
+    est_s: float
+    est_per_mask: float
+    calib_real_s: float
+    est_amortised: float
+
+
+def _glm_stage(cfg: LoraConfig, s: _Setup, real: _RealCost, num_calibration: int,
+               say: Callable) -> _GlmFit:
+    """The GLM estimator: features (timed, compilation apart), the ridge calibrated on the
+    first training masks' real labels (the held-out masks never looked at), and its labels of
+    every training and held-out mask (timed)."""
     loss = estimator_loss(cfg.features_output)
 
     def features():
-        pre_P = (adam_preconditioner(cfg, lora_fn, lp0, prob) if cfg.precondition == "adam"
-                 else None)
-        fn = make_features_fn(cfg, lora_fn, lp0, output=cfg.features_output,
+        pre_P = (adam_preconditioner(cfg, s.lora_fn, s.lp0, s.prob)
+                 if cfg.precondition == "adam" else None)
+        fn = make_features_fn(cfg, s.lora_fn, s.lp0, output=cfg.features_output,
                               preconditioner=pre_P)
-        out = fn(lp0, jnp.asarray(prob["train"]), jnp.asarray(prob["task_ids"]),
-                 jnp.asarray(prob["target"]))
+        out = fn(s.lp0, jnp.asarray(s.prob["train"]), jnp.asarray(s.prob["task_ids"]),
+                 jnp.asarray(s.prob["target"]))
         return jax.block_until_ready(out)
 
+    m_tr, m_ho = len(s.F_tr), len(s.F_ho)
     ts = time.perf_counter()
     features()
     feat_compile = time.perf_counter() - ts       # first call: compilation included
@@ -777,117 +844,169 @@ def run_lora(cfg: LoraConfig, *, out: Optional[str] = None, cache_dir: Optional[
     feat_s = time.perf_counter() - ts
     ncal = min(num_calibration, m_tr)
     ts = time.perf_counter()
-    sel = select_ridge(train_f, target_f, M_tr[:ncal], F_tr[:ncal])
+    sel = select_ridge(train_f, target_f, s.M_tr[:ncal], s.F_tr[:ncal])
     select_s = time.perf_counter() - ts
     ridge = sel["ridge"]
-    sel_all = select_ridge(train_f, target_f, M_tr, F_tr)
-    all_masks = jnp.asarray(np.concatenate([M_tr, M_ho]))
+    sel_all = select_ridge(train_f, target_f, s.M_tr, s.F_tr)
+    all_masks = jnp.asarray(np.concatenate([s.M_tr, s.M_ho]))
     jax.block_until_ready(_estimate(train_f, target_f, all_masks, ridge))  # compile
     ts = time.perf_counter()
     est_all = np.asarray(jax.block_until_ready(_estimate(train_f, target_f, all_masks, ridge)),
                          np.float64)
     est_s = time.perf_counter() - ts
-    E_tr, E_ho = est_all[:m_tr], est_all[m_tr:]
     m_all = m_tr + m_ho
     est_per_mask = est_s / m_all
-    calib_real_s = ncal * real_per_mask
+    calib_real_s = ncal * real.per_mask_s
     est_amortised = (feat_s + select_s + calib_real_s + est_s) / m_all
     say(f"estimator: features {feat_s:.1f}s, {est_per_mask * 1e3:.2f}ms/mask, ridge {ridge}")
+    return _GlmFit(train_f=train_f, target_f=target_f, loss=loss, ridge=ridge, sel=sel,
+                   sel_all=sel_all, ncal=ncal, E_tr=est_all[:m_tr], E_ho=est_all[m_tr:],
+                   num_masks=m_all, feat_s=feat_s, feat_compile=feat_compile,
+                   select_s=select_s, est_s=est_s, est_per_mask=est_per_mask,
+                   calib_real_s=calib_real_s, est_amortised=est_amortised)
 
-    num_b = int(sum(v["b"].size for v in lp0.values()))
-    heur = adam_heuristic_ridge(cfg, train_f, learning_rate=cfg.learning_rate,
-                                num_steps=cfg.num_steps, num_b=num_b)
-    E_ho_heur = np.asarray(_estimate(train_f, target_f, jnp.asarray(M_ho), heur), np.float64)
-    E_ho_all = np.asarray(_estimate(train_f, target_f, jnp.asarray(M_ho), sel_all["ridge"]),
+
+def _num_b(lp0: dict) -> int:
+    """Number of LoRA ``B`` parameters (the coordinates the estimators are linear in)."""
+    return int(sum(v["b"].size for v in lp0.values()))
+
+
+def _glm_report(cfg: LoraConfig, s: _Setup, real: _RealCost, g: _GlmFit,
+                say: Callable) -> tuple:
+    """The GLM's ``(accuracy, cost)`` dicts: its error on the held-out masks, the ridge
+    variants (calibrated on all training masks; Adam's heuristic), the real labels' own noise,
+    and its cost against real fine-tuning per mask and for 1000 masks."""
+    F_ho, F_rep, F0, M_ho = s.F_ho, s.F_rep, s.F0, s.M_ho
+    m_ho, two = len(F_ho), len(F_rep) == len(F_ho)
+    heur = adam_heuristic_ridge(cfg, g.train_f, learning_rate=cfg.learning_rate,
+                                num_steps=cfg.num_steps, num_b=_num_b(s.lp0))
+    E_ho_heur = np.asarray(_estimate(g.train_f, g.target_f, jnp.asarray(M_ho), heur), np.float64)
+    E_ho_all = np.asarray(_estimate(g.train_f, g.target_f, jnp.asarray(M_ho), g.sel_all["ridge"]),
                           np.float64)
     say("GLM: ridge variants done")
-    glm = {**_err(E_ho, F_ho, F0), "ridge": ridge, "ridge_selection": sel,
-                 "ridge_how": f"grid ridge with the least squared error against the real labels "
-                              f"of the first {ncal} TRAINING masks (held-out masks unseen)",
-                 "with_ridge_from_all_training_masks": {**_err(E_ho_all, F_ho, F0),
-                                                        "ridge": sel_all["ridge"]},
-                 "with_adam_heuristic_ridge": {**_err(E_ho_heur, F_ho, F0), "ridge": heur},
-                 "num_heldout_masks": m_ho, "solver": "fast", "proj_dim": cfg.proj_dim,
-                 "features_output": cfg.features_output, "glm_loss": loss,
-                 # the real labels' own noise: a second fine-tuning run (other minibatch draws)
-                 # scored like the estimator, and the estimator against the two runs' mean
-                 "real_rerun": _err(F_rep, F_ho, F0) if len(F_rep) == m_ho else None,
-                 "against_mean_of_two_runs": (_err(E_ho, (F_ho + F_rep) / 2, F0)
-                                              if len(F_rep) == m_ho else None),
-                 "linearized_in": "B factors at B = 0, A fixed at its random init"}
-
+    glm = {**_err(g.E_ho, F_ho, F0), "ridge": g.ridge, "ridge_selection": g.sel,
+           "ridge_how": f"grid ridge with the least squared error against the real labels "
+                        f"of the first {g.ncal} TRAINING masks (held-out masks unseen)",
+           "with_ridge_from_all_training_masks": {**_err(E_ho_all, F_ho, F0),
+                                                  "ridge": g.sel_all["ridge"]},
+           "with_adam_heuristic_ridge": {**_err(E_ho_heur, F_ho, F0), "ridge": heur},
+           "num_heldout_masks": m_ho, "solver": "fast", "proj_dim": cfg.proj_dim,
+           "features_output": cfg.features_output, "glm_loss": g.loss,
+           # the real labels' own noise: a second fine-tuning run (other minibatch draws)
+           # scored like the estimator, and the estimator against the two runs' mean
+           "real_rerun": _err(F_rep, F_ho, F0) if two else None,
+           "against_mean_of_two_runs": _err(g.E_ho, (F_ho + F_rep) / 2, F0) if two else None,
+           "linearized_in": "B factors at B = 0, A fixed at its random init"}
+    gt, real_per_mask = s.gt, real.per_mask_s
     glm_cost = {"real_seconds_per_mask": real_per_mask,
-            "estimator_seconds_per_mask": est_amortised,
-            "ratio": real_per_mask / est_amortised,
-            "estimator_per_mask_seconds_excluding_fixed": est_per_mask,
-            "features_seconds": feat_s, "features_first_call_seconds": feat_compile,
-            "ridge_selection_seconds": select_s,
-            "calibration_real_seconds": calib_real_s, "estimation_seconds": est_s,
-            "amortised_over_masks": m_all, "real_compile_seconds": real_compile,
-            "seconds_1000_masks_real": 1000 * real_per_mask,
-            "seconds_1000_masks_estimator": feat_s + select_s + calib_real_s + 1000 * est_per_mask,
-            "cache_consistency_max_abs_diff": cache_diff,
-            "ground_truth_seconds_per_mask": (float(gt["seconds_train"]) / max(int(gt["timed_train"]), 1)
-                                              if "seconds_train" in gt else None)}
+                "estimator_seconds_per_mask": g.est_amortised,
+                "ratio": real_per_mask / g.est_amortised,
+                "estimator_per_mask_seconds_excluding_fixed": g.est_per_mask,
+                "features_seconds": g.feat_s, "features_first_call_seconds": g.feat_compile,
+                "ridge_selection_seconds": g.select_s,
+                "calibration_real_seconds": g.calib_real_s, "estimation_seconds": g.est_s,
+                "amortised_over_masks": g.num_masks, "real_compile_seconds": real.compile_s,
+                "seconds_1000_masks_real": 1000 * real_per_mask,
+                "seconds_1000_masks_estimator": (g.feat_s + g.select_s + g.calib_real_s
+                                                 + 1000 * g.est_per_mask),
+                "cache_consistency_max_abs_diff": real.cache_diff,
+                "ground_truth_seconds_per_mask": (
+                    float(gt["seconds_train"]) / max(int(gt["timed_train"]), 1)
+                    if "seconds_train" in gt else None)}
     glm_cost["ratio_1000_masks"] = (glm_cost["seconds_1000_masks_real"]
                                     / glm_cost["seconds_1000_masks_estimator"])
+    return glm, glm_cost
 
-    # --- linearized AdamW: the fine-tuning's own optimizer and draws on the model linear in B
-    lin = _linearized_stage(cfg, lora_fn, lp0, prob, M_tr, M_ho, F_ho, F_rep, F0,
-                            (train_f, target_f), say)
+
+class _Linearized(NamedTuple):
+    """The linearized-AdamW estimator: ``stage`` (what :func:`_linearized_stage` returns), its
+    accuracy dict ``est``, its cost dict ``cost`` and its amortised seconds per mask."""
+
+    stage: dict
+    est: dict
+    cost: dict
+    amortised: float
+
+
+def _linearized_report(cfg: LoraConfig, s: _Setup, real: _RealCost, g: _GlmFit, glm: dict,
+                       say: Callable) -> _Linearized:
+    """Linearized AdamW (the fine-tuning's own optimizer and draws on the model linear in
+    ``B``): its labels and variants, the decomposition of its error on the cost masks, its
+    intervals against the GLM, and its cost against real fine-tuning (also timed back to back
+    with it, for ratios less exposed to changes of load)."""
+    F_ho, F0 = s.F_ho, s.F0
+    lin = _linearized_stage(cfg, s.lora_fn, s.lp0, s.prob, s.M_tr, s.M_ho, F_ho, s.F_rep, F0,
+                            (g.train_f, g.target_f), say)
     L_tr, L_ho = lin["L_tr"], lin["L_ho"]
     lin_per_mask = lin["lin_s"] / lin["m_all"]
     lin_amortised = (lin["jac_s"] + lin["lin_s"]) / lin["m_all"]
-    decomposition = _error_decomposition(cfg, logits_fn, params0, lora_fn, lp0, prob, W_cost,
-                                         again, L_ho[:len(again)], F0)
+    decomposition = _error_decomposition(cfg, s.logits_fn, s.params0, s.lora_fn, s.lp0, s.prob,
+                                         real.W, real.F, L_ho[:len(real.F)], F0)
     say("error decomposition done")
     lin_est = {**lin["variants"]["same_draws"], "variants": lin["variants"],
-               "intervals_vs_glm": _compare(L_ho, E_ho, F_ho, F0, seed=cfg.seed),
-               "training_masks": _err(L_tr, F_tr, F0),
+               "intervals_vs_glm": _compare(L_ho, g.E_ho, F_ho, F0, seed=cfg.seed),
+               "training_masks": _err(L_tr, s.F_tr, F0),
                "logits_variant": lin["logits"], "error_decomposition": decomposition,
-               "real_rerun": glm["real_rerun"], "num_heldout_masks": m_ho,
+               "real_rerun": glm["real_rerun"], "num_heldout_masks": len(F_ho),
                "features_output": "logodds", "loss": "logistic (label 1) on the log-odds",
                "linearized_in": "B factors at B = 0 (unprojected); A left out: its gradient is "
                                 "exactly zero at B = 0, so Adam never moves it on the linear model",
                "hyperparameters": "the fine-tuning's own (learning rate, weight decay, steps, "
                                   "batch size, draws); nothing calibrated on real labels"}
+    real_per_mask = real.per_mask_s
     lin_cost = {"real_seconds_per_mask": real_per_mask,
                 "estimator_seconds_per_mask": lin_amortised,
                 "ratio": real_per_mask / lin_amortised,
                 "estimator_per_mask_seconds_excluding_fixed": lin_per_mask,
                 "jacobian_seconds": lin["jac_s"], "jacobian_first_call_seconds": lin["jac_first"],
                 "estimation_seconds": lin["lin_s"], "estimation_first_call_seconds": lin["lin_first"],
-                "amortised_over_masks": lin["m_all"], "real_compile_seconds": real_compile,
+                "amortised_over_masks": lin["m_all"], "real_compile_seconds": real.compile_s,
                 "seconds_1000_masks_real": 1000 * real_per_mask,
                 "seconds_1000_masks_estimator": lin["jac_s"] + 1000 * lin_per_mask,
-                "cache_consistency_max_abs_diff": cache_diff}
+                "cache_consistency_max_abs_diff": real.cache_diff}
     lin_cost["ratio_1000_masks"] = (lin_cost["seconds_1000_masks_real"]
                                     / lin_cost["seconds_1000_masks_estimator"])
     # the two timings above come from different moments of a run on a shared machine: time
     # them again back to back, three times, for ratios less exposed to changes of load
     inter = []
     for _ in range(3):
-        _, r_s = _timed(labeler, cm, key)
-        _, l_s = _timed(lin["lab"], lin["train_j"], lin["target_j"], lin["all_masks"], key)
-        inter.append((r_s / len(cm)) / ((lin["jac_s"] + l_s) / lin["m_all"]))
+        _, r_s = _timed(real.labeler, real.masks, real.key)
+        _, l_s = _timed(lin["lab"], lin["train_j"], lin["target_j"], lin["all_masks"], real.key)
+        inter.append((r_s / len(real.masks)) / ((lin["jac_s"] + l_s) / lin["m_all"]))
     lin_cost["ratio_interleaved"] = inter
     lin_cost["ratio_interleaved_median"] = float(np.median(inter))
     say(f"interleaved cost ratios {[round(x, 1) for x in inter]}")
+    return _Linearized(stage=lin, est=lin_est, cost=lin_cost, amortised=lin_amortised)
+
+
+def _choose_estimator(cfg: LoraConfig, g: _GlmFit, glm: dict, glm_cost: dict,
+                      lin: _Linearized) -> tuple:
+    """``(accuracy, cost, S_tr, other, other_name)`` of the estimator ``cfg.estimator`` names:
+    its labels ``S_tr`` of the training masks feed the surrogates; ``other`` (the other
+    estimator's) feeds the extra kernel row ``other_name``."""
     if cfg.estimator == "linearized_adamw":
-        estimator, cost, S_tr, other = lin_est, lin_cost, L_tr, E_tr
+        estimator, cost, S_tr, other = lin.est, lin.cost, lin.stage["L_tr"], g.E_tr
     elif cfg.estimator == "glm":
-        estimator, cost, S_tr, other = glm, glm_cost, E_tr, L_tr
+        estimator, cost, S_tr, other = glm, glm_cost, g.E_tr, lin.stage["L_tr"]
     else:
         raise ValueError(f"`estimator` must be 'linearized_adamw' or 'glm', got {cfg.estimator!r}.")
     other_name = "kernel_glm" if cfg.estimator == "linearized_adamw" else "kernel_linearized_adamw"
+    return estimator, cost, S_tr, other, other_name
 
-    # --- surrogates and baselines, LDS on held-out masks
-    tr, ho = jnp.asarray(M_tr), jnp.asarray(M_ho)
-    few = min(cfg.num_real_few, m_tr)
+
+def _methods_stage(cfg: LoraConfig, s: _Setup, g: _GlmFit, S_tr: np.ndarray, other: np.ndarray,
+                   other_name: str, num_resamples: int) -> dict:
+    """Surrogates (on estimated and on real labels) and baselines (influence, also at its best
+    damping in hindsight; TRAK; TracIn) scored on the held-out masks: LDS with bootstrap
+    intervals, paired intervals, the noise ceiling and the influence damping sweep."""
+    K, loss, ridge, train_f, target_f = len(TASKS), g.loss, g.ridge, g.train_f, g.target_f
+    F_tr, F_ho, F_rep, M_ho = s.F_tr, s.F_ho, s.F_rep, s.M_ho
+    tr, ho = jnp.asarray(s.M_tr), jnp.asarray(M_ho)
+    few = min(cfg.num_real_few, len(F_tr))
     preds: dict = {}
 
-    def fit(name, s):
-        preds[name] = np.asarray(ka.predict(s, ho))
+    def fit(name, surrogate):
+        preds[name] = np.asarray(ka.predict(surrogate, ho))
 
     fit("kernel", ka.fit_kernel(tr, jnp.asarray(S_tr)))
     fit("linear", ka.fit_linear(tr, jnp.asarray(S_tr), ridge=1e-3))
@@ -926,16 +1045,22 @@ def run_lora(cfg: LoraConfig, *, out: Optional[str] = None, cache_dir: Optional[
                                    num_resamples=num_resamples)
         paired[f"{a}-{b}"] = [float(d.mean), float(d.low), float(d.high)]
     noise = None
-    if len(F_rep) == m_ho:
+    if len(F_rep) == len(F_ho):
         noise = {**_interval(ka.lds_interval(key_b, jnp.asarray(F_rep), actual,
                                              num_resamples=num_resamples)),
                  "what": "LDS of the held-out masks fine-tuned again with other minibatch draws"}
+    return {"lds": lds, "paired": paired, "noise_ceiling": noise,
+            "influence_damping_sweep": {"damping": list(DAMPING_GRID), "lds": sweep_lds}}
 
-    say("LDS done")
-    # --- where it holds: the sweep cells (GLM: ridge calibrated on their first masks; both
-    # estimators scored on the rest)
-    table = [_cell("main", cfg.learning_rate, cfg.num_steps, F_full, F0, E_ho, F_ho, ridge,
-                   real_per_mask, est_amortised, L_ho, lin_amortised)]
+
+def _where_it_holds_stage(cfg: LoraConfig, s: _Setup, real: _RealCost, g: _GlmFit,
+                          lin: _Linearized, num_calibration: int) -> list:
+    """The "where it holds" table: the main setting, then each sweep cell with labels (the GLM's
+    ridge calibrated on the cell's first masks; both estimators scored on the rest)."""
+    gt, masks, F0 = s.gt, s.masks, s.F0
+    real_per_mask, stage = real.per_mask_s, lin.stage
+    table = [_cell("main", cfg.learning_rate, cfg.num_steps, s.F_full, F0, g.E_ho, s.F_ho,
+                   g.ridge, real_per_mask, g.est_amortised, stage["L_ho"], lin.amortised)]
     key_main = jax.random.key(cfg.seed + 5)
     for field, value in cfg.sweep:
         name = sweep_key(field, value)
@@ -945,60 +1070,102 @@ def run_lora(cfg: LoraConfig, *, out: Optional[str] = None, cache_dir: Optional[
         Fc = np.asarray(gt[f"F_{name}"], np.float64)
         Ms = masks["sweep"][:len(Fc) - 1]
         cal = num_calibration
-        sc_sel = select_ridge(train_f, target_f, Ms[:cal], Fc[1:1 + cal])
-        Ec = np.asarray(_estimate(train_f, target_f, jnp.asarray(Ms[cal:]), sc_sel["ridge"]),
+        sc_sel = select_ridge(g.train_f, g.target_f, Ms[:cal], Fc[1:1 + cal])
+        Ec = np.asarray(_estimate(g.train_f, g.target_f, jnp.asarray(Ms[cal:]), sc_sel["ridge"]),
                         np.float64)
         lab_c = make_linearized_labeler(cfg, learning_rate=kw["learning_rate"],
                                         num_steps=int(kw["num_steps"]))
         scored = jnp.asarray(Ms[cal:])
-        _timed(lab_c, lin["train_j"], lin["target_j"], scored, key_main)   # compile
-        Lc, lc_s = _timed(lab_c, lin["train_j"], lin["target_j"], scored, key_main)
+        _timed(lab_c, stage["train_j"], stage["target_j"], scored, key_main)   # compile
+        Lc, lc_s = _timed(lab_c, stage["train_j"], stage["target_j"], scored, key_main)
         # real cost of the cell: this run's measured seconds per mask scaled by the number of
         # steps (the learning rate does not change the computation); the ground-truth file's
         # own timing was measured in another session, under another load
         real_c = real_per_mask * int(kw["num_steps"]) / cfg.num_steps
         table.append(_cell(f"{field}={value}", kw["learning_rate"], int(kw["num_steps"]),
-                           Fc[:1], F0, Ec, Fc[1 + cal:], sc_sel["ridge"], real_c, est_amortised,
+                           Fc[:1], F0, Ec, Fc[1 + cal:], sc_sel["ridge"], real_c, g.est_amortised,
                            np.asarray(Lc, np.float64),
-                           lin["jac_s"] / lin["m_all"] + lc_s / len(scored)))
+                           stage["jac_s"] / stage["m_all"] + lc_s / len(scored)))
+    return table
 
-    say("sweep done")
-    F0_eval = per_task_eval(logits_fn, params0, eval_set(cfg.pretrain))
-    results = {
+
+def _results_dict(cfg: LoraConfig, s: _Setup, glm: dict, glm_cost: dict, lin: _Linearized,
+                  chosen: tuple, meth: dict, table: list, t_run: float) -> dict:
+    """The run's results dict (what ``results.json`` holds): both estimators, the chosen one,
+    the methods' LDS, the sweep table, sizes, the pretrained model's per-task evaluation and
+    the configuration; ``seconds`` since ``t_run``."""
+    estimator, cost, _, _, other_name = chosen
+    F0, F_ho, pre = s.F0, s.F_ho, s.pretrain
+    F0_eval = per_task_eval(s.logits_fn, s.params0, eval_set(cfg.pretrain))
+    return {
         "estimator": estimator,
         "estimator_name": cfg.estimator,
         "cost": cost,
-        "estimators": {"linearized_adamw": lin_est, "glm": glm},
-        "costs": {"linearized_adamw": lin_cost, "glm": glm_cost},
+        "estimators": {"linearized_adamw": lin.est, "glm": glm},
+        "costs": {"linearized_adamw": lin.cost, "glm": glm_cost},
         "surrogate_labels": f"{cfg.estimator} (row {other_name}: the kernel on the other "
                             "estimator's labels)",
-        "target_change": _change(F_full, F0),
+        "target_change": _change(s.F_full, F0),
         "target_change_heldout_masks": float(np.mean(np.abs(F_ho.mean(1) - F0.mean()) / F0.mean())),
-        "lds": lds,
-        "paired": paired,
-        "noise_ceiling": noise,
-        "influence_damping_sweep": {"damping": list(DAMPING_GRID), "lds": sweep_lds},
+        "lds": meth["lds"],
+        "paired": meth["paired"],
+        "noise_ceiling": meth["noise_ceiling"],
+        "influence_damping_sweep": meth["influence_damping_sweep"],
         "where_it_holds": table,
-        "num_parameters": num_parameters(params0),
-        "num_lora_parameters": int(sum(np.size(x) for x in jax.tree.leaves(lp0))),
-        "num_lora_b_parameters": num_b,
-        "num_lora_kernels": len(targets),
-        "num_tasks": K,
+        "num_parameters": num_parameters(s.params0),
+        "num_lora_parameters": int(sum(np.size(x) for x in jax.tree.leaves(s.lp0))),
+        "num_lora_b_parameters": _num_b(s.lp0),
+        "num_lora_kernels": len(s.targets),
+        "num_tasks": len(TASKS),
         "num_targets": int(F_ho.shape[1]),
-        "num_train_masks": m_tr,
-        "num_heldout_masks": m_ho,
+        "num_train_masks": len(s.F_tr),
+        "num_heldout_masks": len(F_ho),
         "pretraining": {"eval_per_task": F0_eval, "cache_hit": pre.get("cache_hit"),
                         "seconds": pre.get("seconds"),
                         "eval_loss": float(np.mean([v["loss"] for v in F0_eval.values()]))},
         "config": cfg.to_dict(),
-        "ground_truth_source": os.path.basename(str(gt["source"])),
+        "ground_truth_source": os.path.basename(str(s.gt["source"])),
         "seconds": time.perf_counter() - t_run,
     }
+
+
+def run_lora(cfg: LoraConfig, *, out: Optional[str] = None, cache_dir: Optional[str] = None,
+             compute_ground_truth: bool = False, plots: bool = True, log=None,
+             num_resamples: int = 1000, num_cost_masks: int = 8, num_calibration: int = 8,
+             shipped: Optional[str] = SHIPPED) -> dict:
+    """Every stage; returns the results dict (also ``out/results.json`` and plots).
+
+    The ground truth is read from the shipped labels file or the cache; with
+    ``compute_ground_truth`` a missing one is computed (long). The cost of real fine-tuning is
+    measured in this run on ``num_cost_masks`` held-out masks (their labels are also compared
+    with the cached ones); the estimator's ridge is calibrated on the first ``num_calibration``
+    training masks' real labels.
+    """
+    t_run = time.perf_counter()
+
+    def say(msg):
+        if log is not None:
+            log(f"[{time.perf_counter() - t_run:.0f}s] {msg}")
+
+    s = _prepare_stage(cfg, cache_dir=cache_dir, log=log, shipped=shipped,
+                       compute_ground_truth=compute_ground_truth, say=say)
+    real = _real_cost_stage(cfg, s, num_cost_masks, say)
+    g = _glm_stage(cfg, s, real, num_calibration, say)
+    glm, glm_cost = _glm_report(cfg, s, real, g, say)
+    lin = _linearized_report(cfg, s, real, g, glm, say)
+    chosen = _choose_estimator(cfg, g, glm, glm_cost, lin)
+    _, _, S_tr, other, other_name = chosen
+    meth = _methods_stage(cfg, s, g, S_tr, other, other_name, num_resamples)
+    say("LDS done")
+    table = _where_it_holds_stage(cfg, s, real, g, lin, num_calibration)
+    say("sweep done")
+    results = _results_dict(cfg, s, glm, glm_cost, lin, chosen, meth, table, t_run)
     if out is not None:
         os.makedirs(out, exist_ok=True)
         if plots:
-            results["plots"] = write_plots(out, results, {"linearized AdamW": L_ho, "GLM": E_ho},
-                                           F_ho, F0)
+            results["plots"] = write_plots(out, results,
+                                           {"linearized AdamW": lin.stage["L_ho"], "GLM": g.E_ho},
+                                           s.F_ho, s.F0)
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump(results, f, indent=1, default=float)
     return results
