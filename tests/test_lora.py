@@ -196,3 +196,59 @@ def test_results_schema():
     assert 0 < r["num_lora_parameters"] < r["num_parameters"]
     assert np.isfinite(r["target_change"]) and "lds_ci" in r["noise_ceiling"]
     assert lora.results_markdown(r).count("\n|") > 10
+
+
+def _binary_lora_problem():
+    """Two classes, logits ``x (W + s A B)``: the log-odds ``l_y − l_{1−y}`` are linear in ``B``."""
+    rng = np.random.default_rng(3)
+    n, K, T = 12, 3, 5
+    params = {"w": {"kernel": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)}}
+    g, lp0 = from_lora(lambda p, x: x @ p["w"]["kernel"], params, jax.random.key(0), rank=2,
+                       alpha=4.0)
+    ex = lambda m: jnp.asarray(np.c_[rng.normal(size=(m, 3)), rng.integers(0, 2, m)],  # noqa: E731
+                               jnp.float32)
+    X, Xt = ex(n), ex(T)
+    t = jnp.repeat(jnp.arange(K), n // K)
+    masks = jnp.array([[1, 1, 1], [1, 0, 1], [0, 1, 0], [0, 0, 0]], jnp.float32)
+    return g, lp0, X, Xt, t, masks
+
+
+def test_linearized_adamw_is_real_adamw_on_model_linear_in_b():
+    """Oracle: real AdamW fine-tuning of ``B`` (``A`` frozen) through the model itself, with
+    the same draws; the model's log-odds are linear in ``B``, so the two must agree."""
+    import optax
+
+    from kernattr.adapters import answer_output
+
+    g, lp0, X, Xt, t, masks = _binary_lora_problem()
+    (k,) = lp0
+    A = lp0[k]["a"]
+    opt = optax.adamw(0.05, weight_decay=0.01)
+    key = jax.random.key(7)
+    logits_b = lambda b, e: g({k: {"a": A, "b": b}}, e[:3])  # noqa: E731
+    real = kgt.finetune_fn(logits_b, loss="softmax", optimizer=opt, num_steps=6, batch_size=5)
+    Wb = real(lp0[k]["b"], X, X[:, -1], t, masks, key)
+    want = kgt.evaluate_targets(logits_b, Wb, Xt, Xt[:, -1], loss="softmax")
+    proj = ka.make_projector(jax.random.key(1), lp0, kind="identity", dim=None,
+                             filter=lora._b_filter)
+    z = lambda lp, e: answer_output(g(lp, e[:3]), e[-1], "logodds")  # noqa: E731
+    tr = ka.gradient_features(z, lp0, X, jnp.ones(len(X)), proj, task_ids=t, num_tasks=3)
+    tg = ka.gradient_features(z, lp0, Xt, jnp.ones(len(Xt)), proj)
+    run = jax.jit(lambda a, b, m, kk: lora.linearized_finetune_labels(
+        a, b, m, kk, loss="logistic", optimizer=opt, num_steps=6, batch_size=5,
+        mask_chunk_size=2))
+    got = run(tr, tg, masks, key)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    assert float(jnp.max(jnp.abs(got[0] - got[-1]))) > 1e-2  # training moved (last: empty mask)
+
+
+def test_linearized_adamw_bad_input():
+    import optax
+
+    g, lp0, X, Xt, t, masks = _binary_lora_problem()
+    f = ka.GradientFeatures(jnp.ones((12, 4)), jnp.zeros(12), jnp.ones(12), t)
+    kw = dict(loss="logistic", optimizer=optax.adam(0.1), num_steps=1, batch_size=None)
+    with pytest.raises(ValueError, match="task_ids"):
+        lora.linearized_finetune_labels(f._replace(task_ids=None), f, masks, None, **kw)
+    with pytest.raises(ValueError, match="differ in D"):
+        lora.linearized_finetune_labels(f, f._replace(grads=jnp.ones((12, 3))), masks, None, **kw)

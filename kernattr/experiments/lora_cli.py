@@ -39,13 +39,13 @@ def add_lora(psub: argparse._SubParsersAction) -> None:
     """
     p = psub.add_parser(
         "lora", help="LoRA fine-tuning of a pretrained multi-task transformer: estimator "
-                     "accuracy and cost (~10-15 min on 2 shared CPUs with the shipped labels)",
+                     "accuracy and cost (minutes with the shipped labels)",
         description="Load (or pretrain, ~20 min on 2 shared CPUs) a 1M-parameter NNX transformer on 16 "
                     "synthetic sequence tasks; LoRA on its attention and MLP kernels; real "
                     "LoRA fine-tuning labels (shipped, or recomputed with "
-                    "--compute-ground-truth, ~30 min); the estimator linearized in the LoRA B "
-                    "factors; its error and cost against real fine-tuning measured in the same "
-                    "run; LDS of kernel/linear/datamodels/multi-fidelity/influence/TRAK/TracIn; "
+                    "--compute-ground-truth, ~30 min); the estimators linearized in the LoRA B "
+                    "factors (the fine-tuning's AdamW on the linear model; the GLM); their "
+                    "error and cost against real fine-tuning measured in the same run; LDS of kernel/linear/datamodels/multi-fidelity/influence/TRAK/TracIn; "
                     "write results.json and plots.")
     p.add_argument("--out", default=None, help="output folder (default ./kernattr-lora-<time>/)")
     p.add_argument("--cache-dir", default=None,
