@@ -40,8 +40,8 @@ def add_lora(psub: argparse._SubParsersAction) -> None:
     p = psub.add_parser(
         "lora", help="LoRA fine-tuning of a pretrained multi-task transformer: estimator "
                      "accuracy and cost (minutes with the shipped labels)",
-        description="Load (or pretrain, ~20 min on 2 shared CPUs) a 1M-parameter NNX transformer on 16 "
-                    "synthetic sequence tasks; LoRA on its attention and MLP kernels; real "
+        description="Load (or pretrain: 3-20 min on 2 CPU cores, by load) a 1M-parameter NNX "
+                    "transformer on 16 synthetic sequence tasks; LoRA on its attention and MLP kernels; real "
                     "LoRA fine-tuning labels (shipped, or recomputed with "
                     "--compute-ground-truth, ~30 min); the estimators linearized in the LoRA B "
                     "factors (the fine-tuning's AdamW on the linear model; the GLM); their "
