@@ -776,12 +776,32 @@ def _paired_lds_interval(key, pred_a, pred_b, actual, num_resamples):
     return ka.paired_lds_interval(key, pred_a, pred_b, actual, num_resamples=num_resamples)
 
 
+# Every method of one m at once: the real labels' resampled ranks are computed once per
+# resample and shared (vmap leaves what does not depend on the predictions unbatched).
+@partial(jax.jit, static_argnums=3)
+def _lds_intervals(key, preds, actual, num_resamples):
+    return jax.vmap(lambda p: ka.lds_interval(key, p, actual, num_resamples=num_resamples))(preds)
+
+
+@partial(jax.jit, static_argnums=4)
+def _paired_lds_intervals(key, preds_a, preds_b, actual, num_resamples):
+    return jax.vmap(lambda a, b: ka.paired_lds_interval(key, a, b, actual,
+                                                        num_resamples=num_resamples))(preds_a,
+                                                                                      preds_b)
+
+
+def _row(tree, i: int):
+    return jax.tree.map(lambda x: x[i], tree)
+
+
 def evaluate_method(key: jax.Array, s: MethodScores, actual: np.ndarray, exact: ExactValues,
-                    num_resamples: int) -> dict:
+                    num_resamples: int, ci: Any = None) -> dict:
     """LDS on the held-out masks (``actual [m', T]``) and correlation of the method's LOO /
     Shapley / Banzhaf / interaction scores with the exact ones, each with a 95% bootstrap
-    interval (masks for LDS, targets for correlations)."""
-    ci = _lds_interval(key, jnp.asarray(s.pred), jnp.asarray(actual), num_resamples)
+    interval (masks for LDS, targets for correlations). ``ci``: the method's LDSInterval when
+    already computed with the same key and resamples."""
+    if ci is None:
+        ci = _lds_interval(key, jnp.asarray(s.pred), jnp.asarray(actual), num_resamples)
     row = {"lds": float(ci.mean), "lds_ci": _interval(ci), "seconds": s.seconds}
     pairs = [("shapley", s.shapley, exact.shapley), ("loo", s.loo, exact.loo),
              ("banzhaf", s.banzhaf, exact.banzhaf)]
@@ -796,11 +816,13 @@ def evaluate_method(key: jax.Array, s: MethodScores, actual: np.ndarray, exact: 
 
 
 def paired_summary(key: jax.Array, a: MethodScores, b: MethodScores, actual: np.ndarray,
-                   exact: ExactValues, num_resamples: int) -> dict:
+                   exact: ExactValues, num_resamples: int, d: Any = None) -> dict:
     """``a`` minus ``b``: the paired LDS interval (same resampled masks) and the paired interval
-    of the Shapley correlation (same resampled targets)."""
-    d = _paired_lds_interval(key, jnp.asarray(a.pred), jnp.asarray(b.pred),
-                             jnp.asarray(actual), num_resamples)
+    of the Shapley correlation (same resampled targets). ``d``: the PairedLDSInterval when
+    already computed with the same key and resamples."""
+    if d is None:
+        d = _paired_lds_interval(key, jnp.asarray(a.pred), jnp.asarray(b.pred),
+                                 jnp.asarray(actual), num_resamples)
     ca = per_target_corr(a.shapley, exact.shapley)
     cb = per_target_corr(b.shapley, exact.shapley)
     mean, interval = corr_summary(key, ca - cb, num_resamples)
@@ -819,11 +841,16 @@ def evaluate_stage(cfg: DigitsConfig, prep: Prepared, gt: GroundTruth, est: Esti
     for m in cfg.mask_counts:
         _, held = meth[f"_rows@{m}"]
         actual = gt.F[held]
-        for name in METHODS:
-            methods[f"{name}@{m}"] = evaluate_method(key, meth[f"{name}@{m}"], actual, exact, B)
-        for a, b in PAIRED:
+        pred = {name: jnp.asarray(meth[f"{name}@{m}"].pred) for name in METHODS}
+        cis = _lds_intervals(key, jnp.stack([pred[n] for n in METHODS]), jnp.asarray(actual), B)
+        ds = _paired_lds_intervals(key, jnp.stack([pred[a] for a, _ in PAIRED]),
+                                   jnp.stack([pred[b] for _, b in PAIRED]), jnp.asarray(actual), B)
+        for i, name in enumerate(METHODS):
+            methods[f"{name}@{m}"] = evaluate_method(key, meth[f"{name}@{m}"], actual, exact, B,
+                                                     ci=_row(cis, i))
+        for i, (a, b) in enumerate(PAIRED):
             paired[f"{a}-{b}@{m}"] = paired_summary(key, meth[f"{a}@{m}"], meth[f"{b}@{m}"],
-                                                    actual, exact, B)
+                                                    actual, exact, B, d=_row(ds, i))
     err = ka.estimator_error(jnp.asarray(est.F_hat), jnp.asarray(gt.F), F0=jnp.asarray(gt.F0))
     estimator = {"relative_error": float(err.relative_error),
                  "no_change_relative_error": float(err.no_change_relative_error),
