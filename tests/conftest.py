@@ -12,10 +12,17 @@ Many tests compile the same small programs (a fresh ``jax.jit`` of the same func
 test, the same program in both xdist workers, the doctests). JAX's persistent compilation cache
 in ``.jax_cache/`` at the repository root (git-ignored) lets each be compiled once: every
 executable is written, however short its compile time or small its size, and the processes the
-tests spawn (CLI, notebooks) use the same cache through the environment. Eviction is on (a size
-limit), which makes JAX take a file lock around each cache read and write, so the xdist workers
-never read an entry another one is still writing. ``JAX_COMPILATION_CACHE_DIR`` set to another
-folder wins; set it to an empty string to switch the cache off.
+tests spawn (CLI, notebooks) use the same cache through the environment.
+
+Eviction is off (no size limit). With a size limit, JAX takes a file lock around every cache
+read and write, and every write lists, stats and reads the access time of every entry to decide
+what to evict: the cost of a write grows with the cache, the suite's thousands of writes grow
+quadratically, and the other worker waits on the lock meanwhile. Without eviction there is no
+lock; a worker that reads an entry another one is still writing gets a truncated zlib stream,
+which JAX reports as a warning and answers by compiling (the result is the same). The folder
+only grows: delete ``.jax_cache/`` to reclaim the space.
+``JAX_COMPILATION_CACHE_DIR`` set to another folder wins; set it to an empty string to switch
+the cache off.
 """
 
 import os
@@ -33,7 +40,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 if os.environ["JAX_COMPILATION_CACHE_DIR"]:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
-    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", "-1")  # no eviction: see above
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
