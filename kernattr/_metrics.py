@@ -151,29 +151,34 @@ def _rank_rows(x: jax.Array) -> jax.Array:
     return jnp.take_along_axis(avg, t.inverse, axis=-1)
 
 
-def _resampled_ranks(t: _Ties, counts: jax.Array) -> jax.Array:
-    """Average ranks ``[R, m]`` of each original entry within a resample of the rows.
+def _resampled_ranks(t: _Ties, counts: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Average ranks ``[R, m]`` of each original entry within a resample of the rows, and
+    ``[R]`` whether the row of values is constant in the resample.
 
     ``counts [m]`` says how often each row was drawn. A row drawn ``c`` times is ``c`` tied
     copies, and its rank in the resample is the number of drawn entries strictly below its tie
     group plus half the group's drawn size (plus 1/2): prefix sums of the counts in sorted order,
     no new sort. Rows drawn zero times get a rank too; callers weight them by their count (0).
+    The values are constant exactly when one tie group holds every draw (integer counts: exact,
+    unlike a variance computed in floating point).
     """
     cs = counts[t.order]  # [R, m] counts in sorted order
     cum = jnp.cumsum(cs, axis=-1)
     below = jnp.take_along_axis(cum - cs, t.start, axis=-1)
     size = jnp.take_along_axis(cum, t.end, axis=-1) - below
-    return jnp.take_along_axis(below + (size + 1) / 2, t.inverse, axis=-1)
+    constant = jnp.max(size, axis=-1) == cum[..., -1]
+    return jnp.take_along_axis(below + (size + 1) / 2, t.inverse, axis=-1), constant
 
 
-def _weighted_pearson_rows(a: jax.Array, b: jax.Array, w: jax.Array) -> jax.Array:
+def _weighted_pearson_rows(a: jax.Array, b: jax.Array, w: jax.Array,
+                           constant: jax.Array) -> jax.Array:
     """Pearson correlation per row of ``[R, m]`` with row weights ``w [m]`` (copies drawn);
-    NaN where either side has zero weighted variance."""
+    NaN where a row of either side is ``constant [R]`` or has zero weighted variance."""
     n = jnp.sum(w)
     a = a - (a @ w)[:, None] / n
     b = b - (b @ w)[:, None] / n
     saa, sbb, sab = (a * a) @ w, (b * b) @ w, (a * b) @ w
-    ok = (saa > 0) & (sbb > 0)
+    ok = (saa > 0) & (sbb > 0) & ~constant
     r = jnp.where(ok, sab / jnp.sqrt(jnp.where(ok, saa * sbb, 1.0)), jnp.nan)
     return jnp.clip(r, -1.0, 1.0)
 
@@ -702,10 +707,11 @@ def _lds_replicates(
 
     def one(rows):
         counts = jnp.zeros((m,), dtype).at[rows].add(1.0)
-        ra = _resampled_ranks(ties_a, counts)
+        ra, const_a = _resampled_ranks(ties_a, counts)
         out = []
         for t in ties_p:
-            r = _weighted_pearson_rows(_resampled_ranks(t, counts), ra, counts)
+            rp, const_p = _resampled_ranks(t, counts)
+            r = _weighted_pearson_rows(rp, ra, counts, const_a | const_p)
             valid = ~jnp.isnan(r)
             num_valid = jnp.sum(valid, dtype=jnp.int32)
             total = jnp.sum(jnp.where(valid, r, 0.0))

@@ -128,3 +128,18 @@ def test_bad_input():
     with pytest.raises(Exception, match="non-finite"):  # under jit: raised by the compiled call
         f = jax.jit(ka.bootstrap_interval, static_argnames="num_resamples")
         jax.block_until_ready(f(key, jnp.asarray(bad), num_resamples=4))
+
+
+def test_constant_column_is_undefined_at_large_m_in_float32():
+    """A column constant in every resample is left out exactly (by its tie groups), also where
+    float32 sums of ranks no longer cancel exactly (m(m+1)/2 > 2^24)."""
+    rng = np.random.default_rng(0)
+    m = 20_000
+    actual = rng.normal(size=(m, 2)).astype(np.float32)
+    pred = (actual + rng.normal(size=(m, 2))).astype(np.float32)
+    pred[:, 1] = 0.37  # target 1 undefined: the LDS is target 0's Spearman alone
+    key = jax.random.key(0)
+    both = LDS_CI(key, pred, actual, num_resamples=4)
+    alone = LDS_CI(key, pred[:, :1], actual[:, :1], num_resamples=4)
+    np.testing.assert_allclose(both.samples, alone.samples, rtol=1e-5)
+    assert int(both.num_valid) == 1
