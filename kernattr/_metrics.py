@@ -652,7 +652,12 @@ def column_spearman(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def _lds_cols(pred: jax.Array, actual: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Unchecked LDS of ``[m, T]`` inputs: ``(mean over defined targets, num_valid)``."""
-    per_target = column_spearman(pred, actual)
+    return _mean_defined(column_spearman(pred, actual))
+
+
+def _mean_defined(per_target: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(mean of the non-NaN entries, their number)`` of per-target correlations; the mean is
+    NaN when none is defined."""
     valid = ~jnp.isnan(per_target)
     num_valid = jnp.sum(valid, dtype=jnp.int32)
     total = jnp.sum(jnp.where(valid, per_target, 0.0))
@@ -711,11 +716,7 @@ def _lds_replicates(
         out = []
         for t in ties_p:
             rp, const_p = _resampled_ranks(t, counts)
-            r = _weighted_pearson_rows(rp, ra, counts, const_a | const_p)
-            valid = ~jnp.isnan(r)
-            num_valid = jnp.sum(valid, dtype=jnp.int32)
-            total = jnp.sum(jnp.where(valid, r, 0.0))
-            out.append(jnp.where(num_valid > 0, total / jnp.maximum(num_valid, 1), jnp.nan))
+            out.append(_mean_defined(_weighted_pearson_rows(rp, ra, counts, const_a | const_p))[0])
         return jnp.stack(out)
 
     return lax.map(one, idx, batch_size=bs)

@@ -815,14 +815,11 @@ def evaluate_method(key: jax.Array, s: MethodScores, actual: np.ndarray, exact: 
     return row
 
 
-def paired_summary(key: jax.Array, a: MethodScores, b: MethodScores, actual: np.ndarray,
-                   exact: ExactValues, num_resamples: int, d: Any = None) -> dict:
-    """``a`` minus ``b``: the paired LDS interval (same resampled masks) and the paired interval
-    of the Shapley correlation (same resampled targets). ``d``: the PairedLDSInterval when
-    already computed with the same key and resamples."""
-    if d is None:
-        d = _paired_lds_interval(key, jnp.asarray(a.pred), jnp.asarray(b.pred),
-                                 jnp.asarray(actual), num_resamples)
+def paired_summary(key: jax.Array, a: MethodScores, b: MethodScores, exact: ExactValues,
+                   d: Any, num_resamples: int) -> dict:
+    """``a`` minus ``b``: the paired LDS interval ``d`` (a PairedLDSInterval on resampled
+    masks, from ``key``) and the paired interval of the Shapley correlation (same resampled
+    targets)."""
     ca = per_target_corr(a.shapley, exact.shapley)
     cb = per_target_corr(b.shapley, exact.shapley)
     mean, interval = corr_summary(key, ca - cb, num_resamples)
@@ -850,7 +847,7 @@ def evaluate_stage(cfg: DigitsConfig, prep: Prepared, gt: GroundTruth, est: Esti
                                                      ci=_row(cis, i))
         for i, (a, b) in enumerate(PAIRED):
             paired[f"{a}-{b}@{m}"] = paired_summary(key, meth[f"{a}@{m}"], meth[f"{b}@{m}"],
-                                                    actual, exact, B, d=_row(ds, i))
+                                                    exact, _row(ds, i), B)
     err = ka.estimator_error(jnp.asarray(est.F_hat), jnp.asarray(gt.F), F0=jnp.asarray(gt.F0))
     estimator = {"relative_error": float(err.relative_error),
                  "no_change_relative_error": float(err.no_change_relative_error),
