@@ -2,11 +2,13 @@
 cheaper XLA CPU backend, programs executed inline (no asynchronous CPU dispatch), and a
 persistent compilation cache shared by the test processes.
 
-Most of the suite's time is XLA compiling small programs that then run for milliseconds. LLVM's
-optimisation level 0 without its expensive passes cuts that compile time (measured on 2 cores:
-about 20% of the suite's wall time) and leaves the results within the tests' tolerances. It only
-applies to the tests (and the processes they spawn); the library, the benchmarks and the
-``kernattr`` commands compile with XLA's defaults. A flag you set in ``XLA_FLAGS`` yourself wins.
+Most of the suite's time is JAX lowering and XLA compiling small programs that then run for
+milliseconds. Three XLA flags make the compile cheaper and leave the results within the tests'
+tolerances: LLVM's optimisation level 0 without its expensive passes, and XLA:CPU's older
+elemental emitters instead of its MLIR fusion emitters (each roughly a third less compile time
+for the small programs here). They only apply to the tests (and the processes they spawn); the
+library, the benchmarks and the ``kernattr`` commands compile with XLA's defaults. A flag you set
+in ``XLA_FLAGS`` yourself wins.
 
 Many tests compile the same small programs (a fresh ``jax.jit`` of the same function in each
 test, the same program in both xdist workers, the doctests). JAX's persistent compilation cache
@@ -25,13 +27,15 @@ only grows: delete ``.jax_cache/`` to reclaim the space.
 the cache off.
 """
 
+import gc
 import os
 import pathlib
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
-for _flag in ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"):
+for _flag in ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true",
+              "--xla_cpu_use_fusion_emitters=false"):
     if _flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
         os.environ["XLA_FLAGS"] += " " + _flag
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -50,6 +54,28 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # JAX's asynchronous CPU dispatch such programs can hang (jax-ml/jax#25861): run them inline, as
 # the `kernattr` command does.
 jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+
+class _ReleaseCompiledPrograms:
+    """Drop JAX's in-memory caches of traced, lowered and compiled programs after each test file.
+
+    Every live compiled program makes each later lowering slower (in MLIR's type and attribute
+    uniquing), so a test process that keeps the programs of hundreds of tests compiles its later
+    tests several times slower than a fresh process would. Programs are reused within a file
+    (module fixtures, the same shapes), rarely across files, and the persistent cache above still
+    serves a program that a later file compiles again. A plugin rather than a fixture, so that it
+    also covers the doctests under ``kernattr/``.
+    """
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_teardown(self, item, nextitem):
+        if nextitem is None or nextitem.path != item.path:
+            jax.clear_caches()
+            gc.collect()
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_ReleaseCompiledPrograms(), "kernattr-release-compiled")
 
 
 @pytest.fixture

@@ -93,6 +93,12 @@ def _equal(a, b):
     assert jax.tree.structure(a) == jax.tree.structure(b)
 
 
+def _close(a, b, **tol):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
+
+
 @pytest.fixture(scope="module")
 def runs():
     """Per model kind: the workflow's result, its Workflow and the step-by-step public calls."""
@@ -121,15 +127,17 @@ def test_workflow_equals_step_by_step(runs, kind):
     np.testing.assert_array_equal(jax.jit(wf.features)(jax.random.split(key, 6)[1], x, y, t).grads,
                                   train.grads)
     np.testing.assert_allclose(res.labels, labels, rtol=1e-6, atol=1e-7)
-    if np.array_equal(res.labels, labels):  # then the rest is bit-equal too
-        _equal(res.surrogate, s)
-    np.testing.assert_allclose(res.surrogate.dual_coef, s.dual_coef, rtol=1e-4, atol=1e-6)
+    # The workflow compiles each stage on its own and `_downstream` compiles them together: two
+    # programs that XLA may fuse, and so round, differently. Equal to float32 tolerance, leaf by
+    # leaf, with the same structure (bitwise equality would test XLA's fusion choices).
+    _close(res.surrogate, s, rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(res.surrogate.gamma, s.gamma)  # same grid point selected
     np.testing.assert_array_equal(res.surrogate.ridge, s.ridge)
-    np.testing.assert_allclose(res.shapley.value, shap.value, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(res.shapley.lower, shap.lower, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(res.loo.upper, loo.upper, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(res.interactions, inter, rtol=1e-5, atol=1e-6)
+    # read-outs of the two surrogates: float32 rounding, amplified by the kernel solve, relative
+    # to each array's scale
+    for a, b in ((res.shapley.value, shap.value), (res.shapley.lower, shap.lower),
+                 (res.loo.upper, loo.upper), (res.interactions, inter)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
     assert res.shapley.value.shape == (K, T) and res.interactions.shape == (K, K, T)
     assert bool(jnp.all(res.shapley.lower <= res.shapley.upper))
     assert res.lds is None and res.real_masks is None
