@@ -117,7 +117,10 @@ def surrogate_compute(masks, y):
 def main():
     pid, nproc, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     os.environ["JAX_PLATFORMS"] = "cpu"
-    os.environ["XLA_FLAGS"] = ""  # the device count comes from jax_num_cpu_devices below
+    # the device count comes from jax_num_cpu_devices below; the test's other XLA flags stay
+    os.environ["XLA_FLAGS"] = " ".join(
+        f for f in os.environ.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count"))
     import jax
 
     jax.config.update("jax_num_cpu_devices", 2)
