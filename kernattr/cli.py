@@ -27,6 +27,8 @@ import time
 from typing import Callable
 
 from . import __version__
+from .experiments.cli_args import nonnegative_int as _nonnegative_int
+from .experiments.cli_args import positive_int as _positive_int
 
 BUILTIN = "builtin"
 
@@ -77,22 +79,6 @@ def _fraction(text: str) -> float:
     return v
 
 
-def _int_at_least(text: str, minimum: int) -> int:
-    try:
-        v = int(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from e
-    if v < minimum:
-        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {v}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    return _int_at_least(text, 1)
-
-
-def _nonnegative_int(text: str) -> int:
-    return _int_at_least(text, 0)
 
 
 def _out_file(flag: str, path: str | None) -> None:

@@ -6,12 +6,7 @@ import argparse
 import os
 import time
 
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+from .cli_args import positive_int as _positive_int
 
 
 def _seeds(text: str) -> tuple:
