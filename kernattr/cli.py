@@ -79,8 +79,6 @@ def _fraction(text: str) -> float:
     return v
 
 
-
-
 def _out_file(flag: str, path: str | None) -> None:
     """Fail before any work when ``path`` cannot be written (missing folder, a directory)."""
     if path is None:

@@ -1,12 +1,13 @@
 """Test configuration, set before JAX starts: 8 fake CPU devices, strict rank promotion, a
-cheaper XLA CPU backend, programs executed inline (no asynchronous CPU dispatch), and a
-persistent compilation cache shared by the test processes.
+cheaper XLA CPU backend, programs executed inline (no asynchronous CPU dispatch), a persistent
+compilation cache shared by the test processes, and JAX's in-memory program caches dropped after
+each test file.
 
 Most of the suite's time is JAX lowering and XLA compiling small programs that then run for
-milliseconds. Three XLA flags make the compile cheaper and leave the results within the tests'
+milliseconds. Three XLA flags make that compile cheaper and leave the results within the tests'
 tolerances: LLVM's optimisation level 0 without its expensive passes, and XLA:CPU's older
-elemental emitters instead of its MLIR fusion emitters (each roughly a third less compile time
-for the small programs here). They only apply to the tests (and the processes they spawn); the
+elemental emitters instead of its MLIR fusion emitters (the results pages of the documentation
+give the measurements). They only apply to the tests (and the processes they spawn); the
 library, the benchmarks and the ``kernattr`` commands compile with XLA's defaults. A flag you set
 in ``XLA_FLAGS`` yourself wins.
 
@@ -60,8 +61,8 @@ class _ReleaseCompiledPrograms:
     """Drop JAX's in-memory caches of traced, lowered and compiled programs after each test file.
 
     Every live compiled program makes each later lowering slower (in MLIR's type and attribute
-    uniquing), so a test process that keeps the programs of hundreds of tests compiles its later
-    tests several times slower than a fresh process would. Programs are reused within a file
+    uniquing), so a test process that kept the programs of hundreds of tests would compile its
+    later tests far slower than a fresh process does. Programs are reused within a file
     (module fixtures, the same shapes), rarely across files, and the persistent cache above still
     serves a program that a later file compiles again. A plugin rather than a fixture, so that it
     also covers the doctests under ``kernattr/``.
