@@ -778,17 +778,13 @@ def _real_cost_stage(cfg: LoraConfig, s: _Setup, num_cost_masks: int,
                            num_steps=cfg.num_steps, return_params=True)
     cm = jnp.asarray(s.masks["heldout"][:num_cost_masks])
     key = jax.random.key(cfg.seed + 5)
-    ts = time.perf_counter()
-    first = np.asarray(jax.block_until_ready(labeler(cm, key))[0])
-    real_compile = time.perf_counter() - ts
-    ts = time.perf_counter()
-    again, W_cost = jax.block_until_ready(labeler(cm, key))
-    real_per_mask = (time.perf_counter() - ts) / num_cost_masks
+    _, real_compile = _timed(labeler, cm, key)  # first call: compilation included
+    (again, W_cost), real_s = _timed(labeler, cm, key)
+    real_per_mask = real_s / num_cost_masks
     again = np.asarray(again)
     n_cmp = min(num_cost_masks, len(s.F_ho))
     cache_diff = (float(np.max(np.abs(again[:n_cmp] - s.F_ho[:n_cmp]))) if n_cmp
                   else float("nan"))
-    del first
     say(f"real LoRA fine-tuning: {real_per_mask:.2f}s/mask (compile {real_compile:.1f}s)")
     return _RealCost(labeler=labeler, masks=cm, key=key, F=again, W=W_cost,
                      per_mask_s=real_per_mask, compile_s=real_compile, cache_diff=cache_diff)
@@ -836,24 +832,16 @@ def _glm_stage(cfg: LoraConfig, s: _Setup, real: _RealCost, num_calibration: int
         return jax.block_until_ready(out)
 
     m_tr, m_ho = len(s.F_tr), len(s.F_ho)
-    ts = time.perf_counter()
-    features()
-    feat_compile = time.perf_counter() - ts       # first call: compilation included
-    ts = time.perf_counter()
-    train_f, target_f = features()
-    feat_s = time.perf_counter() - ts
+    _, feat_compile = _timed(features)       # first call: compilation included
+    (train_f, target_f), feat_s = _timed(features)
     ncal = min(num_calibration, m_tr)
-    ts = time.perf_counter()
-    sel = select_ridge(train_f, target_f, s.M_tr[:ncal], s.F_tr[:ncal])
-    select_s = time.perf_counter() - ts
+    sel, select_s = _timed(select_ridge, train_f, target_f, s.M_tr[:ncal], s.F_tr[:ncal])
     ridge = sel["ridge"]
     sel_all = select_ridge(train_f, target_f, s.M_tr, s.F_tr)
     all_masks = jnp.asarray(np.concatenate([s.M_tr, s.M_ho]))
-    jax.block_until_ready(_estimate(train_f, target_f, all_masks, ridge))  # compile
-    ts = time.perf_counter()
-    est_all = np.asarray(jax.block_until_ready(_estimate(train_f, target_f, all_masks, ridge)),
-                         np.float64)
-    est_s = time.perf_counter() - ts
+    _timed(_estimate, train_f, target_f, all_masks, ridge)  # compile
+    est_all, est_s = _timed(_estimate, train_f, target_f, all_masks, ridge)
+    est_all = np.asarray(est_all, np.float64)
     m_all = m_tr + m_ho
     est_per_mask = est_s / m_all
     calib_real_s = ncal * real.per_mask_s
