@@ -3,10 +3,10 @@
 Why. jaxlib's CPU LAPACK kernels split a *batched* call (``eigh`` of ``[B, n, n]``, as produced
 by ``vmap`` over a hyperparameter grid) across XLA's intra-op thread pool and block the worker
 that runs them until the pieces finish. When as many batched calls as there are pool workers
-are ready at once (two independent grid searches on a 2-core machine, e.g. the cheap and the
-residual fits of :func:`kernattr.fit_multifidelity`), every worker blocks waiting for pieces that
-no free worker can run: the program deadlocks (observed with jaxlib 0.10.2: the process sits at
-0% CPU with both ``tf_XLAEigen`` threads in ``jax::ParallelBatchMap``). An unbatched call runs
+are ready at once (with a two-worker pool, two independent grid searches such as the cheap and
+the residual fits of :func:`kernattr.fit_multifidelity`), every worker blocks waiting for pieces
+that no free worker can run: the program deadlocks, at 0% CPU with every ``tf_XLAEigen`` thread in
+``jax::ParallelBatchMap`` (jaxlib 0.10.2). An unbatched call runs
 inline and cannot deadlock this way, so :func:`eigh` keeps ``vmap`` semantics but batches by a
 sequential ``lax.map`` over single decompositions.
 """

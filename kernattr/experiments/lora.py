@@ -1066,9 +1066,9 @@ def _where_it_holds_stage(cfg: LoraConfig, s: _Setup, real: _RealCost, g: _GlmFi
         scored = jnp.asarray(Ms[cal:])
         _timed(lab_c, stage["train_j"], stage["target_j"], scored, key_main)   # compile
         Lc, lc_s = _timed(lab_c, stage["train_j"], stage["target_j"], scored, key_main)
-        # real cost of the cell: this run's measured seconds per mask scaled by the number of
-        # steps (the learning rate does not change the computation); the ground-truth file's
-        # own timing was measured in another session, under another load
+        # real cost of the cell: this run's seconds per mask scaled by the number of steps (the
+        # learning rate does not change the computation); not the ground-truth file's timing,
+        # which comes from the run that computed it, under that run's load
         real_c = real_per_mask * int(kw["num_steps"]) / cfg.num_steps
         table.append(_cell(f"{field}={value}", kw["learning_rate"], int(kw["num_steps"]),
                            Fc[:1], F0, Ec, Fc[1 + cal:], sc_sel["ridge"], real_c, g.est_amortised,
