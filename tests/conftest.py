@@ -4,11 +4,10 @@ compilation cache shared by the test processes, and JAX's in-memory program cach
 each test file.
 
 Most of the suite's time is JAX lowering and XLA compiling small programs that then run for
-milliseconds. Four XLA flags make that compile cheaper and leave the results within the tests'
-tolerances: LLVM's optimisation level 0 without its expensive passes, XLA:CPU's older
-elemental emitters instead of its MLIR fusion emitters, and one LLVM module per program instead
-of several compiled in parallel (the test processes already keep both cores busy). The results
-pages of the documentation give the measurements. They only apply to the tests (and the processes they spawn); the
+milliseconds. Three XLA flags make that compile cheaper and leave the results within the tests'
+tolerances: LLVM's optimisation level 0 without its expensive passes, and XLA:CPU's older
+elemental emitters instead of its MLIR fusion emitters (the results pages of the documentation
+give the measurements). They only apply to the tests (and the processes they spawn); the
 library, the benchmarks and the ``kernattr`` commands compile with XLA's defaults. A flag you set
 in ``XLA_FLAGS`` yourself wins.
 
@@ -37,7 +36,7 @@ os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 for _flag in ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true",
-              "--xla_cpu_use_fusion_emitters=false", "--xla_cpu_parallel_codegen_split_count=1"):
+              "--xla_cpu_use_fusion_emitters=false"):
     if _flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
         os.environ["XLA_FLAGS"] += " " + _flag
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
