@@ -30,9 +30,11 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -300,6 +302,14 @@ def run_worker(args_list: list, cfg: dict) -> dict:
     return res
 
 
+def _version(package: str) -> str | None:
+    """The installed version of ``package``, or None (without importing it)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model (CI)")
@@ -340,6 +350,11 @@ def main(argv=None) -> int:
           f"machine shared (load {os.getloadavg()[0]:.1f}): ratios within this run are what count",
           flush=True)
     rows, ok = [], True
+    # The conditions of the run, kept with each row of --json: the timings depend on them.
+    conditions = dict(command=" ".join(["bench_gpt2.py", *(argv if argv is not None else sys.argv[1:])]),
+                      cpus=os.cpu_count(), load_1m_start=os.getloadavg()[0],
+                      xla_flags=os.environ.get("XLA_FLAGS", ""), python=platform.python_version(),
+                      torch=_version("torch"), jax=_version("jax"))
     tmp = tempfile.mkdtemp(prefix="bench_gpt2_")
     for size in a.sizes.split(","):
         layers, dm, H = SIZES[size]
@@ -359,7 +374,9 @@ def main(argv=None) -> int:
                 rt = run_worker(["--worker", "torch", "--kind", kind],
                                 dict(base, load_params=pfile, exact_gram=gfile))
             D = rj["num_params"]
-            row = dict(size=size, layers=layers, d_model=dm, D=D, kind=kind, jax=rj, torch=rt)
+            row = dict(size=size, layers=layers, d_model=dm, D=D, kind=kind, jax=rj, torch=rt,
+                       run=dict(conditions, load_1m_after=os.getloadavg()[0],
+                                finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())))
             rows.append(row)
             ok &= rj["finite"] and rj["rel_dev_vs_exact_projection"] < 1e-3
             ok &= rt is None or (rt["finite"] and rt["num_params"] == D
