@@ -64,6 +64,23 @@ def test_results_markdown_has_one_row_per_record(run_all):
     assert "12.5x" in md and "m=3" in md and "`cpu`" in md
 
 
+def test_results_markdown_names_the_xla_flags_of_the_run(run_all):
+    res = _result(["bench_a"])
+    assert "XLA_FLAGS" not in run_all.results_markdown(res)
+    res["environment"]["xla_flags"] = "--xla_backend_optimization_level=0"
+    assert "`XLA_FLAGS=--xla_backend_optimization_level=0`" in run_all.results_markdown(res)
+
+
+def test_schedule_starts_the_multi_process_benchmarks_first(run_all):
+    names = run_all.benchmark_names()
+    order = run_all._schedule(names)
+    assert sorted(order) == sorted(names)                     # every benchmark, once
+    assert order[: len(run_all.FIRST)] == list(run_all.FIRST)
+    rest = [n for n in names if n not in run_all.FIRST]
+    assert order[len(run_all.FIRST):] == rest                  # the others keep their order
+    assert run_all._schedule(["bench_lds", "bench_gpt2"]) == ["bench_gpt2", "bench_lds"]
+
+
 def test_record_ratio_is_oriented_so_that_above_one_is_better(tmp_path):
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); from _records import record\n"
