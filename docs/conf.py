@@ -16,17 +16,14 @@ ROOT = os.path.dirname(DOCS)
 sys.path.insert(0, ROOT)          # document the checkout, not an installed copy
 sys.path.insert(0, os.path.join(DOCS, "_scripts"))
 
-# The notebook kernels the build starts import the checkout too, and compile with XLA's cheap
-# CPU settings (LLVM at -O0 without its expensive passes, XLA:CPU's elemental emitters instead of
-# its fusion emitters, as the tests do): the pages run tiny programs once, so compile time is
-# most of their run time.
+# The notebook kernels the build starts import the checkout too, and compile with the tests'
+# cheap XLA CPU settings (tools/cheap_compile.py): the pages run tiny programs once, so compile
+# time is most of their run time.
 os.environ["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-_flags = os.environ.get("XLA_FLAGS", "")
-for _flag in ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true",
-              "--xla_cpu_use_fusion_emitters=false"):
-    if _flag.split("=")[0] not in _flags:
-        _flags += " " + _flag
-os.environ["XLA_FLAGS"] = _flags.strip()
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from cheap_compile import with_cheap_compile  # noqa: E402
+
+os.environ["XLA_FLAGS"] = with_cheap_compile(os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import kernattr  # noqa: E402

@@ -4,10 +4,10 @@ compilation cache shared by the test processes, and JAX's in-memory program cach
 each test file.
 
 Most of the suite's time is JAX lowering and XLA compiling small programs that then run for
-milliseconds. Three XLA flags make that compile cheaper and leave the results within the tests'
-tolerances: LLVM's optimisation level 0 without its expensive passes, and XLA:CPU's older
-elemental emitters instead of its MLIR fusion emitters (the results pages of the documentation
-give the measurements). They only apply to the tests (and the processes they spawn); the
+milliseconds. The XLA flags of ``tools/cheap_compile.py`` make that compile cheaper and leave the
+results within the tests' tolerances: LLVM's optimisation level 0 without its expensive passes,
+and XLA:CPU's older elemental emitters instead of its MLIR fusion emitters (the results pages of
+the documentation give the measurements). They only apply to the tests (and the processes they spawn); the
 library, the benchmarks and the ``kernattr`` commands compile with XLA's defaults. A flag you set
 in ``XLA_FLAGS`` yourself wins.
 
@@ -29,16 +29,24 @@ the cache off.
 """
 
 import gc
+import importlib.util
 import os
 import pathlib
+
+
+def _load_cheap_compile():
+    """``tools/cheap_compile.py``: the compile flags the tests share with the docs build and CI."""
+    path = pathlib.Path(__file__).resolve().parent.parent / "tools" / "cheap_compile.py"
+    spec = importlib.util.spec_from_file_location("cheap_compile", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
-for _flag in ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true",
-              "--xla_cpu_use_fusion_emitters=false"):
-    if _flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
-        os.environ["XLA_FLAGS"] += " " + _flag
+os.environ["XLA_FLAGS"] = _load_cheap_compile().with_cheap_compile(os.environ["XLA_FLAGS"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"))
