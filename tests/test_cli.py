@@ -163,13 +163,18 @@ def test_parser_structure_and_light_import():
 def test_fit_walsh_solver_matches_library(tmp_path):
     f, rep = _fit_on_game(tmp_path, "--solver", "walsh", *GRID)
     data = ka.load_subsets(f)
-    wk = ka.fit_kernel(data.train_masks, data.train_labels, gamma=np.array([0.1, 0.4]),
-                       ridge=np.array([0.01, 1.0]), solver="walsh")
-    res = ka.lds(ka.predict(wk, data.test_masks), data.test_labels)
-    np.testing.assert_allclose(rep["kernel"]["lds"], float(res.mean), rtol=1e-4, atol=1e-5)
+
+    @jax.jit
+    def library(x, y, x_test, y_test):
+        wk = ka.fit_kernel(x, y, gamma=np.array([0.1, 0.4]), ridge=np.array([0.01, 1.0]),
+                           solver="walsh")
+        return wk, ka.lds(ka.predict(wk, x_test), y_test).mean, ka.shapley_values(wk)
+
+    wk, lds, shap = library(data.train_masks, data.train_labels, data.test_masks, data.test_labels)
+    np.testing.assert_allclose(rep["kernel"]["lds"], float(lds), rtol=1e-4, atol=1e-5)
     assert rep["kernel"]["solver"] == "walsh" and rep["kernel"]["gamma_grid"] == pytest.approx([0.1, 0.4])
     assert rep["kernel"]["gamma"] == pytest.approx(np.asarray(wk.gamma).tolist(), rel=1e-6)
-    shap = np.asarray(ka.shapley_values(wk)).mean(1)
+    shap = np.asarray(shap).mean(1)
     np.testing.assert_allclose(rep["task_scores"]["shapley"], shap, rtol=1e-3, atol=1e-5)
     with pytest.raises(SystemExit, match="walsh"):
         main(["fit", "--data", str(f), "--solver", "walsh", "--per-target"])

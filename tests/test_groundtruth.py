@@ -370,11 +370,17 @@ def test_estimator_matches_finetuning_for_model_linear_in_params(x64):
     y, yt = jnp.asarray(rng.normal(size=n)), jnp.asarray(rng.normal(size=T))
     t = jnp.asarray(np.arange(n) % K)
     masks = jnp.asarray(MASKS[:4])
-    proj = ka.make_projector(jax.random.key(0), W0, kind="identity", dim=None)
-    train = ka.gradient_features(apply_fn, W0, x, y, proj, task_ids=t, num_tasks=K)
-    target = ka.gradient_features(apply_fn, W0, xt, yt, proj)
     ridge = 0.05
-    F_hat = ka.estimate_subset_labels(train, target, masks, loss="squared", metric="loss", ridge=ridge, solver="fast")
+
+    @jax.jit
+    def estimate(W0, x, y, xt, yt):
+        proj = ka.make_projector(jax.random.key(0), W0, kind="identity", dim=None)
+        train = ka.gradient_features(apply_fn, W0, x, y, proj, task_ids=t, num_tasks=K)
+        target = ka.gradient_features(apply_fn, W0, xt, yt, proj)
+        return ka.estimate_subset_labels(train, target, masks, loss="squared", metric="loss",
+                                         ridge=ridge, solver="fast")
+
+    F_hat = estimate(W0, x, y, xt, yt)
     cmp = gt.compare_estimator_to_finetuning(
         F_hat, apply_fn, W0, x, y, t, masks, xt, yt, loss="squared", metric="loss",
         optimizer=optax.lbfgs(), num_steps=20, prox=ridge,

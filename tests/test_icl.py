@@ -163,11 +163,11 @@ def test_kernel_subset_search_matches_predict():
     masks = ka.sample_subsets(jax.random.key(0), num_tasks=7, num_subsets=40, size=3)
     y = jnp.stack([masks[:, 0] * masks[:, 1] - masks[:, 2], masks[:, 3]], axis=1)
     subsets = jnp.asarray(icl.all_subsets(7, 3))
-    check_search(ka.fit_kernel(masks, y, kernel="rbf", gamma=0.3, ridge=1e-2), subsets)
-    check_search(ka.fit_kernel(masks, y, kernel="linear+rbf", gamma=0.3, mix=0.5, ridge=1e-2),
-                 subsets)
+    fit = jax.jit(ka.fit_kernel, static_argnames="kernel")
+    check_search(fit(masks, y, kernel="rbf", gamma=0.3, ridge=1e-2), subsets)
+    check_search(fit(masks, y, kernel="linear+rbf", gamma=0.3, mix=0.5, ridge=1e-2), subsets)
     with pytest.raises(ValueError, match="RBF"):
-        icl.kernel_subset_search(ka.fit_kernel(masks, y, kernel="linear", ridge=1.0), subsets)
+        icl.kernel_subset_search(fit(masks, y, kernel="linear", ridge=1.0), subsets)
     assert icl.all_subsets(50, 4).shape == (230300, 4)
 
 
@@ -175,7 +175,7 @@ def check_search(s, subsets):
     pred, best = jax.jit(functools.partial(icl.kernel_subset_search, chunk_size=8))(s, subsets)
     rows = jnp.arange(subsets.shape[0])[:, None]
     full = jnp.zeros((subsets.shape[0], 7)).at[rows, subsets].set(1.0)
-    ref = jnp.mean(ka.predict(s, full), axis=1)
+    ref = jax.jit(lambda s_, x: jnp.mean(ka.predict(s_, x), axis=1))(s, full)
     np.testing.assert_allclose(pred, ref, atol=1e-5)
     assert int(best) == int(jnp.argmin(ref))
 
@@ -224,21 +224,22 @@ def test_interactions_exact_up_to_two_shots_and_jit(trained, problem):
     np.testing.assert_array_equal(inter.pair[jnp.arange(8), jnp.arange(8)], 0.0)
     pairs = jnp.asarray(list(itertools.combinations(range(8), 2)))
     masks2 = jnp.zeros((len(pairs), 8)).at[jnp.arange(len(pairs))[:, None], pairs].set(1.0)
-    args = (trained.apply_fn, trained.params, problem.candidates, problem.queries,
-            problem.answers)
-    real2 = im.query_losses(*args, masks2, size=2)
+    # real forward passes and interaction-expanded losses, each compiled once per prompt size
+    real = jax.jit(functools.partial(im.query_losses, trained.apply_fn, trained.params,
+                                     problem.candidates, problem.queries, problem.answers),
+                   static_argnames="size")
+    expanded = jax.jit(est.interaction_query_losses, static_argnames="size")
     qx, ans = jnp.asarray(problem.query_x), jnp.asarray(problem.answers)
-    fn = jax.jit(functools.partial(est.interaction_query_losses, size=2))
-    np.testing.assert_allclose(fn(inter, masks2, qx, ans), real2, atol=1e-4)
-    real1 = im.query_losses(*args, jnp.eye(8), size=1)
-    np.testing.assert_allclose(est.interaction_query_losses(inter, jnp.eye(8), qx, ans, size=1),
-                               real1, atol=1e-4)
+    np.testing.assert_allclose(expanded(inter, masks2, qx, ans, size=2), real(masks2, size=2),
+                               atol=1e-4)
+    np.testing.assert_allclose(expanded(inter, jnp.eye(8), qx, ans, size=1),
+                               real(jnp.eye(8), size=1), atol=1e-4)
     # 4-shot: gather path == dense path, and it differs from the real label (not exact there)
     masks4 = ka.sample_subsets(jax.random.key(4), num_tasks=8, num_subsets=12, size=4)
-    gathered = est.interaction_query_losses(inter, masks4, qx, ans, size=4)
-    dense = est.interaction_query_losses(inter, masks4, qx, ans)
+    gathered = expanded(inter, masks4, qx, ans, size=4)
+    dense = expanded(inter, masks4, qx, ans)
     np.testing.assert_allclose(gathered, dense, rtol=1e-4, atol=1e-4)
-    assert float(jnp.max(jnp.abs(gathered - im.query_losses(*args, masks4, size=4)))) > 1e-3
+    assert float(jnp.max(jnp.abs(gathered - real(masks4, size=4)))) > 1e-3
 
 
 def test_interactions_truncate_the_moebius_expansion():

@@ -80,12 +80,18 @@ def test_equals_exact_rbf_kernel_fit_when_degree_two_is_everything(x64):
     masks, y = _data(m=30, k=2, t=3, seed=4)
     gamma, lam = 0.7, 0.2
     a = (1.0 + math.exp(-gamma)) / 2.0
-    quad = ka.fit_quadratic(masks, y, ratio=math.tanh(gamma / 2.0), ridge=lam)
-    kern = ka.fit_kernel(masks, y, kernel="rbf", gamma=gamma, ridge=lam * (1.0 - a * a))
     grid = jnp.asarray(list(itertools.product([0.0, 1.0], repeat=2)))
-    np.testing.assert_allclose(ka.predict(quad, grid), ka.predict(kern, grid), rtol=1e-9, atol=1e-10)
-    for fn in (ka.loo_scores, ka.shapley_values, ka.banzhaf_values, ka.interaction_scores):
-        np.testing.assert_allclose(fn(quad), fn(kern), rtol=1e-8, atol=1e-9)
+    readouts = (ka.loo_scores, ka.shapley_values, ka.banzhaf_values, ka.interaction_scores)
+
+    @jax.jit
+    def both(masks, y):
+        quad = ka.fit_quadratic(masks, y, ratio=math.tanh(gamma / 2.0), ridge=lam)
+        kern = ka.fit_kernel(masks, y, kernel="rbf", gamma=gamma, ridge=lam * (1.0 - a * a))
+        return [[ka.predict(s, grid)] + [fn(s) for fn in readouts] for s in (quad, kern)]
+
+    quad, kern = both(masks, y)
+    for got, want in zip(quad, kern):  # predictions on every mask, then each attribution
+        np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-9)
 
 
 def _enumerate(s, k):
@@ -249,10 +255,15 @@ def test_interval_coverage_on_a_pairwise_game():
     game = ka.synthetic_game(jax.random.key(21), num_tasks=12, num_targets=4, kind="interaction", noise=0.3)
     tr = ka.sample_subsets(jax.random.key(22), num_tasks=12, num_subsets=300, p=0.5)
     te = ka.sample_subsets(jax.random.key(23), num_tasks=12, num_subsets=400, p=0.5)
-    s = ka.fit_quadratic(tr, game.evaluate(tr, jax.random.key(24)))
     y_te = game.evaluate(te, jax.random.key(25))
-    zscore = (y_te - ka.predict(s, te)) / jnp.sqrt(ka.posterior_variance(s, te, include_noise=True))
-    cover = float(jnp.mean(jnp.abs(zscore) <= 1.96))
+
+    @jax.jit
+    def zscore(tr, y_tr, te, y_te):
+        s = ka.fit_quadratic(tr, y_tr)
+        return (y_te - ka.predict(s, te)) / jnp.sqrt(ka.posterior_variance(s, te, include_noise=True))
+
+    z = zscore(tr, game.evaluate(tr, jax.random.key(24)), te, y_te)
+    cover = float(jnp.mean(jnp.abs(z) <= 1.96))
     assert 0.90 <= cover <= 0.99, cover
 
 
@@ -348,19 +359,26 @@ def test_walsh_solver_tracks_the_exact_fit_on_a_pairwise_game():
     y_tr, y_te = game.evaluate(tr, jax.random.key(3)), game.evaluate(te, jax.random.key(5))
     kw = dict(gamma=jnp.array([0.1, 1.0, 3.0]) / 30, mix=jnp.array([0.0, 0.5, 1.0]),
               ridge=jnp.logspace(-3.0, 1.0, 5))
-    ex = ka.fit_kernel(tr, y_tr, **kw)
-    wa = ka.fit_kernel(tr, y_tr, solver="walsh", **kw)
+
+    @jax.jit
+    def run(tr, y_tr, te, y_te):
+        ex = ka.fit_kernel(tr, y_tr, **kw)
+        wa = ka.fit_kernel(tr, y_tr, solver="walsh", **kw)
+        pe, pw = ka.predict(ex, te), ka.predict(wa, te)
+        ends = ka.predict(wa, jnp.stack([jnp.ones(30), jnp.zeros(30)]))
+        return (ex, wa, pe, pw, ka.lds(pe, y_te).mean, ka.lds(pw, y_te).mean,
+                ka.posterior_variance(wa, te[:5]), ka.shapley_values(wa), ends)
+
+    ex, wa, pe, pw, lds_e, lds_w, var, phi, ends = run(tr, y_tr, te, y_te)
     for name in ("gamma", "mix", "ridge"):
         np.testing.assert_array_equal(getattr(wa, name), getattr(ex, name))
-    pe, pw = ka.predict(ex, te), ka.predict(wa, te)
     rel = float(jnp.linalg.norm(pw - pe) / jnp.linalg.norm(pe - pe.mean(0, keepdims=True)))
     assert rel < 0.06, rel
-    assert abs(float(ka.lds(pw, y_te).mean) - float(ka.lds(pe, y_te).mean)) < 0.005
+    assert abs(float(lds_w) - float(lds_e)) < 0.005
     # the posterior and the attributions take it like any QuadraticSurrogate
-    assert ka.posterior_variance(wa, te[:5]).shape == (5, 4)
-    np.testing.assert_allclose(ka.shapley_values(wa).sum(0),
-                               ka.predict(wa, jnp.ones((1, 30)))[0] - ka.predict(wa, jnp.zeros((1, 30)))[0],
-                               rtol=1e-4, atol=1e-4)
+    assert isinstance(wa, ka.QuadraticSurrogate)
+    assert var.shape == (5, 4) and bool(jnp.all(var > 0))
+    np.testing.assert_allclose(phi.sum(0), ends[0] - ends[1], rtol=1e-4, atol=1e-4)
 
 
 def test_walsh_solver_sharded_equals_single_device(x64):
@@ -470,14 +488,20 @@ def test_ard_finds_a_sparse_game_with_few_masks():
     y, y_test = game.evaluate(train, jax.random.key(6)), game.evaluate(test, jax.random.key(7))
     grid = _fit(train, y)
     ard = _fit(train, y, ard_steps=50)
-    lg, la = float(ka.lds(ka.predict(grid, test), y_test).mean), float(ka.lds(ka.predict(ard, test), y_test).mean)
+
+    @jax.jit
+    def readouts(grid, ard, test, y_test):
+        pa = ka.predict(ard, test)
+        z = (y_test - pa) / jnp.sqrt(ka.posterior_variance(ard, test, include_noise=True))
+        return ka.lds(ka.predict(grid, test), y_test).mean, ka.lds(pa, y_test).mean, z
+
+    lg, la, z = readouts(grid, ard, test, y_test)
+    lg, la = float(lg), float(la)
     assert la > lg + 0.05 and la > 0.9, (lg, la)
     assert float(jnp.mean(ard.ard_cv_error)) < float(jnp.min(jnp.mean(grid.cv_error, -1)))
     np.testing.assert_allclose(jnp.mean(ard.noise_var), 0.01, rtol=0.5)
-    var = ka.posterior_variance(ard, test, include_noise=True)
-    z = (y_test - ka.predict(ard, test)) / jnp.sqrt(var)
     assert 0.9 < float(jnp.mean(jnp.abs(z) < 1.96)) < 0.99  # measured 0.97
-    picked = ka.select_masks(jax.random.key(8), ard, 5, num_candidates=64)
+    picked = jax.jit(lambda s: ka.select_masks(jax.random.key(8), s, 5, num_candidates=64))(ard)
     assert picked.shape == (5, 16) and bool(jnp.all((picked == 0) | (picked == 1)))
 
 
