@@ -284,12 +284,13 @@ def torch_worker(cfg: dict, kind: str, out: str) -> None:
 
 
 def run_worker(args_list: list, cfg: dict) -> dict:
+    from _workers import one_thread_xla_flags
+
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"),
                OMP_NUM_THREADS="1",
-               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")  # the caller's flags (CI: cheap compiles)
-                          + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip())
+               XLA_FLAGS=one_thread_xla_flags())
     cmd = [sys.executable, os.path.abspath(__file__), *args_list, "--out", out,
            "--cfg", json.dumps(cfg)]
     if os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":

@@ -285,10 +285,10 @@ def main() -> int:
         return 0
 
     smoke = ["--smoke"] if args.smoke else []
-    caller = os.environ.get("XLA_FLAGS", "")  # kept (CI sets cheap-compile flags for smoke runs)
-    one_thread = {"XLA_FLAGS": f"{caller} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1".strip(),
-                  "JAX_PLATFORMS": "cpu", "OMP_NUM_THREADS": "1"}  # fmt: skip
-    all_threads = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": caller}
+    from _workers import one_thread_xla_flags
+
+    one_thread = {"XLA_FLAGS": one_thread_xla_flags(), "JAX_PLATFORMS": "cpu", "OMP_NUM_THREADS": "1"}
+    all_threads = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}  # the caller's
     print(f"bench_gradients: transformer vocab={cfg['vocab']} d_model={cfg['dm']} layers={cfg['layers']} "
           f"seq={cfg['seq']}, n={cfg['n']} examples, d={cfg['d']}, float32, CPU ({os.cpu_count()} cores, "
           "shared with other jobs: ratios within this run are what count)")  # fmt: skip
