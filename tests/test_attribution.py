@@ -10,10 +10,9 @@ import pytest
 
 import kernattr as ka
 
+from _jitted import fit_kernel as _fk
 from conftest import tol
 
-_STATIC = ("kernel", "degree", "coef0", "select", "per_target", "fit_intercept", "throw")
-_fk = jax.jit(ka.fit_kernel, static_argnames=_STATIC)
 _ATTR = {
     "loo": jax.jit(ka.loo_scores),
     "shapley": jax.jit(ka.shapley_values),

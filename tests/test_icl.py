@@ -12,6 +12,8 @@ from flax import nnx
 import kernattr as ka
 from kernattr.experiments import icl, icl_estimator as est, icl_model as im
 
+from _jitted import fit_kernel as _fk
+
 P = 5
 TINY = im.ICLConfig(p=P, steps=40, batch_size=32, d_model=16, num_heads=2, d_mlp=32, max_demos=4)
 
@@ -163,11 +165,10 @@ def test_kernel_subset_search_matches_predict():
     masks = ka.sample_subsets(jax.random.key(0), num_tasks=7, num_subsets=40, size=3)
     y = jnp.stack([masks[:, 0] * masks[:, 1] - masks[:, 2], masks[:, 3]], axis=1)
     subsets = jnp.asarray(icl.all_subsets(7, 3))
-    fit = jax.jit(ka.fit_kernel, static_argnames="kernel")
-    check_search(fit(masks, y, kernel="rbf", gamma=0.3, ridge=1e-2), subsets)
-    check_search(fit(masks, y, kernel="linear+rbf", gamma=0.3, mix=0.5, ridge=1e-2), subsets)
+    check_search(_fk(masks, y, kernel="rbf", gamma=0.3, ridge=1e-2), subsets)
+    check_search(_fk(masks, y, kernel="linear+rbf", gamma=0.3, mix=0.5, ridge=1e-2), subsets)
     with pytest.raises(ValueError, match="RBF"):
-        icl.kernel_subset_search(fit(masks, y, kernel="linear", ridge=1.0), subsets)
+        icl.kernel_subset_search(_fk(masks, y, kernel="linear", ridge=1.0), subsets)
     assert icl.all_subsets(50, 4).shape == (230300, 4)
 
 

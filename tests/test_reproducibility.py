@@ -17,9 +17,7 @@ import numpy as np
 import pytest
 
 import kernattr as ka
-
-_fk = jax.jit(ka.fit_kernel, static_argnames=("kernel", "select", "per_target", "fit_intercept",
-                                              "num_landmarks", "solver"))
+from _jitted import fit_kernel as _fk
 
 
 def _dup_problem(seed, distinct, copies, k, t, dtype=np.float32):

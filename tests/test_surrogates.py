@@ -18,11 +18,9 @@ from kernattr.surrogates._krr import (
     kernel_matrix,
 )
 
+from _jitted import fit_kernel as _fk
 from conftest import tol
 
-_STATIC = ("kernel", "degree", "coef0", "select", "per_target", "fit_intercept", "throw")
-# Compile once per configuration (eager op-by-op dispatch is slow to warm up on a loaded CPU).
-_fk = jax.jit(ka.fit_kernel, static_argnames=_STATIC)
 _fl = jax.jit(ka.fit_linear)
 _pr = jax.jit(ka.predict)
 

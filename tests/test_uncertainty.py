@@ -13,12 +13,12 @@ from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import RBF
 
 import kernattr as ka
+from _jitted import fit_kernel as _fk
 from _select_oracle import greedy_refit_picks
 
 K = 6
 ALL = np.array(list(itertools.product([0, 1], repeat=K)), np.float64)
 _pv = jax.jit(ka.posterior_variance, static_argnames=("include_noise",))
-_fk = jax.jit(ka.fit_kernel, static_argnames=("kernel", "degree", "coef0", "per_target", "fit_intercept", "throw"))
 _fn = jax.jit(ka.fit_nystrom, static_argnames=("num_landmarks", "kernel", "block_size"))
 _ai = jax.jit(ka.attribution_intervals, static_argnames=("kind", "level"))
 
