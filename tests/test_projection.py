@@ -53,6 +53,42 @@ def test_project_equals_explicit_matrix_f64(kind, dim, s, x64):
     np.testing.assert_allclose(got, vec(t) @ P, rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("cap,groups", [(12, [(0, 1), (1, 2), (2, 3)]), (18, [(0, 1), (1, 3)])])
+@pytest.mark.parametrize("kind,s", [("rademacher", 1), ("gaussian", 1), ("sjlt", 1), ("sjlt", 4)])
+def test_large_models_are_projected_group_by_group(monkeypatch, cap, groups, kind, s):
+    """Above ``_GROUP_ROWS`` padded rows, the leaves are concatenated and projected one group at a
+    time (so a chunk's gradients are never copied whole): still ``vec @ P``, and the same
+    projection as one group to float32 rounding (XLA may fuse the gradient's last operations
+    into each group's copy differently), in ``project`` and in ``projected_gradients``
+    (chunked)."""
+    from kernattr.labels import _projection
+
+    t = tree()  # leaves of 20, 3 and 12 parameters: 4, 1 and 2 blocks of 6 rows
+    proj = ka.make_projector(jax.random.key(1), t, dim=8, kind=kind, block_size=6, nonzeros=s)
+    P = jax.jit(ka.projector_matrix)(proj)
+    tb = jax.tree_util.tree_map(lambda x: jax.random.normal(jax.random.key(2), (3,) + x.shape), t)
+    X = jax.random.normal(jax.random.key(3), (5, 35))
+
+    def f(p, x):
+        return jnp.tanh(vec(p) @ x)
+
+    def both():  # fresh functions, so that each is traced with the current _GROUP_ROWS
+        return (
+            jax.jit(lambda pr, x: ka.project(pr, x))(proj, tb),
+            jax.jit(lambda p, x, pr: ka.projected_gradients(f, p, x, pr, chunk_size=2))(t, X, proj),
+        )
+
+    one_group = both()
+    monkeypatch.setattr(_projection, "_GROUP_ROWS", cap)
+    assert _projection._groups([4, 1, 2], 6) == groups
+    grouped = both()
+    jac = jax.vmap(lambda x: jax.grad(lambda v: jnp.tanh(v @ x))(vec(t)))(X)  # [5, 35]
+    np.testing.assert_allclose(grouped[0], vec(tb, (3,)) @ P, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(grouped[1], jac @ P, rtol=2e-5, atol=2e-5)
+    for a, b in zip(grouped, one_group):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_matrix_entries_as_documented():
     params = {"w": jnp.zeros((300, 20)), "b": jnp.zeros(100)}  # D = 6100
     d = 64

@@ -354,9 +354,32 @@ def make_plan(proj: Projector, dtype):
     return idx, vals
 
 
-def _concat_padded(proj: Projector, flat_leaves, dtype) -> jax.Array:
-    """Selected leaves ``[N, D_l]`` -> ``[N, D_pad]`` (each zero-padded to whole blocks)."""
-    B, nbs, _, _ = _layout(proj)
+# A chunk's gradients are concatenated (each leaf zero-padded to whole blocks) before ``Pᵀ`` is
+# applied. For large models this copy is as big as the gradients themselves, so the selected
+# leaves are cut into consecutive groups of at most ``_GROUP_ROWS`` padded rows (a larger leaf
+# forms a group of its own), and each group is concatenated and projected in turn: the copy then
+# holds one group, not all ``D`` rows. The groups are visited in block order and accumulate into
+# one result, so dense kinds and sjlt with one nonzero add the same terms in the same order as
+# with a single group. Each group adds one block loop to the compiled program; models below
+# ``_GROUP_ROWS`` parameters have one group.
+_GROUP_ROWS = 1 << 24
+
+
+def _groups(nbs: list, B: int) -> list:
+    """``[(lo, hi), ...]``: consecutive runs of selected leaves, each of at most ``_GROUP_ROWS``
+    padded rows unless it is a single leaf."""
+    groups, lo, rows = [], 0, 0
+    for i, nb in enumerate(nbs):
+        if i > lo and rows + nb * B > _GROUP_ROWS:
+            groups.append((lo, i))
+            lo, rows = i, 0
+        rows += nb * B
+    groups.append((lo, len(nbs)))
+    return groups
+
+
+def _concat_padded(flat_leaves, nbs, B: int, dtype) -> jax.Array:
+    """Leaves ``[N, D_l]`` -> ``[N, sum(nbs) * B]`` (each zero-padded to whole blocks)."""
     parts = []
     for g, nb in zip(flat_leaves, nbs):
         g = g.astype(dtype)
@@ -365,24 +388,15 @@ def _concat_padded(proj: Projector, flat_leaves, dtype) -> jax.Array:
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
 
 
-def apply_flat(proj: Projector, plan, flat_leaves, dtype) -> jax.Array:
-    """``Pᵀ`` applied to the selected leaves, each flattened to ``[N, D_l]``: ``[N, d]``."""
-    N, d = flat_leaves[0].shape[0], proj.dim
-    if proj.kind == "identity":
-        parts = [g.astype(dtype) for g in flat_leaves]
-        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
-    g = _concat_padded(proj, flat_leaves, dtype)  # [N, D_pad]
-    if proj.kind == "sjlt":
-        idx, vals = plan
-        out = jnp.zeros((N, d), dtype)
-        for j in range(proj.nonzeros):
-            out = out.at[:, idx[j]].add(g * vals[j].astype(dtype)[None, :], mode="promise_in_bounds")
-        return out
+def _dense_apply(proj: Projector, g, keys, out, dtype) -> jax.Array:
+    """``out + g @ [blocks of keys]`` for padded rows ``g`` ``[N, len(keys) * B]``, block by
+    block in order; ``out=None`` starts from the first block's product."""
     B = proj.block_size
-    keys = _block_keys(proj)
-    # the first block initialises the carry (so it has the type of g, e.g. varying in shard_map)
-    out = g[:, :B] @ _dense_block(proj, keys[0], dtype)
-    if keys.shape[0] == 1:
+    first = 0
+    if out is None:
+        # the first block initialises the carry (so it has the type of g, e.g. varying in shard_map)
+        out, first = g[:, :B] @ _dense_block(proj, keys[0], dtype), 1
+    if keys.shape[0] == first:
         return out
 
     def body(acc, jk):
@@ -390,7 +404,32 @@ def apply_flat(proj: Projector, plan, flat_leaves, dtype) -> jax.Array:
         gb = jax.lax.dynamic_slice_in_dim(g, j * B, B, axis=1)
         return acc + gb @ _dense_block(proj, k, dtype), None
 
-    out, _ = jax.lax.scan(body, out, (jnp.arange(1, keys.shape[0]), keys[1:]))
+    out, _ = jax.lax.scan(body, out, (jnp.arange(first, keys.shape[0]), keys[first:]))
+    return out
+
+
+def apply_flat(proj: Projector, plan, flat_leaves, dtype) -> jax.Array:
+    """``Pᵀ`` applied to the selected leaves, each flattened to ``[N, D_l]``: ``[N, d]``."""
+    N, d = flat_leaves[0].shape[0], proj.dim
+    if proj.kind == "identity":
+        parts = [g.astype(dtype) for g in flat_leaves]
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+    B, nbs, _, _ = _layout(proj)
+    keys = None if proj.kind == "sjlt" else _block_keys(proj)
+    out = jnp.zeros((N, d), dtype) if proj.kind == "sjlt" else None
+    b0 = 0  # first block of the group
+    for lo, hi in _groups(nbs, B):
+        g = _concat_padded(flat_leaves[lo:hi], nbs[lo:hi], B, dtype)  # [N, rows of the group]
+        b1 = b0 + sum(nbs[lo:hi])
+        if proj.kind == "sjlt":
+            idx, vals = plan
+            for j in range(proj.nonzeros):
+                out = out.at[:, idx[j, b0 * B : b1 * B]].add(
+                    g * vals[j, b0 * B : b1 * B].astype(dtype)[None, :], mode="promise_in_bounds"
+                )
+        else:
+            out = _dense_apply(proj, g, keys[b0:b1], out, dtype)
+        b0 = b1
     return out
 
 
