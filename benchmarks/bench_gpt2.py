@@ -17,7 +17,9 @@ sign per parameter, precomputed once, ``index_add_``).
 
 Every run is its own subprocess, pinned to one core with one thread (clean peak RSS
 ``ru_maxrss``, no shared pools). Reported per run: examples/s (after a warm-up, compile apart for
-JAX), peak RSS of the whole process, and JL accuracy on ``--sample`` examples: the mean
+JAX), peak RSS of the whole process, its resident memory just before any gradient work (the
+floor: runtime, model and parameters), XLA's temporary buffers of the gradient program (JAX
+side), and JL accuracy on ``--sample`` examples: the mean
 normalised error of the projected inner products ``|K̂_ij - K_ij| / sqrt(K_ii K_jj)`` against
 the exact Gram matrix of the full per-example gradients (computed after the timing).
 
@@ -54,6 +56,15 @@ KINDS = ("rademacher", "gaussian", "sjlt")
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb() -> float:
+    """Resident memory now (Linux ``/proc/self/statm``; NaN elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return float("nan")
 
 
 def make_tokens(vocab: int, n: int, seq: int, seed: int = 1) -> np.ndarray:
@@ -140,11 +151,13 @@ def jax_worker(cfg: dict, kind: str, out: str) -> None:
                                         zip(param_names(params), leaves)})
     tok = jnp.asarray(make_tokens(cfg["vocab"], cfg["n"], cfg["seq"]))
     proj = ka.make_projector(jax.random.key(0), params, dim=cfg["d"], kind=kind)
+    floor = current_rss_mb()  # runtime, model, parameters and tokens: before any gradient work
     fn = jax.jit(lambda p, x, pr: ka.projected_gradients(apply_fn, p, x, pr,
                                                          chunk_size=cfg["chunk"]))
     t0 = time.perf_counter()
     compiled = fn.lower(params, tok, proj).compile()
     compile_s = time.perf_counter() - t0
+    temp_mb = compiled.memory_analysis().temp_size_in_bytes / 2**20
     t0 = time.perf_counter()
     G = jax.block_until_ready(compiled(params, tok, proj))
     run_s = time.perf_counter() - t0
@@ -164,7 +177,8 @@ def jax_worker(cfg: dict, kind: str, out: str) -> None:
         jax.tree.structure(params), [jnp.asarray(x) for x in _split(flat, leaves)])))
     dev = float(np.max(np.abs(np.asarray(G[:S]) - exact_proj)) / np.max(np.abs(exact_proj)))
     json.dump(dict(side=f"jax-{kind}", examples_per_s=cfg["n"] / run_s, run_s=run_s,
-                   compile_s=compile_s, peak_rss_mb=rss, jl_entry_err=entry_error(
+                   compile_s=compile_s, peak_rss_mb=rss, floor_rss_mb=floor,
+                   xla_temp_mb=temp_mb, jl_entry_err=entry_error(
                        np.asarray(G[:S]), K), exact_gram=K.tolist(),
                    rel_dev_vs_exact_projection=dev, finite=bool(np.isfinite(np.asarray(G)).all()),
                    num_params=int(D), backend=jax.default_backend(),
@@ -222,6 +236,7 @@ def torch_worker(cfg: dict, kind: str, out: str) -> None:
 
     per_example = vmap(grad(loss), in_dims=(None, 0))
     D = sum(v.numel() for v in params.values())
+    floor = current_rss_mb()  # runtime and parameters: before any gradient work
 
     def flat_grads(tok):
         g = per_example(params, tok)
@@ -273,7 +288,7 @@ def torch_worker(cfg: dict, kind: str, out: str) -> None:
         gram_dev = float(np.linalg.norm(Kt - K) / np.linalg.norm(K))
         del flat
     json.dump(dict(side=f"torch-{kind}", examples_per_s=cfg["n"] / run_s, run_s=run_s,
-                   compile_s=0.0, peak_rss_mb=rss,
+                   compile_s=0.0, peak_rss_mb=rss, floor_rss_mb=floor,
                    jl_entry_err=entry_error(G[:S].numpy(), K) if K is not None else None,
                    exact_gram_rel_dev_vs_jax=gram_dev,
                    finite=bool(torch.isfinite(G).all()), num_params=int(D),

@@ -205,23 +205,38 @@ def results_markdown(results: dict) -> str:
 
 
 def gpt2_markdown(rows: list) -> str:
-    """Scaling table of ``bench_gpt2.py --json`` rows: per model size and projector kind,
-    examples/s, peak RSS and JL error of kernattr and of the torch.func anchor."""
-    lines = ["| model | D | projector | kernattr ex/s | torch.func ex/s | speed ratio "
-             "| kernattr peak RSS | torch.func peak RSS | memory ratio | JL error kernattr "
-             "| JL error torch.func |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    """Scaling tables of ``bench_gpt2.py --json`` rows, per model size and projector kind: speed
+    (examples/s and JL error of kernattr and of the torch.func anchor), then memory (peak RSS,
+    the floor before any gradient work, XLA's temporary buffers, and the memory ratio with its
+    ceiling: the anchor's peak over kernattr's floor). Figures a row lacks print as ``-``."""
+    def gb(x):
+        return f"{x / 1024:.2f} GB" if x is not None else "-"
+
+    speed = ["| model | D | projector | kernattr ex/s | torch.func ex/s | speed ratio "
+             "| JL error kernattr | JL error torch.func |", "|---|---|---|---|---|---|---|---|"]
+    memory = ["| model | projector | kernattr peak RSS | kernattr floor | XLA temp "
+              "| torch.func peak RSS | torch.func floor | memory ratio | ratio ceiling |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        j, t = r["jax"], r.get("torch")
-        tf = (lambda k, f: f.format(t[k]) if t and t.get(k) is not None else "-")
+        j, t = r["jax"], r.get("torch") or {}
+        model = f"{r['size']} ({r['layers']} x {r['d_model']})"
         ratio = f"{j['examples_per_s'] / t['examples_per_s']:.2f}x" if t else "-"
+        t_jl = f"{t['jl_entry_err']:.4f}" if t.get("jl_entry_err") is not None else "-"
+        speed.append(
+            f"| {model} | {r['D'] / 1e6:.1f}M | {r['kind']} | {j['examples_per_s']:.3f} "
+            f"| {t['examples_per_s']:.3f} | {ratio} | {j['jl_entry_err']:.4f} | {t_jl} |"
+            if t else
+            f"| {model} | {r['D'] / 1e6:.1f}M | {r['kind']} | {j['examples_per_s']:.3f} | - | - "
+            f"| {j['jl_entry_err']:.4f} | - |")
         mem = f"{t['peak_rss_mb'] / j['peak_rss_mb']:.2f}x" if t else "-"
-        t_mem = f"{t['peak_rss_mb'] / 1024:.2f} GB" if t else "-"
-        lines.append(
-            f"| {r['size']} ({r['layers']} x {r['d_model']}) | {r['D'] / 1e6:.1f}M | {r['kind']} "
-            f"| {j['examples_per_s']:.3f} | {tf('examples_per_s', '{:.3f}')} | {ratio} "
-            f"| {j['peak_rss_mb'] / 1024:.2f} GB | {t_mem} | {mem} "
-            f"| {j['jl_entry_err']:.4f} | {tf('jl_entry_err', '{:.4f}')} |")
-    return "\n".join(lines)
+        ceiling = (f"{t['peak_rss_mb'] / j['floor_rss_mb']:.2f}x"
+                   if t and j.get("floor_rss_mb") else "-")
+        temp = j.get("xla_temp_mb")
+        memory.append(
+            f"| {model} | {r['kind']} | {gb(j['peak_rss_mb'])} | {gb(j.get('floor_rss_mb'))} "
+            f"| {gb(temp)} | {gb(t.get('peak_rss_mb'))} | {gb(t.get('floor_rss_mb'))} | {mem} "
+            f"| {ceiling} |")
+    return "\n".join(speed + [""] + memory)
 
 
 def main(argv=None) -> int:

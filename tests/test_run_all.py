@@ -71,6 +71,21 @@ def test_results_markdown_names_the_xla_flags_of_the_run(run_all):
     assert "`XLA_FLAGS=--xla_backend_optimization_level=0`" in run_all.results_markdown(res)
 
 
+def test_gpt2_tables_give_the_memory_ratio_and_its_ceiling(run_all):
+    jax_side = dict(examples_per_s=2.0, peak_rss_mb=1024.0, floor_rss_mb=512.0, xla_temp_mb=256.0,
+                    jl_entry_err=0.1)
+    torch_side = dict(examples_per_s=0.5, peak_rss_mb=3072.0, floor_rss_mb=600.0, jl_entry_err=0.1)
+    row = dict(size="gpt2", layers=12, d_model=768, D=124e6, kind="sjlt", jax=jax_side,
+               torch=torch_side)
+    old = dict(row, jax={k: v for k, v in jax_side.items() if "floor" not in k and "temp" not in k})
+    speed, memory = run_all.gpt2_markdown([row, old]).split("\n\n")
+    assert "| 4.00x |" in speed.splitlines()[2]
+    new_mem, old_mem = memory.splitlines()[2:]
+    # memory ratio: anchor's peak / kernattr's peak; ceiling: anchor's peak / kernattr's floor
+    assert "| 1.00 GB | 0.50 GB | 0.25 GB | 3.00 GB | 0.59 GB | 3.00x | 6.00x |" in new_mem
+    assert old_mem.endswith("| 1.00 GB | - | - | 3.00 GB | 0.59 GB | 3.00x | - |")
+
+
 def test_schedule_starts_the_multi_process_benchmarks_first(run_all):
     names = run_all.benchmark_names()
     order = run_all._schedule(names)
