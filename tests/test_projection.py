@@ -53,9 +53,18 @@ def test_project_equals_explicit_matrix_f64(kind, dim, s, x64):
     np.testing.assert_allclose(got, vec(t) @ P, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("cap,groups", [(12, [(0, 1), (1, 2), (2, 3)]), (18, [(0, 1), (1, 3)])])
+def test_groups_of_leaves_are_consecutive_and_bounded(monkeypatch):
+    from kernattr.labels import _projection
+
+    monkeypatch.setattr(_projection, "_GROUP_ROWS", 12)
+    assert _projection._groups([4, 1, 2], 6) == [(0, 1), (1, 2), (2, 3)]  # 24 > 12: alone
+    monkeypatch.setattr(_projection, "_GROUP_ROWS", 18)
+    assert _projection._groups([4, 1, 2], 6) == [(0, 1), (1, 3)]
+    assert _projection._groups([1, 1, 1], 6) == [(0, 3)]
+
+
 @pytest.mark.parametrize("kind,s", [("rademacher", 1), ("gaussian", 1), ("sjlt", 1), ("sjlt", 4)])
-def test_large_models_are_projected_group_by_group(monkeypatch, cap, groups, kind, s):
+def test_large_models_are_projected_group_by_group(monkeypatch, kind, s):
     """Above ``_GROUP_ROWS`` padded rows, the leaves are concatenated and projected one group at a
     time (so a chunk's gradients are never copied whole): still ``vec @ P``, and the same
     projection as one group to float32 rounding (XLA may fuse the gradient's last operations
@@ -78,10 +87,14 @@ def test_large_models_are_projected_group_by_group(monkeypatch, cap, groups, kin
             jax.jit(lambda p, x, pr: ka.projected_gradients(f, p, x, pr, chunk_size=2))(t, X, proj),
         )
 
-    one_group = both()
-    monkeypatch.setattr(_projection, "_GROUP_ROWS", cap)
-    assert _projection._groups([4, 1, 2], 6) == groups
+    def loops():  # block loops (dense kinds) or scatter-adds (sjlt) in the traced program
+        text = str(jax.make_jaxpr(lambda pr, x: ka.project(pr, x))(proj, tb))
+        return text.count("scan[") + text.count("scatter-add[")
+
+    one_group, one_loops = both(), loops()
+    monkeypatch.setattr(_projection, "_GROUP_ROWS", 18)  # groups: leaf 0 alone, leaves 1-2
     grouped = both()
+    assert (one_loops, loops()) == ((s, 2 * s) if kind == "sjlt" else (1, 2))
     jac = jax.vmap(lambda x: jax.grad(lambda v: jnp.tanh(v @ x))(vec(t)))(X)  # [5, 35]
     np.testing.assert_allclose(grouped[0], vec(tb, (3,)) @ P, rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(grouped[1], jac @ P, rtol=2e-5, atol=2e-5)
