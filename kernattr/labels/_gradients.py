@@ -9,7 +9,9 @@ Two implementations (``method=``), tested against each other:
 
 * ``"vjp"`` (default, fastest for ``d`` larger than a few): reverse mode per example (``C`` vjps
   for ``C`` outputs) over a chunk, then ``Pᵀ g``. Memory: ``chunk_size * C * D`` for the chunk's
-  gradients, plus one projection block.
+  gradients, a zero-padded copy of one group of leaves at a time (at most ``2**24`` rows or the
+  largest selected leaf, per gradient), and one projection block; for ``"sjlt"`` also the hash
+  (``s`` buckets and signs per parameter), built once per call.
 * ``"jvp"``: forward mode, ``d`` Jacobian-vector products ``J_i p_j`` against the columns of
   ``P``, vmapped over a block of ``t`` columns (``t`` = the largest divisor of ``d`` up to 64),
   so no per-example gradient is ever formed. Memory: ``D * t`` for a block of columns of ``P``
