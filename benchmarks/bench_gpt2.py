@@ -10,10 +10,11 @@ the sequence. Sizes (``--sizes``): ``small`` 4 layers x 256 (~16M parameters), `
 Contender: ``kernattr.projected_gradients(method="vjp", chunk_size=...)`` with each projector
 kind of ``kernattr.make_projector`` (``rademacher``, ``gaussian``, ``sjlt``).
 Anchor (same run, same parameters, same data): PyTorch ``torch.func.vmap(grad(loss))`` per chunk,
-the per-example gradients flattened to ``[chunk, D]`` and projected with the SAME kind of
-projection, applied block by block of rows regenerated per chunk from a seeded generator (dense
-kinds: Rademacher from packed random bits, Gaussian from ``randn``; sjlt: one hashed bucket and
-sign per parameter, precomputed once, ``index_add_``).
+the per-example gradients projected leaf by leaf (no concatenated copy; ``--anchor-flatten``
+concatenates them to ``[chunk, D]`` first, as code that vectorises gradients does) with the
+SAME kind of projection, applied block by block of rows regenerated per chunk from a seeded
+generator (dense kinds: Rademacher from packed random bits, Gaussian from ``randn``; sjlt: one
+hashed bucket and sign per parameter, precomputed once, ``index_add_``).
 
 Every run is its own subprocess, pinned to one core with one thread (clean peak RSS
 ``ru_maxrss``, no shared pools). Reported per run: examples/s (after a warm-up, compile apart for
@@ -238,39 +239,47 @@ def torch_worker(cfg: dict, kind: str, out: str) -> None:
     D = sum(v.numel() for v in params.values())
     floor = current_rss_mb()  # runtime and parameters: before any gradient work
 
-    def flat_grads(tok):
+    def grads(tok):
+        """The chunk's per-example gradients: one ``[c, D_l]`` view per leaf, or with
+        ``--anchor-flatten`` one ``[c, D]`` tensor concatenated from them (a copy)."""
         g = per_example(params, tok)
-        return torch.cat([g[k].reshape(tok.shape[0], -1) for k in names], 1)
+        parts = [g[k].reshape(tok.shape[0], -1) for k in names]
+        return [torch.cat(parts, 1)] if cfg.get("anchor_flatten") else parts
 
     if kind == "sjlt":  # one bucket and sign per parameter, precomputed once
         gen = torch.Generator().manual_seed(12345)
         bucket = torch.randint(0, d, (D,), generator=gen, dtype=torch.int32)
         sign = torch.randint(0, 2, (D,), generator=gen, dtype=torch.float32).mul_(2).sub_(1)
 
-    def project(G):
-        out = torch.zeros(G.shape[0], d)
-        if kind == "sjlt":
-            for r0 in range(0, D, R):
-                out.index_add_(1, bucket[r0:r0 + R], G[:, r0:r0 + R] * sign[r0:r0 + R])
-            return out
-        for b, r0 in enumerate(range(0, D, R)):
-            rows = min(R, D - r0)
-            gen = torch.Generator().manual_seed(1000003 + b)
-            if kind == "rademacher":  # packed random bits, 32 signs per word
-                words = torch.randint(-2**31, 2**31 - 1, (rows, -(-d // 32)), generator=gen,
-                                      dtype=torch.int64)
-                bits = (words[:, :, None] >> torch.arange(32)) & 1
-                M = bits.reshape(rows, -1)[:, :d].to(torch.float32).mul_(2.0).sub_(1.0)
-            else:
-                M = torch.randn(rows, d, generator=gen)
-            out.addmm_(G[:, r0:r0 + rows], M, alpha=1.0 / math.sqrt(d))
+    def project(parts):
+        """``Pᵀ`` of the gradients, block by block of at most R rows within each part."""
+        out = torch.zeros(parts[0].shape[0], d)
+        b, off = 0, 0  # block counter (seeds), row offset (sjlt hash)
+        for G in parts:
+            for r0 in range(0, G.shape[1], R):
+                rows = min(R, G.shape[1] - r0)
+                Gb = G[:, r0:r0 + rows]
+                if kind == "sjlt":
+                    out.index_add_(1, bucket[off + r0:off + r0 + rows], Gb * sign[off + r0:off + r0 + rows])
+                    continue
+                gen = torch.Generator().manual_seed(1000003 + b)
+                b += 1
+                if kind == "rademacher":  # packed random bits, 32 signs per word
+                    words = torch.randint(-2**31, 2**31 - 1, (rows, -(-d // 32)), generator=gen,
+                                          dtype=torch.int64)
+                    bits = (words[:, :, None] >> torch.arange(32)) & 1
+                    M = bits.reshape(rows, -1)[:, :d].to(torch.float32).mul_(2.0).sub_(1.0)
+                else:
+                    M = torch.randn(rows, d, generator=gen)
+                out.addmm_(Gb, M, alpha=1.0 / math.sqrt(d))
+            off += G.shape[1]
         return out
 
     tok = torch.from_numpy(make_tokens(cfg["vocab"], cfg["n"], cfg["seq"])).long()
     c = cfg["chunk"]
 
     def run(n):
-        return torch.cat([project(flat_grads(tok[i:i + c])) for i in range(0, n, c)])
+        return torch.cat([project(grads(tok[i:i + c])) for i in range(0, n, c)])
 
     with torch.no_grad():
         run(min(c, cfg["n"]))  # warm-up (one chunk)
@@ -283,7 +292,7 @@ def torch_worker(cfg: dict, kind: str, out: str) -> None:
     gram_dev = None
     if K is not None:  # same model in both frameworks: torch's exact Gram against JAX's
         with torch.no_grad():
-            flat = torch.cat([flat_grads(tok[i:i + 1]) for i in range(S)]).double()
+            flat = torch.cat([torch.cat(grads(tok[i:i + 1]), 1) for i in range(S)]).double()
         Kt = (flat @ flat.T).numpy()
         gram_dev = float(np.linalg.norm(Kt - K) / np.linalg.norm(K))
         del flat
@@ -337,6 +346,9 @@ def main(argv=None) -> int:
     ap.add_argument("--d", type=int, default=256, help="projected dimension")
     ap.add_argument("--sample", type=int, default=4, help="examples for the JL accuracy")
     ap.add_argument("--rows", type=int, default=65536, help="torch projection block rows")
+    ap.add_argument("--anchor-flatten", action="store_true",
+                    help="the anchor concatenates each chunk's gradients into one [chunk, D] "
+                         "tensor before projecting (default: it projects leaf by leaf)")
     ap.add_argument("--torch-sizes", default="small,medium,gpt2,tiny",
                     help="sizes at which the torch.func anchor runs too")
     ap.add_argument("--json", default=None, help="also write all runs here")
@@ -375,7 +387,8 @@ def main(argv=None) -> int:
     for size in a.sizes.split(","):
         layers, dm, H = SIZES[size]
         base = dict(size=size, seq=a.seq, vocab=50257 if size != "tiny" else 500, n=a.n,
-                    chunk=a.chunk, d=a.d, sample=a.sample, rows=a.rows)
+                    chunk=a.chunk, d=a.d, sample=a.sample, rows=a.rows,
+                    anchor_flatten=a.anchor_flatten)
         pfile, gfile = os.path.join(tmp, f"{size}.npz"), os.path.join(tmp, f"{size}_gram.json")
         for i, kind in enumerate(a.kinds.split(",")):
             cfg = dict(base, save_params=pfile if i == 0 else None)
@@ -412,7 +425,9 @@ def main(argv=None) -> int:
                      else ""), flush=True)
             sizes = dict(D=D, layers=layers, d_model=dm, vocab=base["vocab"], seq=a.seq, n=a.n,
                          chunk=a.chunk, d=a.d)
-            anchor = "torch.func vmap(grad) + the same projection kind, blockwise, 1 thread"
+            anchor = ("torch.func vmap(grad) + the same projection kind, blockwise"
+                      + (" after concatenating the leaves" if a.anchor_flatten else " leaf by leaf")
+                      + ", 1 thread")
             record(f"per-example projected gradients, {kind}, {size}", figure=rj["examples_per_s"],
                    unit="examples/s", anchor=rt["examples_per_s"] if rt else None,
                    anchor_name=anchor, higher_is_better=True, sizes=sizes,
