@@ -426,7 +426,7 @@ def main(argv=None) -> int:
             sizes = dict(D=D, layers=layers, d_model=dm, vocab=base["vocab"], seq=a.seq, n=a.n,
                          chunk=a.chunk, d=a.d)
             anchor = ("torch.func vmap(grad) + the same projection kind, blockwise"
-                      + (" after concatenating the leaves" if a.anchor_flatten else " leaf by leaf")
+                      + (" after concatenating the leaves" if a.anchor_flatten else ", leaf by leaf")
                       + ", 1 thread")
             record(f"per-example projected gradients, {kind}, {size}", figure=rj["examples_per_s"],
                    unit="examples/s", anchor=rt["examples_per_s"] if rt else None,
