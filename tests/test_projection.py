@@ -76,7 +76,7 @@ def test_large_models_are_projected_group_by_group(monkeypatch, kind, s):
     proj = ka.make_projector(jax.random.key(1), t, dim=8, kind=kind, block_size=6, nonzeros=s)
     P = jax.jit(ka.projector_matrix)(proj)
     tb = jax.tree_util.tree_map(lambda x: jax.random.normal(jax.random.key(2), (3,) + x.shape), t)
-    X = jax.random.normal(jax.random.key(3), (5, 35))
+    X = jax.random.normal(jax.random.key(3), (8, 35))
 
     def f(p, x):
         return jnp.tanh(vec(p) @ x)
@@ -95,11 +95,15 @@ def test_large_models_are_projected_group_by_group(monkeypatch, kind, s):
     monkeypatch.setattr(_projection, "_GROUP_ROWS", 18)  # groups: leaf 0 alone, leaves 1-2
     grouped = both()
     assert (one_loops, loops()) == ((s, 2 * s) if kind == "sjlt" else (1, 2))
-    jac = jax.vmap(lambda x: jax.grad(lambda v: jnp.tanh(v @ x))(vec(t)))(X)  # [5, 35]
+    jac = jax.vmap(lambda x: jax.grad(lambda v: jnp.tanh(v @ x))(vec(t)))(X)  # [8, 35]
     np.testing.assert_allclose(grouped[0], vec(tb, (3,)) @ P, rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(grouped[1], jac @ P, rtol=2e-5, atol=2e-5)
     for a, b in zip(grouped, one_group):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    if s == 1 and kind != "gaussian":  # grouped inside shard_map: examples split over 8 devices
+        Xs = ka.shard_examples(X, ka.data_mesh())
+        sharded = jax.jit(lambda p, x, pr: ka.projected_gradients(f, p, x, pr, chunk_size=1))(t, Xs, proj)
+        np.testing.assert_allclose(sharded, grouped[1], rtol=2e-5, atol=2e-6)  # chunks of 1, not 2
 
 
 def test_matrix_entries_as_documented():
