@@ -179,7 +179,7 @@ def plot_predictions(pred: Any, actual: Any, *, target: Optional[int] = 0, lds: 
 
     Args:
       pred: ``[h]`` or ``[h, T]`` predictions (``kernattr.predict`` on held-out masks).
-      actual: same shape, the values measured on those masks.
+      actual: same shape, the observed values on those masks.
       target: which target to show; ``None`` shows every target (one colour each).
       lds: optional :class:`kernattr.LDSInterval` (title shows mean and interval),
         :class:`kernattr.LDSResult` or a float.

@@ -107,7 +107,7 @@ class WorkflowConfig:
       num_tasks: ``K``, number of tasks (task ids lie in ``0..K-1``).
       loss: ``"squared"``, ``"logistic"`` or ``"softmax"``: the training loss of the model, as in
         :func:`kernattr.estimate_subset_labels`.
-      metric: ``"loss"``, ``"margin"`` or ``"output"``: what is measured on each target example.
+      metric: ``"loss"``, ``"margin"`` or ``"output"``: the quantity read on each target example.
       num_masks: ``m``, masks with estimated labels (``>= 3``).
       density: probability that a task is in a mask, in ``(0, 1)``.
       proj_dim: ``d``, projected gradient dimension (ignored by ``proj_kind="identity"``).

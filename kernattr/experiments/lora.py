@@ -1125,7 +1125,7 @@ def run_lora(cfg: LoraConfig, *, out: Optional[str] = None, cache_dir: Optional[
 
     The ground truth is read from the shipped labels file or the cache; with
     ``compute_ground_truth`` a missing one is computed (long). The cost of real fine-tuning is
-    measured in this run on ``num_cost_masks`` held-out masks (their labels are also compared
+    timed in this run on ``num_cost_masks`` held-out masks (their labels are also compared
     with the cached ones); the estimator's ridge is calibrated on the first ``num_calibration``
     training masks' real labels.
     """

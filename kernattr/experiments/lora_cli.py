@@ -45,7 +45,7 @@ def add_lora(psub: argparse._SubParsersAction) -> None:
                     "LoRA fine-tuning labels (shipped, or recomputed with "
                     "--compute-ground-truth, ~30 min); the estimators linearized in the LoRA B "
                     "factors (the fine-tuning's AdamW on the linear model; the GLM); their "
-                    "error and cost against real fine-tuning measured in the same run; LDS of kernel/linear/datamodels/multi-fidelity/influence/TRAK/TracIn; "
+                    "error and cost against real fine-tuning from the same run; LDS of kernel/linear/datamodels/multi-fidelity/influence/TRAK/TracIn; "
                     "write results.json and plots.")
     p.add_argument("--out", default=None, help="output folder (default ./kernattr-lora-<time>/)")
     p.add_argument("--cache-dir", default=None,
