@@ -209,6 +209,9 @@ def gpt2_markdown(rows: list) -> str:
     (examples/s and JL error of kernattr and of the torch.func anchor), then memory (peak RSS,
     the floor before any gradient work, XLA's temporary buffers, and the memory ratio with its
     ceiling: the anchor's peak over kernattr's floor). Figures a row lacks print as ``-``."""
+    def fig(side, key, spec):  # one side's figure, "-" where the row lacks it
+        return format(side[key], spec) if side.get(key) is not None else "-"
+
     def gb(x):
         return f"{x / 1024:.2f} GB" if x is not None else "-"
 
@@ -221,13 +224,10 @@ def gpt2_markdown(rows: list) -> str:
         j, t = r["jax"], r.get("torch") or {}
         model = f"{r['size']} ({r['layers']} x {r['d_model']})"
         ratio = f"{j['examples_per_s'] / t['examples_per_s']:.2f}x" if t else "-"
-        t_jl = f"{t['jl_entry_err']:.4f}" if t.get("jl_entry_err") is not None else "-"
         speed.append(
             f"| {model} | {r['D'] / 1e6:.1f}M | {r['kind']} | {j['examples_per_s']:.3f} "
-            f"| {t['examples_per_s']:.3f} | {ratio} | {j['jl_entry_err']:.4f} | {t_jl} |"
-            if t else
-            f"| {model} | {r['D'] / 1e6:.1f}M | {r['kind']} | {j['examples_per_s']:.3f} | - | - "
-            f"| {j['jl_entry_err']:.4f} | - |")
+            f"| {fig(t, 'examples_per_s', '.3f')} | {ratio} | {j['jl_entry_err']:.4f} "
+            f"| {fig(t, 'jl_entry_err', '.4f')} |")
         mem = f"{t['peak_rss_mb'] / j['peak_rss_mb']:.2f}x" if t else "-"
         ceiling = (f"{t['peak_rss_mb'] / j['floor_rss_mb']:.2f}x"
                    if t and j.get("floor_rss_mb") else "-")
